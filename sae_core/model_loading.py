@@ -23,6 +23,7 @@ constant file.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -64,7 +65,11 @@ def _tl_config_from_hf(hf_config: Any) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         folder.mkdir()
-        (folder / "config.json").write_text(hf_config.to_json_string())
+        config = json.loads(hf_config.to_json_string())
+        # GPT-2 configs saved by recent transformers drop n_ctx; TransformerLens reads it
+        if "n_positions" in config:
+            config.setdefault("n_ctx", config["n_positions"])
+        (folder / "config.json").write_text(json.dumps(config))
         cfg = convert_hf_model_config(str(folder))
     return cfg
 

@@ -53,8 +53,9 @@ class TokenPolicy:
             ids.add(int(tokenizer.bos_token_id))
         if self.exclude_eos and tokenizer.eos_token_id is not None:
             ids.add(int(tokenizer.eos_token_id))
-        if self.exclude_special:
-            ids.update(int(i) for i in tokenizer.all_special_ids)
+        if self.exclude_special:  # BOS and EOS follow their own flags
+            own = {tokenizer.bos_token_id, tokenizer.eos_token_id}
+            ids.update(int(i) for i in tokenizer.all_special_ids if i not in own)
         return sorted(ids)
 
     def keep_mask(self, input_ids: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"],
@@ -111,7 +112,7 @@ class ActivationBatch(NamedTuple):
     acts: dict[str, Float[Tensor, "rows d"]]  # per hook point
     token_ids: Int[Tensor, " rows"]
     doc_index: Int[Tensor, " rows"]
-    position: Int[Tensor, " rows"]  # position in the document's tokens (window start + offset)
+    position: Int[Tensor, " rows"]  # position in the document's tokens; -1 for a prepended BOS
     n_tokens_seen: int  # non-pad tokens in the batch, kept or not
 
 
@@ -146,8 +147,7 @@ def batch_activations(model: HookedTransformer, batch: WindowBatch, hooks: Seque
             raise FloatingPointError(f"non-finite activations at {name} in batch {batch_number} "
                                      f"(documents {batch.doc_index.tolist()}); check forward_dtype and the model")
         rows[name] = kept
-    offsets = torch.arange(batch.input_ids.shape[1]).expand_as(batch.input_ids)
-    position = (offsets + batch.window_start[:, None])[keep]
+    position = batch.token_positions()[keep]
     doc = batch.doc_index[:, None].expand_as(batch.input_ids)[keep]
     return ActivationBatch(rows, batch.input_ids[keep], doc, position, int(batch.attention_mask.sum()))
 
@@ -189,6 +189,9 @@ class ActivationCapture:
             rows = tensor.detach().reshape(-1, tensor.shape[-1])  # (batch*pos, d)
         else:
             assert self._model is not None
+            if tuple(self._batch[1].shape) != tuple(tensor.shape[:2]):
+                raise ValueError(f"set_batch was given a {tuple(self._batch[1].shape)} batch but the forward pass "
+                                 f"has {tuple(tensor.shape[:2])}; call set_batch before every forward pass")
             keep = self.policy.keep_mask(*self._batch, self._model.tokenizer).to(tensor.device)
             rows = tensor.detach()[keep]
         self._captured.append(rows.cpu() if self.to_cpu else rows.clone())

@@ -8,7 +8,11 @@
   than ``max_text_length``, keeps a random contiguous window of that length, drawn from
   ``(seed, epoch, index)``. Long documents are seen in different parts on different epochs without
   pre-tokenising the corpus, memory stays flat, and every worker draws the same windows for the
-  same epoch (the generator is derived from the index, not from worker state).
+  same epoch (the generator is derived from the index, not from worker state). Streaming sources
+  (no ``len``) go through :class:`IterableWindowedTextDataset`, which draws the same windows.
+* :func:`make_dataloader` batches documents of similar length together (less padding); the batch
+  list is a pure function of (documents, seed, epoch), and ``start_batch`` skips batches without
+  tokenising them, which is how an interrupted extraction resumes.
 * :func:`pad_collate` pads on the right with the tokenizer's PAD id (EOS where there is none) and
   keeps, per row, the document index and window start, so every activation row maps back to
   (document, position, token id). Pad rows are identified by ``attention_mask``, never by id:
@@ -16,7 +20,9 @@
 
 BOS policy: ``prepend_bos=True`` puts the tokenizer's BOS at position 0 of every window (the
 window then holds ``max_text_length - 1`` text tokens); texts are tokenised without special
-tokens, so no BOS ever appears in the middle of a window.
+tokens, so no BOS ever appears in the middle of a window. A prepended BOS is flagged per row
+(``WindowBatch.bos``) and is not one of the document's tokens: ``WindowBatch.token_positions()``
+gives it position -1.
 
 Hand-written because neither ``datasets`` nor SAELens offers per-item random windows: SAELens
 concatenates and chunks a pre-tokenised stream, which mixes documents inside one context.
@@ -25,16 +31,17 @@ concatenates and chunks a pre-tokenised stream, which mixes documents inside one
 from __future__ import annotations
 
 import importlib.metadata
+import itertools
 import logging
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 logger = logging.getLogger(__name__)
 
@@ -137,19 +144,29 @@ def load_texts(cfg: TextSourceConfig) -> Any:
     if cfg.source in ("files", "hf") and cfg.text_field not in (texts.column_names or [cfg.text_field]):
         raise KeyError(f"text_field {cfg.text_field!r} is not a column of {cfg.name or cfg.paths}; "
                        f"columns: {texts.column_names}")
-    if cfg.sample_limit is not None:
-        if isinstance(texts, list):
-            texts = random_sample(texts, cfg.sample_limit, cfg.seed) if cfg.random_sample else texts[: cfg.sample_limit]
-        elif isinstance(texts, datasets.IterableDataset):
-            if cfg.random_sample:
-                texts = texts.shuffle(seed=cfg.seed, buffer_size=10_000)
-            texts = texts.take(cfg.sample_limit)
-        else:
-            n = min(cfg.sample_limit, len(texts))
-            texts = texts.shuffle(seed=cfg.seed).select(range(n)) if cfg.random_sample else texts.select(range(n))
+    texts = limit_texts(texts, cfg.sample_limit, cfg.random_sample, cfg.seed)
     if not isinstance(texts, datasets.IterableDataset) and len(texts) == 0:
         raise ValueError(f"the text source {cfg.source!r} holds no documents; check its paths / name / sample_limit")
     return texts
+
+
+def limit_texts(texts: Any, sample_limit: int | None, random: bool = False, seed: int = 0) -> Any:
+    """At most ``sample_limit`` documents of a list, HF ``Dataset`` or ``IterableDataset``.
+
+    The first ones, or (``random``) a seeded random sample: reproducible for a given seed.
+    """
+    if sample_limit is None:
+        return texts
+    if sample_limit <= 0:
+        raise ValueError(f"sample_limit must be positive or None, got {sample_limit}")
+    if isinstance(texts, (list, tuple)):
+        return random_sample(texts, sample_limit, seed) if random else list(texts[:sample_limit])
+    if not hasattr(texts, "__len__"):  # a streaming IterableDataset
+        if random:
+            texts = texts.shuffle(seed=seed, buffer_size=10_000)
+        return texts.take(sample_limit)
+    n = min(sample_limit, len(texts))
+    return texts.shuffle(seed=seed).select(range(n)) if random else texts.select(range(n))
 
 
 class Window(NamedTuple):
@@ -158,6 +175,7 @@ class Window(NamedTuple):
     input_ids: torch.Tensor  # (n,) int64, n <= max_text_length; empty if the text had no tokens
     doc_index: int
     window_start: int  # offset of the window in the document's tokens (before any BOS)
+    bos: bool = False  # a BOS was prepended at position 0 (it is not one of the document's tokens)
 
 
 class WindowedTextDataset(Dataset):
@@ -192,16 +210,62 @@ class WindowedTextDataset(Dataset):
         return item if isinstance(item, str) else item[self.text_field]
 
     def __getitem__(self, index: int) -> Window:
-        ids = self.tokenizer(self.text(index), add_special_tokens=False)["input_ids"]
-        room = self.max_text_length - int(self.prepend_bos)
-        start = 0
-        if len(ids) > room:
-            rng = np.random.default_rng((self.seed, self.epoch, index))
-            start = int(rng.integers(0, len(ids) - room + 1))
-            ids = ids[start:start + room]
-        if self.prepend_bos and ids:
-            ids = [self.tokenizer.bos_token_id, *ids]
-        return Window(torch.tensor(ids, dtype=torch.long), index, start)
+        return make_window(self.tokenizer, self.text(index), index, self.max_text_length,
+                           (self.seed, self.epoch, index), self.prepend_bos)
+
+
+def make_window(tokenizer: Any, text: str, index: int, max_text_length: int, rng_key: tuple[int, ...],
+                prepend_bos: bool) -> Window:
+    """Tokenise ``text`` (no special tokens) and keep a random window drawn from ``rng_key``."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    room = max_text_length - int(prepend_bos)
+    start = 0
+    if len(ids) > room:
+        rng = np.random.default_rng(rng_key)
+        start = int(rng.integers(0, len(ids) - room + 1))
+        ids = ids[start:start + room]
+    if prepend_bos and ids:
+        ids = [tokenizer.bos_token_id, *ids]
+    return Window(torch.tensor(ids, dtype=torch.long), index, start, bool(prepend_bos and ids))
+
+
+class IterableWindowedTextDataset(IterableDataset):
+    """The streaming counterpart of :class:`WindowedTextDataset`, for sources without ``len``.
+
+    Documents are numbered in stream order (``doc_index``); the window of document ``i`` is
+    drawn from ``(seed, epoch, i)`` as in the map-style dataset, so both give the same windows for
+    the same texts. Document ``i`` goes to data-parallel rank ``i % world_size`` and, within a
+    rank, to DataLoader worker ``(i // world_size) % num_workers``: the stream is read by every
+    worker but tokenised once. No length grouping (that needs look-ahead).
+    """
+
+    def __init__(self, texts: Iterable[Any], tokenizer: Any, max_text_length: int = 128, seed: int = 0,
+                 prepend_bos: bool = False, text_field: str = "text", rank: int = 0, world_size: int = 1) -> None:
+        if max_text_length < 2:
+            raise ValueError(f"max_text_length must be at least 2, got {max_text_length}")
+        if prepend_bos and tokenizer.bos_token_id is None:
+            raise ValueError("prepend_bos=True but the tokenizer has no BOS token; set prepend_bos=False")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.texts, self.tokenizer, self.max_text_length = texts, tokenizer, max_text_length
+        self.seed, self.prepend_bos, self.text_field = seed, prepend_bos, text_field
+        self.rank, self.world_size, self.epoch = rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw different windows (and reshuffle a shuffled HF stream) on epoch ``epoch``."""
+        self.epoch = epoch
+        if hasattr(self.texts, "set_epoch"):
+            self.texts.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[Window]:
+        worker = torch.utils.data.get_worker_info()
+        n_workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        for index, item in enumerate(self.texts):
+            if index % self.world_size != self.rank or (index // self.world_size) % n_workers != worker_id:
+                continue
+            text = item if isinstance(item, str) else item[self.text_field]
+            yield make_window(self.tokenizer, text, index, self.max_text_length,
+                              (self.seed, self.epoch, index), self.prepend_bos)
 
 
 class WindowBatch(NamedTuple):
@@ -212,10 +276,21 @@ class WindowBatch(NamedTuple):
     doc_index: torch.Tensor  # (batch,) int64
     window_start: torch.Tensor  # (batch,) int64
     n_empty: int  # texts in this batch that tokenised to nothing (dropped)
+    bos: torch.Tensor | None = None  # (batch,) bool: position 0 holds a prepended BOS (None: no BOS)
 
     def pin_memory(self) -> WindowBatch:
         return WindowBatch(self.input_ids.pin_memory(), self.attention_mask.pin_memory(),
-                           self.doc_index.pin_memory(), self.window_start.pin_memory(), self.n_empty)
+                           self.doc_index.pin_memory(), self.window_start.pin_memory(), self.n_empty,
+                           None if self.bos is None else self.bos.pin_memory())
+
+    def token_positions(self) -> torch.Tensor:
+        """(batch, pos) position of each cell in its document's tokens; -1 for a prepended BOS."""
+        offsets = torch.arange(self.input_ids.shape[1]).expand_as(self.input_ids)  # (batch, pos)
+        if self.bos is None:
+            return offsets + self.window_start[:, None]
+        shift = self.bos.long()[:, None]
+        position = offsets + self.window_start[:, None] - shift
+        return torch.where((offsets == 0) & (shift == 1), torch.full_like(position, -1), position)
 
 
 @dataclass(frozen=True)
@@ -248,7 +323,7 @@ def pad_collate(items: list[Window], pad_token_id: int) -> WindowBatch:
     return WindowBatch(input_ids, attention_mask,
                        torch.tensor([w.doc_index for w in kept], dtype=torch.long),
                        torch.tensor([w.window_start for w in kept], dtype=torch.long),
-                       len(items) - len(kept))
+                       len(items) - len(kept), torch.tensor([w.bos for w in kept], dtype=torch.bool))
 
 
 @dataclass(frozen=True)
@@ -313,15 +388,44 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
                 yield group[b:b + self.batch_size]
 
 
-def make_dataloader(dataset: WindowedTextDataset, cfg: LoaderConfig = LoaderConfig(),
-                    indices: Sequence[int] | None = None) -> DataLoader:
-    """A DataLoader of :class:`WindowBatch` over ``dataset`` (or only the documents ``indices``)."""
-    indices = range(len(dataset)) if indices is None else indices
+class SkipBatches(torch.utils.data.Sampler):
+    """A batch sampler without its first ``start`` batches (resuming skips them before loading)."""
+
+    def __init__(self, batch_sampler: Any, start: int) -> None:
+        self.batch_sampler, self.start = batch_sampler, start
+
+    def __len__(self) -> int:
+        return max(0, len(self.batch_sampler) - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return itertools.islice(iter(self.batch_sampler), self.start, None)
+
+
+def make_dataloader(dataset: WindowedTextDataset | IterableWindowedTextDataset,
+                    cfg: LoaderConfig = LoaderConfig(), indices: Sequence[int] | None = None,
+                    start_batch: int = 0) -> DataLoader:
+    """A DataLoader of :class:`WindowBatch` over ``dataset`` (or only the documents ``indices``).
+
+    The batch list is a pure function of (indices, seed, epoch); ``start_batch`` drops its first
+    batches without tokenising them. A streaming dataset takes neither ``indices`` (it splits by
+    rank itself) nor ``start_batch`` (skip batches while iterating).
+    """
     common = dict(collate_fn=PadCollate(pad_id_of(dataset.tokenizer)), num_workers=cfg.num_dataloader_workers,
                   pin_memory=cfg.pin_memory, persistent_workers=cfg.persistent_workers, **cfg.extra)
+    if isinstance(dataset, IterableWindowedTextDataset):
+        if indices is not None or start_batch:
+            raise ValueError("a streaming dataset takes no indices / start_batch; skip batches while iterating")
+        return DataLoader(dataset, batch_size=cfg.batch_size, **common)
+    if start_batch < 0:
+        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+    indices = range(len(dataset)) if indices is None else indices
     if cfg.group_by_length:
-        sampler = LengthGroupedBatchSampler(dataset, indices, cfg.batch_size, cfg.length_group_batches, cfg.shuffle)
-        return DataLoader(dataset, batch_sampler=sampler, **common)
+        batches: Any = LengthGroupedBatchSampler(dataset, indices, cfg.batch_size, cfg.length_group_batches,
+                                                 cfg.shuffle)
+        return DataLoader(dataset, batch_sampler=SkipBatches(batches, start_batch), **common)
     generator = torch.Generator().manual_seed(dataset.seed * 1_000_003 + dataset.epoch)
     source = torch.utils.data.Subset(dataset, list(indices))
-    return DataLoader(source, batch_size=cfg.batch_size, shuffle=cfg.shuffle, generator=generator, **common)
+    order = (torch.utils.data.RandomSampler(source, generator=generator) if cfg.shuffle
+             else torch.utils.data.SequentialSampler(source))
+    batches = torch.utils.data.BatchSampler(order, cfg.batch_size, drop_last=False)
+    return DataLoader(source, batch_sampler=SkipBatches(batches, start_batch), **common)

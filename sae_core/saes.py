@@ -56,10 +56,10 @@ from sae_core._io import publish_dir
 from sae_core.activations import TokenPolicy, run_to_hooks
 from sae_core.hooks import validate_hook
 from sae_core.model_loading import resolve_dtype
+from sae_core.whitening import WHITENING_FILENAME, Whitener
 
 logger = logging.getLogger(__name__)
 
-WHITENING_FILENAME = "whitening.safetensors"
 # Normalisations whose decode depends on state left by the last encode: no standalone decode.
 STATEFUL_NORMALIZATIONS = ("layer_norm", "constant_norm_rescale")
 
@@ -73,7 +73,7 @@ class LoadedSAE(NamedTuple):
 
     hook: str
     sae: SAE
-    whitener: Any | None
+    whitener: Whitener | None
     source: str  # folder path, or "release/sae_id", or "memory"
 
 
@@ -84,18 +84,13 @@ class SpliceRecord:
     latents: dict[str, Float[Tensor, "... d_sae"]] = field(default_factory=dict)
 
 
-def load_whitener(folder: str | os.PathLike[str]) -> Any | None:
+def load_whitener(folder: str | os.PathLike[str], d_in: int | None = None,
+                  device: str | torch.device = "cpu") -> Whitener | None:
     """The whitening saved beside an SAE (``WHITENING_FILENAME``), or None if the folder has none."""
     folder = Path(folder)
     if not (folder / WHITENING_FILENAME).exists():
         return None
-    try:
-        from sae_core.whitening import Whitener
-    except ImportError as err:
-        raise ImportError(f"{folder} holds {WHITENING_FILENAME} but sae_core.whitening cannot be imported "
-                          f"({err}); install sae_core completely, or move the file away to load the SAE "
-                          "without its whitening (its latents would then be wrong)") from err
-    return Whitener.load(folder)
+    return Whitener.load(folder, expected_d=d_in, device=device)
 
 
 def _dtype_name(dtype: str | torch.dtype | None) -> str | None:
@@ -147,7 +142,7 @@ class SAEManager:
                            "Load one with SAEManager.load_from_disk / load_pretrained / add")
         return self._saes[hook]
 
-    def add(self, hook: str, sae: SAE, whitener: Any | None = None, source: str = "memory") -> LoadedSAE:
+    def add(self, hook: str, sae: SAE, whitener: Whitener | None = None, source: str = "memory") -> LoadedSAE:
         """Register an in-memory SAE (and its whitening) at ``hook``; replaces any SAE already there."""
         if self.model is not None:
             validate_hook(self.model, hook)
@@ -155,6 +150,9 @@ class SAEManager:
             raise ValueError(f"SAE for {hook} says normalize_activations='covariance_whitening' but SAELens "
                              "only applies it while training; fold it (SAE.fold_activation_whitening) or "
                              "pass the Whitener to SAEManager.add")
+        if whitener is not None and whitener.mean.shape[0] != sae.cfg.d_in:
+            raise ValueError(f"the whitening for {hook} has width {whitener.mean.shape[0]} but the SAE has "
+                             f"d_in={sae.cfg.d_in}; they were not trained together")
         entry = LoadedSAE(hook, sae.eval(), whitener, source)
         if hook in self._saes:
             logger.info("replacing the SAE at %s (%s) with %s", hook, self._saes[hook].source, source)
@@ -174,7 +172,8 @@ class SAEManager:
             raise FileNotFoundError(f"{folder} is not an SAE folder: {', '.join(missing)} missing "
                                     "(expected SAELens format, as written by SAE.save_model)")
         sae = SAE.load_from_disk(folder, device=str(device), dtype=_dtype_name(dtype))
-        return self.add(self._hook_for(sae, hook, str(folder)), sae, load_whitener(folder), str(folder))
+        whitener = load_whitener(folder, sae.cfg.d_in, device)
+        return self.add(self._hook_for(sae, hook, str(folder)), sae, whitener, str(folder))
 
     def load_pretrained(self, release: str, sae_id: str, hook: str | None = None, *,
                         device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32") -> LoadedSAE:
@@ -223,6 +222,9 @@ class SAEManager:
         if activations.shape[-1] != sae.cfg.d_in:
             raise ValueError(f"activations at {hook} have width {activations.shape[-1]} but the SAE "
                              f"expects d_in={sae.cfg.d_in}; is this SAE for another hook or model?")
+        if activations.device.type != sae.device.type:
+            raise ValueError(f"activations at {hook} are on {activations.device} but the SAE is on {sae.device}; "
+                             "load the SAE with device= the model's device")
         x = activations.to(sae.dtype)  # the one cast into the SAE's precision
         if whitener is not None:
             x = whitener.forward(x)
@@ -308,10 +310,10 @@ class SAEAnalyzer:
     """Which latents a text activates, per hook point."""
 
     def __init__(self, model: HookedTransformer, manager: SAEManager,
-                 policy: TokenPolicy = TokenPolicy()) -> None:
+                 policy: TokenPolicy | None = None) -> None:
         self.model = model
         self.manager = manager
-        self.policy = policy
+        self.policy = policy if policy is not None else TokenPolicy()  # BOS / EOS / special excluded
 
     def analyze_features(self, text: str, hooks: Sequence[str] | None = None, top_k: int = 10,
                          prepend_bos: bool | None = None) -> FeatureAnalysis:

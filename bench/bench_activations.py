@@ -1,0 +1,222 @@
+"""Activation extraction throughput: ``sae_core.store.save`` vs the bare forward and SAELens.
+
+    python -m bench.bench_activations            # full run (~25 min; run it on a quiet machine)
+    python -m bench.bench_activations --quick    # smoke run (a few minutes), validates the pipeline
+
+Writes ``bench/results/bench_activations[_quick].json``. On SmolLM2-135M-Instruct (CPU), for each
+forward precision (float32; bfloat16 autocast) with every peer in the same precision:
+
+* (a) the bare forward with ``stop_at_layer`` just past the hook, no hooks, on (a1) packed 32 x 128
+  token batches of the same text and (a2) the very batches our loader produces (the same windows
+  and padding as (b), tokenised beforehand);
+* (b) ``save(...)`` end to end (tokenising, forward, masking, shard writing with fsync and hashing);
+* (c) SAELens's ``CacheActivationsRunner`` on the same model, hook, text and precision
+  (``autocast_lm=True`` for bf16), given the fortunes as an HF ``Dataset`` with a text column: it
+  tokenises and packs them into 128-token contexts.
+
+Tokens are counted the same way everywhere: real (non-pad) tokens that went through the model.
+For (b) and (a2) that is ``attention_mask.sum()`` (``meta.json``'s ``token_count``); for (a1) and
+(c) every token of a packed context is real, so 128 per context row. The documents given to (b)
+are the first fortunes whose windows hold about as many tokens as SAELens processes, so both do the
+same amount of real work. The fortunes average ~45 tokens, so our batches are 32 windows of
+similar length (the loader groups by length) rather than 32 x 128.
+
+Three hooks (resid_post of blocks 4, 10, 16): one ``save`` run collecting all three in one forward
+versus three single-hook SAELens runs. Ratios are what to read: the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import machine_info, median_rate, saelens_offline, write_result
+
+HOOK = "blocks.10.hook_resid_post"
+THREE_HOOKS = ["blocks.4.hook_resid_post", "blocks.10.hook_resid_post", "blocks.16.hook_resid_post"]
+BATCH, CONTEXT = 32, 128
+# Tokens per timed call, per precision (full run): ~10-15 s a call at the rates seen on this machine.
+FULL_TOKENS = {"float32": 3 * 8192, "bfloat16": 6 * 8192}
+QUICK_TOKENS = {"float32": 4096, "bfloat16": 4096}
+SAELENS_BUFFER_TOKENS = 4096  # tokens per SAELens shard (its buffer): one 32 x 128 batch
+
+
+def documents_for(texts: list[str], tokenizer: Any, target_tokens: int) -> list[str]:
+    """The first documents whose 128-token windows hold at least ``target_tokens`` tokens."""
+    docs, total = [], 0
+    for text in texts:
+        n = min(len(tokenizer(text, add_special_tokens=False)["input_ids"]), CONTEXT)
+        if n:
+            docs.append(text)
+            total += n
+        if total >= target_tokens:
+            return docs
+    raise ValueError(f"the corpus holds fewer than {target_tokens} tokens")
+
+
+def packed_batches(texts: list[str], tokenizer: Any, n_tokens: int) -> list[torch.Tensor]:
+    """Documents tokenised, concatenated and cut into (32, 128) batches: SAELens-style packing."""
+    stream: list[int] = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(stream) >= n_tokens:
+            break
+    rows = torch.tensor(stream[: n_tokens // CONTEXT * CONTEXT]).view(-1, CONTEXT)  # (contexts, 128)
+    return list(rows.split(BATCH))
+
+
+def bare_forward(model: Any, batches: list[torch.Tensor], stop: int | None, precision: str) -> int:
+    """Forward every batch to ``stop_at_layer``, no hooks; returns the real tokens processed."""
+    from sae_core.activations import forward_context
+
+    tokens = 0
+    with torch.inference_mode(), forward_context("cpu", precision):
+        for ids, mask in batches:
+            model(ids, stop_at_layer=stop, return_type=None)
+            tokens += int(mask.sum()) if mask is not None else ids.numel()
+    return tokens
+
+
+def our_batches(model: Any, docs: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The padded batches ``save`` forwards for ``docs`` (same loader, same order)."""
+    from sae_core.data import LoaderConfig, WindowedTextDataset, make_dataloader
+
+    dataset = WindowedTextDataset(docs, model.tokenizer, CONTEXT, seed=0)
+    return [(b.input_ids, b.attention_mask) for b in make_dataloader(dataset, LoaderConfig(batch_size=BATCH))]
+
+
+def run_save(model: Any, hooks: list[str], docs: list[str], precision: str, root: Path) -> int:
+    """One fresh ``save`` run; returns the real tokens processed (``token_count``)."""
+    from sae_core.store import ActivationRun, save
+
+    store = Path(tempfile.mkdtemp(dir=root))
+    try:
+        run_id = save(model, hooks, docs, store, batch_size=BATCH, max_text_length=CONTEXT,
+                      forward_dtype=precision, storage_dtype="float32", progress=False)
+        return int(ActivationRun.open(store, run_id).meta["token_count"])
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+
+
+def run_saelens(model: Any, hooks: list[str], corpus: Any, n_tokens: int, precision: str, root: Path) -> int:
+    """SAELens ``CacheActivationsRunner``, one run per hook; returns the tokens processed (per hook)."""
+    from sae_lens import CacheActivationsRunner, CacheActivationsRunnerConfig
+
+    tokens = 0
+    bytes_per_token = model.cfg.d_model * 4
+    for hook in hooks:
+        out = Path(tempfile.mkdtemp(dir=root))
+        try:
+            cfg = CacheActivationsRunnerConfig(
+                dataset_path="fortunes", model_name="smollm2", model_batch_size=BATCH, hook_name=hook,
+                d_in=model.cfg.d_model, training_tokens=n_tokens, context_size=CONTEXT,
+                new_cached_activations_path=str(out / "cache"), shuffle=False, dtype="float32", device="cpu",
+                buffer_size_gb=(SAELENS_BUFFER_TOKENS + 0.5) * bytes_per_token / 1e9, prepend_bos=False,
+                autocast_lm=precision == "bfloat16")
+            assert cfg.n_tokens_in_buffer == SAELENS_BUFFER_TOKENS, cfg.n_tokens_in_buffer
+            with saelens_offline(model):
+                dataset = CacheActivationsRunner(cfg, override_dataset=corpus).run()
+            tokens = len(dataset) * CONTEXT
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+    return tokens
+
+
+def interleaved(cases: dict[str, Any], repeats: int, label: str) -> dict[str, Any]:
+    """Time every case once per round, ``repeats`` rounds: load drift on a shared machine hits all cases alike."""
+    log = logging.getLogger("bench")
+    rates: dict[str, list[Any]] = {name: [] for name in cases}
+    for round_number in range(repeats):
+        for name, fn in cases.items():
+            log.info("%s round %d: %s", label, round_number, name)
+            rates[name].append(median_rate(fn, repeats=1))
+    out = {}
+    for name, runs in rates.items():
+        values = [r.median for r in runs]
+        out[name] = {"tokens_per_s": round(statistics.median(values), 1), "all_tokens_per_s": [round(v, 1) for v in values],
+                     "tokens_per_call": int(runs[-1].units), "seconds_per_call": [round(r.seconds[0], 2) for r in runs]}
+    return out
+
+
+def bench_precision(model: Any, texts: list[str], corpus: Any, precision: str, n_tokens: int,
+                    repeats: int, root: Path) -> dict[str, Any]:
+    from sae_core.hooks import stop_layer_for
+
+    tok = model.tokenizer
+    docs = documents_for(texts, tok, n_tokens)
+    stop = stop_layer_for([HOOK], model.cfg.n_layers)
+    packed = [(b, None) for b in packed_batches(texts, tok, n_tokens)]
+    ours = our_batches(model, docs)
+    result: dict[str, Any] = {"documents": len(docs), "target_tokens": n_tokens}
+    cases = {
+        "a1_bare_forward_packed_32x128": lambda: bare_forward(model, packed, stop, precision),
+        "a2_bare_forward_our_batches": lambda: bare_forward(model, ours, stop, precision),
+        "b_save": lambda: run_save(model, [HOOK], docs, precision, root),
+        "c_saelens_cache_activations": lambda: run_saelens(model, [HOOK], corpus, n_tokens, precision, root),
+        "b3_save_three_hooks_one_run": lambda: run_save(model, THREE_HOOKS, docs, precision, root),
+        "c3_saelens_three_single_hook_runs": lambda: run_saelens(model, THREE_HOOKS, corpus, n_tokens, precision,
+                                                                 root),
+    }
+    result.update(interleaved(cases, repeats, precision))
+    r = {k: v["tokens_per_s"] for k, v in result.items() if isinstance(v, dict)}
+    result["ratios"] = {
+        "b_over_a2_same_batches": round(r["b_save"] / r["a2_bare_forward_our_batches"], 3),
+        "b_over_a1_packed": round(r["b_save"] / r["a1_bare_forward_packed_32x128"], 3),
+        "a2_over_a1_loader_batches_vs_packed": round(r["a2_bare_forward_our_batches"]
+                                                     / r["a1_bare_forward_packed_32x128"], 3),
+        "b_over_c_saelens": round(r["b_save"] / r["c_saelens_cache_activations"], 3),
+        "three_hooks_b3_over_c3": round(r["b3_save_three_hooks_one_run"] / r["c3_saelens_three_single_hook_runs"], 3),
+    }
+    result["targets_met"] = {"b >= 0.95 a (same batches)": result["ratios"]["b_over_a2_same_batches"] >= 0.95,
+                             "b >= 1.1 c": result["ratios"]["b_over_c_saelens"] >= 1.1,
+                             "three hooks >= 2x": result["ratios"]["three_hooks_b3_over_c3"] >= 2.0}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny token counts, one repeat: validates the pipeline")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("sae_lens").setLevel(logging.WARNING)
+    import datasets
+
+    from bench.common import load_smollm2
+    from sae_core.data import fortunes_corpus
+
+    datasets.disable_progress_bars()
+    model = load_smollm2()
+    texts = fortunes_corpus()
+    corpus = datasets.Dataset.from_dict({"text": texts})
+    tokens = QUICK_TOKENS if args.quick else FULL_TOKENS
+    repeats = 1 if args.quick else 3
+    payload: dict[str, Any] = {
+        "model": model.cfg.model_name, "hook": HOOK, "three_hooks": THREE_HOOKS, "batch": f"{BATCH} x {CONTEXT}",
+        "quick": args.quick, "repeats": repeats, "storage_dtype": "float32",
+        "token_counting": ("real (non-pad) tokens through the model: attention_mask.sum() for save and for the "
+                           "bare forward on our batches; 128 per packed context for SAELens and the packed bare "
+                           "forward. save is given the first fortunes holding about as many tokens as SAELens "
+                           "processes (tokens_per_call in each case)."),
+        "notes": ("our loader groups documents by length: batches are 32 windows of similar length, mostly "
+                  "shorter than 128 tokens (fortunes average ~45 tokens), so a2 (same batches) is the "
+                  "fair forward-only baseline for b; a1 (packed 32 x 128) is reported for reference."),
+        "machine_at_start": machine_info(),
+    }
+    with tempfile.TemporaryDirectory(prefix="bench_activations.") as tmp:
+        for precision in ("float32", "bfloat16"):
+            payload[precision] = bench_precision(model, texts, corpus, precision, tokens[precision], repeats, Path(tmp))
+    path = write_result("bench_activations_quick" if args.quick else "bench_activations", payload)
+    for precision in ("float32", "bfloat16"):
+        logging.getLogger("bench").info("%s ratios: %s", precision, payload[precision]["ratios"])
+    logging.getLogger("bench").info("wrote %s", path)
+
+
+if __name__ == "__main__":
+    main()

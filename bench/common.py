@@ -1,0 +1,109 @@
+"""Shared benchmark helpers: result files, machine description, timing, offline model set-up.
+
+Benchmarks report rates as medians of a few repeats and compare ratios measured in the same run
+(the machine is shared; absolute numbers drift). Results are JSON files written atomically to
+``bench/results/<name>.json``.
+
+    from bench.common import load_smollm2, machine_info, median_rate, write_result
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import time
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def write_result(name: str, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` (plus machine info under ``"machine"``) to ``bench/results/<name>.json`` atomically."""
+    from sae_core._io import atomic_write_json
+
+    record = {"benchmark": name, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "machine": machine_info(), **payload}
+    return atomic_write_json(RESULTS_DIR / f"{name}.json", record)
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, threads, memory, load and library versions: enough to read a result file later."""
+    import importlib.metadata
+
+    import torch
+
+    versions = {}
+    for package in ("torch", "transformer-lens", "sae-lens", "transformers", "safetensors", "numpy", "sae_core"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    mem_gib = None
+    with contextlib.suppress(OSError, ValueError):
+        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory_gib": mem_gib,
+            "load_average": list(os.getloadavg()), "python": platform.python_version(), "versions": versions}
+
+
+class Rate(NamedTuple):
+    """Units per second over ``repeats`` timed calls: the median and every value."""
+
+    median: float
+    rates: list[float]
+    units: float  # units processed by one call (the last one)
+    seconds: list[float]
+
+
+def median_rate(fn: Callable[[], float], repeats: int = 3, warmup: int = 0) -> Rate:
+    """Call ``fn`` (returning the units it processed, e.g. tokens) ``repeats`` times; median units/s."""
+    for _ in range(warmup):
+        fn()
+    rates, seconds, units = [], [], 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        units = float(fn())
+        elapsed = time.perf_counter() - start
+        seconds.append(elapsed)
+        rates.append(units / elapsed)
+    return Rate(statistics.median(rates), rates, units, seconds)
+
+
+def load_smollm2(dtype: str = "float32") -> Any:
+    """The default model (SmolLM2-135M-Instruct) as a HookedTransformer on CPU, loaded offline."""
+    from sae_core.model_loading import load_model
+    from sae_core.models import load_model_constants
+
+    constants = load_model_constants("smollm2_135m_instruct")
+    # a copy, so the imported constant module is never mutated
+    copy = types.SimpleNamespace(**{k: getattr(constants, k) for k in dir(constants) if k.isupper()})
+    copy.__name__ = constants.__name__
+    copy.MODEL_LOAD_CONFIG = {**constants.MODEL_LOAD_CONFIG, "dtype": dtype}
+    return load_model(copy)
+
+
+@contextlib.contextmanager
+def saelens_offline(model: Any) -> Iterator[None]:
+    """Make SAELens's ``CacheActivationsRunner`` use ``model`` instead of loading one from the hub.
+
+    ``CacheActivationsRunner`` has no model override (the training runner has ``override_model``);
+    its module-level ``load_model`` is replaced for the duration of the block.
+    """
+    import sae_lens.cache_activations_runner as runner_module
+
+    original = runner_module.load_model
+    runner_module.load_model = lambda *args, **kwargs: model
+    try:
+        yield
+    finally:
+        runner_module.load_model = original

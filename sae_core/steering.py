@@ -1,0 +1,437 @@
+"""Steering a HookedTransformer along SAE latents, with explicit semantics, at TransformerLens hook points.
+
+Let x be the activation at a hook point, z = encode(x) its latents and
+d_i = decode(e_i) - decode(0) latent i's decoder direction in the model's space (through
+:class:`sae_core.saes.SAEManager`, so whitening and ``b_dec`` are accounted for). A :class:`Steer`
+changes x as follows:
+
+* ``add``:    x' = x + c d_i. The SAE's reconstruction never replaces x, so no reconstruction
+  error is introduced; c = 0 leaves the model bit-for-bit unchanged.
+* ``clamp``:  x' = x + decode(z') - decode(z) with z' = z except z'_i = c. The error term
+  x - decode(z) is kept, so in the SAE's decomposition only latent i changes. (Writing decode(z')
+  in place of x would drop the error, moving every other direction at once; taking the error after
+  the clamp, x - decode(z'), and adding it back gives x again: the clamp cancels itself.)
+* ``scale``:  clamp with z'_i = c z_i;  ``ablate``: clamp with z'_i = 0.
+
+Every SAELens decoder is affine in z and whitening is affine, so decode(z') - decode(z) =
+(z'_i - z_i) d_i; it is computed that way (one direction per latent instead of two d_sae-wide
+decodes), which also makes clamping a latent to its own value an exact no-op. SAEs whose decode
+depends on the last encode (``normalize_activations`` layer_norm / constant_norm_rescale) are
+refused. Several steers compose: all active steers of one hook point run in one hook, every
+clamp reads the same z = encode(x), and the deltas add. Two clamps of the same latent at the same
+hook point are rejected.
+
+Positions are absolute token positions of a prompt (0 = its first token, BOS included), chosen as
+``"all"``, ``"prompt"``, ``"generated"`` or a list of positions. "generated" means positions that
+hold generated tokens: the first generated token is predicted at the last prompt position, so it
+is steered by ``"all"`` or ``"prompt"`` but not by ``"generated"``.
+
+Generation. :meth:`ModelSteering.generate_with_steering` drives TransformerLens ``model.generate``
+and tells the hooks where each row's real tokens are: with ``use_past_kv_cache`` the hook sees
+the whole prompt once and then one new column per step (a per-hook column counter gives the
+absolute position); without the cache it sees the whole sequence every step (offset 0). Batches
+of prompts are left-padded (what ``generate`` expects; TransformerLens 3.9 masks the pads in
+attention and shifts rotary / absolute positions per row); the hooks never steer pad columns, so
+each prompt's output equals its output alone. If the tokenizer's pad id could be mistaken for a
+prompt's first token (TransformerLens finds pads by id), generation falls back to one prompt at a
+time, with a warning. Seeded sampling is reproducible; a sampled batch does not equal the prompts
+sampled one by one (the random draws are shared across the batch).
+
+Hooks are registered with ``HookPoint.add_hook`` and removed by their own handle rather than
+through ``model.hooks(...)``: steering handles may be opened and closed in any order (one hook
+per hook point serves all of them), which TransformerLens's level-based context does not allow.
+Handles are context managers that remove their steers in ``finally``; :meth:`ModelSteering.clear_steering`
+removes whatever is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+from transformer_lens.utilities.tokenize_utils import get_attention_mask
+
+from sae_core.hooks import hook_layer, resolve_hook
+from sae_core.saes import SAEManager
+
+logger = logging.getLogger(__name__)
+
+MODES = ("add", "clamp", "scale", "ablate")
+POSITION_KEYWORDS = ("all", "prompt", "generated")
+SteerMode = Literal["add", "clamp", "scale", "ablate"]
+
+
+@dataclass(frozen=True)
+class Steer:
+    """One intervention on one latent at one hook point."""
+
+    hook: str
+    """Hook point name (resolved from a layer index by :meth:`ModelSteering.steer`)."""
+    feature: int
+    """Latent index in the SAE at ``hook``."""
+    coefficient: float = 0.0
+    """add: multiple of the decoder direction; clamp: the latent's value; scale: factor; ablate: unused."""
+    mode: SteerMode = "add"
+    positions: str | tuple[int, ...] = "all"
+    """``"all"``, ``"prompt"``, ``"generated"`` or absolute positions (0 = first prompt token)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if isinstance(self.positions, str):
+            if self.positions not in POSITION_KEYWORDS:
+                raise ValueError(f"positions must be one of {POSITION_KEYWORDS} or a list of ints, "
+                                 f"got {self.positions!r}")
+        else:
+            positions = tuple(int(p) for p in self.positions)
+            if not positions or min(positions) < 0:
+                raise ValueError(f"positions must be a non-empty list of absolute positions >= 0, got "
+                                 f"{self.positions!r}")
+            object.__setattr__(self, "positions", positions)
+        if self.feature < 0:
+            raise ValueError(f"feature must be a latent index >= 0, got {self.feature}")
+
+
+@dataclass
+class _Layout:
+    """Where each row's real tokens sit during one generation (absent: a plain forward, no padding)."""
+
+    n_pad: Tensor  # (batch,) left pads per row
+    prompt_len: Tensor  # (batch,) prompt tokens per row
+    use_cache: bool
+    seen: dict[str, int] = field(default_factory=dict)  # columns each hook has seen (KV cache)
+    capture: dict[str, list[tuple[int, Tensor, Tensor]]] | None = None  # hook -> (offset, before, after)
+
+
+class SteeringCapture(NamedTuple):
+    """Activations and latents at a steered hook, per prompt, by absolute position.
+
+    The last generated token is never run through the model, so each prompt has
+    ``len(tokens) - 1`` captured positions.
+    """
+
+    hook: str
+    before: list[Float[Tensor, "pos d_in"]]  # activation as the model computed it
+    after: list[Float[Tensor, "pos d_in"]]  # activation after steering
+    latents_before: list[Float[Tensor, "pos d_sae"]]
+    latents_after: list[Float[Tensor, "pos d_sae"]]  # encode(after): what the steer did
+
+
+class SteeredGeneration(NamedTuple):
+    """Generations, one entry per prompt (lists even for a single prompt)."""
+
+    texts: list[str]  # prompt + completion, special tokens dropped
+    completions: list[str]
+    tokens: list[Int[Tensor, " pos"]]  # prompt + generated token ids (to the first EOS if stop_at_eos)
+    prompt_lengths: list[int]
+    captured: dict[str, SteeringCapture] | None
+
+
+class SteeringComparison(NamedTuple):
+    """The same prompts generated without and with steering (same seed and settings)."""
+
+    prompts: list[str]
+    before: SteeredGeneration
+    after: SteeredGeneration
+
+
+class SteeringHandle:
+    """Active steers; a context manager that removes them on exit (also after an exception)."""
+
+    def __init__(self, owner: ModelSteering, steers: tuple[Steer, ...]) -> None:
+        self.owner = owner
+        self.steers = steers
+
+    def remove(self) -> None:
+        """Remove these steers (and the hook of any hook point left without steers)."""
+        self.owner._remove(self)
+
+    def __enter__(self) -> SteeringHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+class ModelSteering:
+    """Steer a model along SAE latents held by an :class:`SAEManager`."""
+
+    def __init__(self, model: HookedTransformer, manager: SAEManager) -> None:
+        self.model = model
+        self.manager = manager
+        self._handles: list[SteeringHandle] = []
+        self._installed: dict[str, Any] = {}  # hook name -> our hook function
+        self._directions: dict[tuple[str, int, int, int], Tensor] = {}
+        self._layout: _Layout | None = None
+
+    # --- registering steers ----------------------------------------------------------------------
+    def steer(self, hook_or_layer: str | int, feature_idx: int, coefficient: float,
+              positions: str | Sequence[int] | None = None, mode: SteerMode = "add") -> SteeringHandle:
+        """Start one steer now; use as ``with steering.steer(...):`` to remove it on exit."""
+        hook = self._resolve(hook_or_layer)
+        return self.apply([Steer(hook, feature_idx, coefficient, mode,
+                                 "all" if positions is None else positions)])
+
+    def apply(self, steers: Sequence[Steer]) -> SteeringHandle:
+        """Start several steers at once (any hooks, any latents); returns their handle."""
+        steers = tuple(steers)
+        for s in steers:
+            self.manager[s.hook]  # noqa: B018 - raises with the loaded hooks if missing
+            self._direction(s.hook, s.feature)  # validates the index and the SAE's decode
+        self._check_conflicts([*self.active_steers, *steers])
+        handle = SteeringHandle(self, steers)
+        self._handles.append(handle)
+        self._sync_hooks()
+        return handle
+
+    @property
+    def active_steers(self) -> list[Steer]:
+        """Steers currently applied, in registration order."""
+        return [s for handle in self._handles for s in handle.steers]
+
+    def clear_steering(self) -> None:
+        """Remove every steer and every hook this object added."""
+        self._handles.clear()
+        self._sync_hooks()
+
+    def _remove(self, handle: SteeringHandle) -> None:
+        self._handles = [h for h in self._handles if h is not handle]
+        self._sync_hooks()
+
+    def _resolve(self, hook_or_layer: str | int) -> str:
+        if isinstance(hook_or_layer, int):
+            layer = hook_or_layer % self.model.cfg.n_layers
+            loaded = [h for h in self.manager.hooks if hook_layer(h) == layer]
+            if len(loaded) == 1:
+                return loaded[0]
+        return resolve_hook(self.model, hook_or_layer)
+
+    @staticmethod
+    def _check_conflicts(steers: Sequence[Steer]) -> None:
+        seen: set[tuple[str, int]] = set()
+        for s in steers:
+            if s.mode == "add":
+                continue
+            if (s.hook, s.feature) in seen:
+                raise ValueError(f"latent {s.feature} at {s.hook} is clamped / scaled / ablated twice; "
+                                 "remove the other steer first (two values for one latent conflict)")
+            seen.add((s.hook, s.feature))
+
+    def _direction(self, hook: str, feature: int) -> Tensor:
+        entry = self.manager[hook]
+        key = (hook, feature, id(entry.sae), id(entry.whitener))  # a replaced SAE gets new directions
+        if key not in self._directions:
+            self._directions[key] = self.manager.decoder_directions(hook, [feature])[0]
+        return self._directions[key]
+
+    def _sync_hooks(self) -> None:
+        """Install one hook per hook point that has steers; remove ours from the others."""
+        wanted = {s.hook for s in self.active_steers}
+        for name in list(self._installed):
+            if name not in wanted:
+                fn = self._installed.pop(name)
+                point = self.model.hook_dict[name]
+                for lens in [h for h in point.fwd_hooks if h.user_hook is fn]:
+                    lens.hook.remove()
+                    point.fwd_hooks.remove(lens)
+        for name in wanted - set(self._installed):
+            def fn(activation: Tensor, hook: Any) -> Tensor:
+                return self._steer_activation(activation, hook.name)
+
+            self.model.add_hook(name, fn)
+            self._installed[name] = fn
+
+    # --- the hook --------------------------------------------------------------------------------
+    def _positions(self, name: str, batch: int, n: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """Absolute positions (batch, n), real-token mask and prompt mask of the columns this call sees."""
+        layout = self._layout
+        if layout is None:  # a plain forward: columns are positions, every token is a prompt token
+            pos = torch.arange(n, device=device).expand(batch, n)
+            ones = torch.ones(batch, n, dtype=torch.bool, device=device)
+            return pos, ones, ones
+        offset = layout.seen.get(name, 0) if layout.use_cache else 0
+        layout.seen[name] = offset + n
+        cols = torch.arange(offset, offset + n, device=device)
+        pos = cols[None, :] - layout.n_pad.to(device)[:, None]  # (batch, n)
+        return pos, pos >= 0, pos < layout.prompt_len.to(device)[:, None]
+
+    def _steer_activation(self, x: Float[Tensor, "batch pos d"], name: str) -> Tensor:
+        steers = [s for s in self.active_steers if s.hook == name]
+        if not steers:
+            return x
+        if x.ndim != 3:
+            raise NotImplementedError(f"steering at {name} needs (batch, pos, d) activations, got shape "
+                                      f"{tuple(x.shape)}; per-head hooks are not supported")
+        batch, n, _ = x.shape
+        pos, real, prompt = self._positions(name, batch, n, x.device)
+        z = self.manager.encode(name, x) if any(s.mode != "add" for s in steers) else None
+        delta: Tensor | None = None
+        for s in steers:
+            if s.positions == "all":
+                mask = real
+            elif s.positions == "prompt":
+                mask = real & prompt
+            elif s.positions == "generated":
+                mask = real & ~prompt
+            else:
+                mask = real & torch.isin(pos, torch.tensor(s.positions, device=x.device))
+            direction = self._direction(name, s.feature)
+            if s.mode == "add":
+                amount = torch.full((batch, n), float(s.coefficient), dtype=direction.dtype, device=x.device)
+            else:
+                current = z[..., s.feature]  # type: ignore[index]
+                target = {"clamp": torch.full_like(current, float(s.coefficient)),
+                          "scale": current * s.coefficient,
+                          "ablate": torch.zeros_like(current)}[s.mode]
+                amount = target - current  # decode(z') - decode(z) = (z'_i - z_i) d_i
+            # where, not multiply: pad rows may hold non-finite values and must stay untouched
+            term = torch.where(mask[..., None], amount[..., None] * direction, 0.0)
+            delta = term if delta is None else delta + term
+        out = x + delta.to(x.dtype)  # type: ignore[union-attr]  # back to the model's dtype
+        layout = self._layout
+        if layout is not None and layout.capture is not None:
+            offset = layout.seen[name] - n if layout.use_cache else 0
+            layout.capture.setdefault(name, []).append((offset, x.detach().clone(), out.detach().clone()))
+        return out
+
+    # --- generation ------------------------------------------------------------------------------
+    def generate_with_steering(self, prompts: str | Sequence[str], steers: Sequence[Steer] | None = None, *,
+                               max_new_tokens: int = 20, do_sample: bool = False,
+                               use_past_kv_cache: bool = True, seed: int | None = None,
+                               capture: bool = False, prepend_bos: bool | None = None,
+                               batched: bool = True, verbose: bool = False,
+                               **generation_kwargs: Any) -> SteeredGeneration:
+        """Generate with the active steers plus ``steers`` (removed afterwards); greedy by default.
+
+        ``generation_kwargs`` go to ``HookedTransformer.generate`` (temperature, top_k, top_p,
+        stop_at_eos, eos_token_id, freq_penalty, ...). ``seed`` seeds sampling without touching
+        the global RNG. ``capture=True`` records, per steered hook, the activation before and after
+        steering and their latents at every position.
+        """
+        prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompt_list:
+            raise ValueError("no prompts given; pass a string or a list of strings")
+        bos = self.model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+        rows = [self.model.to_tokens(p, prepend_bos=bos)[0] for p in prompt_list]
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_past_kv_cache=use_past_kv_cache,
+                      prepend_bos=bos, verbose=verbose, **generation_kwargs)
+        handle = self.apply(steers) if steers else None
+        try:
+            with _seeded(seed):
+                groups = [rows] if batched and self._batchable(rows, bos) else [[r] for r in rows]
+                if len(groups) > 1 and batched and len(rows) > 1:
+                    logger.warning("pad id %s may be read as a prompt's first token; generating one prompt "
+                                   "at a time", self.model.tokenizer.pad_token_id)
+                parts = [self._generate_group(group, capture, kwargs) for group in groups]
+        finally:
+            if handle is not None:
+                handle.remove()
+        return _merge(parts, capture)
+
+    def compare(self, prompts: str | Sequence[str], steers: Sequence[Steer], **kwargs: Any) -> SteeringComparison:
+        """Generate ``prompts`` without, then with ``steers`` (same settings; pass ``seed`` when sampling)."""
+        if self._handles:
+            raise RuntimeError("steers are active, so 'before' would be steered too; close their "
+                               "contexts or call clear_steering() first")
+        before = self.generate_with_steering(prompts, **kwargs)
+        after = self.generate_with_steering(prompts, steers, **kwargs)
+        prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+        return SteeringComparison(prompt_list, before, after)
+
+    def _batchable(self, rows: list[Tensor], prepend_bos: bool) -> bool:
+        """True if TransformerLens will find exactly our left pads in the padded batch."""
+        tokens, n_pad = self._left_pad(rows)
+        mask = get_attention_mask(self.model.tokenizer, tokens, prepend_bos, padding_side="left")
+        expected = torch.arange(tokens.shape[1])[None, :] >= n_pad[:, None]
+        return bool(torch.equal(mask.bool().cpu(), expected))
+
+    def _left_pad(self, rows: list[Tensor]) -> tuple[Tensor, Tensor]:
+        width = max(len(r) for r in rows)
+        pad_id = self.model.tokenizer.pad_token_id
+        tokens = torch.full((len(rows), width), pad_id, dtype=torch.long, device=rows[0].device)
+        for i, r in enumerate(rows):
+            tokens[i, width - len(r):] = r
+        return tokens, torch.tensor([width - len(r) for r in rows])
+
+    def _generate_group(self, rows: list[Tensor], capture: bool, kwargs: dict[str, Any]) -> SteeredGeneration:
+        tokens, n_pad = self._left_pad(rows)
+        prompt_len = torch.tensor([len(r) for r in rows])
+        self._layout = _Layout(n_pad, prompt_len, bool(kwargs["use_past_kv_cache"]),
+                               capture={} if capture else None)
+        try:
+            out = self.model.generate(tokens, return_type="tokens", padding_side="left", **kwargs)
+            layout = self._layout
+        finally:
+            self._layout = None
+        seqs = [self._trim(out[i, int(n_pad[i]):], len(rows[i]), kwargs) for i in range(len(rows))]
+        tok = self.model.tokenizer
+        texts = [tok.decode(s, skip_special_tokens=True) for s in seqs]
+        completions = [tok.decode(s[len(r):], skip_special_tokens=True) for s, r in zip(seqs, rows, strict=True)]
+        captured = self._assemble(layout, n_pad, [len(s) - 1 for s in seqs]) if capture else None
+        return SteeredGeneration(texts, completions, [s.cpu() for s in seqs], prompt_len.tolist(), captured)
+
+    def _trim(self, seq: Int[Tensor, " pos"], prompt_len: int, kwargs: dict[str, Any]) -> Tensor:
+        """Cut after the first generated stop token (rows of a batch keep running after they finish)."""
+        if not kwargs.get("stop_at_eos", True):
+            return seq
+        eos = kwargs.get("eos_token_id")
+        eos = self.model.tokenizer.eos_token_id if eos is None else eos
+        stops = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=seq.device)
+        hits = torch.isin(seq[prompt_len:], stops).nonzero()
+        return seq[:prompt_len + int(hits[0, 0]) + 1] if len(hits) else seq
+
+    def _assemble(self, layout: _Layout, n_pad: Tensor, lengths: list[int]) -> dict[str, SteeringCapture]:
+        """Stitch the per-call chunks into per-prompt (pos, d) tensors and encode them."""
+        result = {}
+        for name, chunks in (layout.capture or {}).items():
+            width = max(offset + before.shape[1] for offset, before, _ in chunks)
+            batch, _, d = chunks[0][1].shape
+            before_all = torch.zeros(batch, width, d, dtype=chunks[0][1].dtype, device=chunks[0][1].device)
+            after_all = torch.zeros_like(before_all)
+            for offset, before, after in chunks:  # later calls overwrite (no-cache reruns everything)
+                before_all[:, offset:offset + before.shape[1]] = before
+                after_all[:, offset:offset + after.shape[1]] = after
+            befores = [before_all[i, int(n_pad[i]):int(n_pad[i]) + lengths[i]] for i in range(batch)]
+            afters = [after_all[i, int(n_pad[i]):int(n_pad[i]) + lengths[i]] for i in range(batch)]
+            with torch.no_grad():
+                lat_before = [self.manager.encode(name, b) for b in befores]
+                lat_after = [self.manager.encode(name, a) for a in afters]
+            result[name] = SteeringCapture(name, befores, afters, lat_before, lat_after)
+        return result
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Seed torch's RNG for the block and restore the caller's RNG state afterwards."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield
+
+
+def _merge(parts: list[SteeredGeneration], capture: bool) -> SteeredGeneration:
+    """Concatenate per-group generations (one group when batched, one per prompt otherwise)."""
+    if len(parts) == 1:
+        return parts[0]
+    captured = None
+    if capture:
+        captured = {}
+        for name in parts[0].captured or {}:
+            fields = [sum((list(getattr(p.captured[name], f)) for p in parts), [])  # type: ignore[index]
+                      for f in ("before", "after", "latents_before", "latents_after")]
+            captured[name] = SteeringCapture(name, *fields)
+    return SteeredGeneration(*(sum((list(getattr(p, f)) for p in parts), [])
+                               for f in ("texts", "completions", "tokens", "prompt_lengths")), captured)
+
+
+__all__ = ["MODES", "ModelSteering", "Steer", "SteeredGeneration", "SteeringCapture", "SteeringComparison",
+           "SteeringHandle"]

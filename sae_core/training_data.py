@@ -1,0 +1,209 @@
+"""Activation streams for SAE training: model forward passes or stored rows, shuffled into batches.
+
+A *source* yields chunks ``{hook: (rows, d)}`` of activations, each with its *position* (how far
+into the stream it ends), forever (cycling epochs), starting from any position:
+
+* :class:`ModelActivationSource` runs the model over ``sae_core.data`` windows
+  (``make_dataloader`` with ``pad_collate``) and keeps the rows of the recorded
+  :class:`~sae_core.activations.TokenPolicy` (``batch_activations``: pad rows never, BOS / EOS /
+  special rows by policy), one forward pass for every hook, stopped after the last needed block.
+  Its position counts loader batches; epoch ``e`` re-draws the windows of long documents and
+  re-shuffles the document order (both pure functions of ``(seed, e)``), so a position pins the
+  data exactly and resuming skips batches without tokenising them.
+* :class:`TensorChunkSource` wraps any re-iterable of ``(rows, d)`` tensors or ``{hook: tensor}``
+  dicts, e.g. the shards of a stored (possibly whitened) activation run:
+  ``TensorChunkSource(lambda: (s.acts for s in run.iter_shards()), run.hooks)``. Its position
+  counts chunks; resuming re-opens the iterable and skips the chunks already used.
+
+Under data parallelism each rank reads its own share: every ``world``-th document (model) or
+chunk (stored rows), offset by its rank.
+
+:class:`BlockShuffler` mixes tokens across windows: it collects ``batches_per_block x batch_rows``
+rows, permutes them with its own seeded generator and serves them as ``batches_per_block``
+batches; rows beyond the block wait (unshuffled) for the next one. Every block serves the same
+number of batches on every rank, so data-parallel ranks stay in step. Its whole state (the rows
+of the current block not yet served, the waiting rows, the generator and the source position) is
+saved in a checkpoint, so a resumed run sees exactly the batches an uninterrupted one would; at a
+block boundary that is only the waiting rows (less than one forward batch), which is why periodic
+checkpoints are taken there. Rejected: SAELens's mixing buffer (serves half the buffer and keeps
+half, so an exact resume has to store the whole buffer at any step; and ranks serve different
+batch counts); a reservoir drawing random rows one batch at a time (same checkpoint-size issue).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from sae_core.activations import TokenPolicy, batch_activations
+from sae_core.data import LoaderConfig, WindowedTextDataset, make_dataloader
+
+logger = logging.getLogger(__name__)
+
+Chunk = dict[str, Tensor]  # hook -> (rows, d) activations, rows aligned across hooks
+
+
+class ActivationSource(Protocol):
+    """Anything that streams activation chunks from a position (see the module docstring)."""
+
+    hooks: list[str]
+
+    def chunks(self, position: int) -> Iterator[tuple[Chunk, int]]:
+        """Chunks after ``position``, forever, each with the position just past it."""
+        ...
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's data-parallel rank and the world size (0, 1 without ``torch.distributed``)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class ModelActivationSource:
+    """Activations of ``hooks`` from forward passes over windows of ``documents`` (this rank's share)."""
+
+    def __init__(self, model: HookedTransformer, dataset: WindowedTextDataset, hooks: Sequence[str],
+                 loader: LoaderConfig, policy: TokenPolicy, forward_dtype: str | torch.dtype,
+                 documents: Sequence[int] | None = None) -> None:
+        rank, world = rank_and_world()
+        documents = range(len(dataset)) if documents is None else documents
+        self.share = list(documents)[rank::world]
+        if not self.share:
+            raise ValueError(f"rank {rank} of {world} has no training documents; give at least {world} documents")
+        self.model, self.dataset, self.hooks = model, dataset, list(hooks)
+        self.loader, self.policy, self.forward_dtype = loader, policy, forward_dtype
+
+    def batches_per_epoch(self) -> int:
+        """Loader batches in one pass over this rank's documents."""
+        return len(make_dataloader(self.dataset, self.loader, self.share))
+
+    def chunks(self, position: int) -> Iterator[tuple[Chunk, int]]:
+        per_epoch = self.batches_per_epoch()
+        while True:
+            epoch, start = divmod(position, per_epoch)
+            self.dataset.set_epoch(epoch)
+            for batch in make_dataloader(self.dataset, self.loader, self.share, start_batch=start):
+                position += 1
+                if batch.input_ids.numel() == 0:
+                    continue
+                acts = batch_activations(self.model, batch, self.hooks, self.policy, self.forward_dtype)
+                yield acts.acts, position
+
+
+class TensorChunkSource:
+    """Rows from a re-iterable of tensors / ``{hook: tensor}`` dicts (``open()`` starts it over)."""
+
+    def __init__(self, open_chunks: Callable[[], Iterable[Tensor | Chunk]], hooks: Sequence[str]) -> None:
+        if not hooks:
+            raise ValueError("name the hook point(s) the rows come from (hooks=[...])")
+        self.open, self.hooks = open_chunks, list(hooks)
+
+    def _as_chunk(self, item: Tensor | Chunk, number: int) -> Chunk:
+        if isinstance(item, Tensor):
+            if len(self.hooks) != 1:
+                raise ValueError(f"chunk {number} is a bare tensor but {len(self.hooks)} hooks were named; "
+                                 "yield {hook: tensor} dicts")
+            item = {self.hooks[0]: item}
+        missing = [h for h in self.hooks if h not in item]
+        if missing:
+            raise KeyError(f"chunk {number} has no rows for {missing}; it holds {sorted(item)}")
+        for hook in self.hooks:
+            if item[hook].ndim != 2:
+                raise ValueError(f"chunk {number} of {hook} has shape {tuple(item[hook].shape)}; give (rows, d)")
+        return {h: item[h] for h in self.hooks}
+
+    def chunks(self, position: int) -> Iterator[tuple[Chunk, int]]:
+        rank, world = rank_and_world()
+        index = 0  # chunk number in the whole stream, across epochs
+        while True:
+            start = index
+            for item in self.open():
+                index += 1
+                if index > position and (index - 1) % world == rank:
+                    yield self._as_chunk(item, index - 1), index
+            if index == start:
+                raise ValueError("the activation source yielded no chunks; check the run / iterable")
+
+
+def _rows(chunk: Chunk) -> int:
+    return next(iter(chunk.values())).shape[0]
+
+
+def _cat(chunks: list[Chunk]) -> Chunk:
+    return {hook: torch.cat([c[hook] for c in chunks]) for hook in chunks[0]}
+
+
+class BlockShuffler:
+    """Fixed-size batches from a source: blocks of ``batches_per_block`` batches, permuted inside."""
+
+    def __init__(self, batch_rows: int, batches_per_block: int, shuffle: bool, seed: int) -> None:
+        if batch_rows <= 0 or batches_per_block <= 0:
+            raise ValueError(f"batch_rows ({batch_rows}) and batches_per_block ({batches_per_block}) must be positive")
+        self.batch_rows, self.batches_per_block, self.shuffle = batch_rows, batches_per_block, shuffle
+        self.generator = torch.Generator().manual_seed(seed)
+        self.position = 0  # source position after the last chunk taken in
+        self.block: Chunk = {}  # permuted rows of the current block not yet served
+        self.waiting: Chunk = {}  # rows taken in, not yet in a block
+
+    def at_block_boundary(self) -> bool:
+        """True when the current block is used up (checkpoints are small here)."""
+        return not self.block or _rows(self.block) == 0
+
+    def _next_block(self, stream: Iterator[tuple[Chunk, int]], batches: int) -> None:
+        need = self.batch_rows * batches
+        parts = [self.waiting] if self.waiting else []
+        have = _rows(self.waiting) if self.waiting else 0
+        while have < need:
+            chunk, self.position = next(stream)
+            parts.append(chunk)
+            have += _rows(chunk)
+        rows = _cat(parts)
+        order = torch.randperm(need, generator=self.generator) if self.shuffle else torch.arange(need)
+        self.block = {hook: t[:need][order] for hook, t in rows.items()}
+        self.waiting = {hook: t[need:].clone() for hook, t in rows.items()}
+
+    def batches(self, source: ActivationSource, count: int) -> Iterator[Chunk]:
+        """The next ``count`` batches of exactly ``batch_rows`` rows, continuing from the current state.
+
+        A block never reaches past the last batch asked for, so no rows are computed in vain.
+        """
+        stream = source.chunks(self.position)
+        for served in range(count):
+            if self.at_block_boundary():
+                self._next_block(stream, min(self.batches_per_block, count - served))
+            batch = {hook: t[: self.batch_rows] for hook, t in self.block.items()}
+            self.block = {hook: t[self.batch_rows:] for hook, t in self.block.items()}
+            yield batch
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Everything needed to continue exactly (rows are copied out of their views)."""
+        state = {"generator": self.generator.get_state(), "position": torch.tensor(self.position)}
+        for name, part in (("block", self.block), ("waiting", self.waiting)):
+            state.update({f"{name}.{hook}": t.contiguous() for hook, t in part.items()})
+        return state
+
+    def load_state_tensors(self, state: dict[str, Tensor]) -> None:
+        """Restore :meth:`state_tensors`."""
+        self.generator.set_state(state["generator"])
+        self.position = int(state["position"])
+        self.block = {k.removeprefix("block."): v for k, v in state.items() if k.startswith("block.")}
+        self.waiting = {k.removeprefix("waiting."): v for k, v in state.items() if k.startswith("waiting.")}
+
+
+def batch_mean(batches: Iterable[Float[Tensor, "rows d"]]) -> Float[Tensor, " d"]:
+    """Float64 mean of rows over several batches (used for the decoder-bias start)."""
+    total, count = None, 0
+    for x in batches:
+        s = x.double().sum(0)
+        total = s if total is None else total + s
+        count += x.shape[0]
+    if total is None or count == 0:
+        raise ValueError("no rows to average")
+    return total / count

@@ -1,0 +1,255 @@
+"""The per-SAE training state (optimiser, schedules, dead latents) and exact-resume checkpoints.
+
+:class:`SAEState` holds one SAELens training SAE with everything that changes while it trains:
+fused Adam (float32 state), SAELens's LR schedule and coefficient warm-ups, tokens since each
+latent last fired (the dead-latent rule behind AuxK and the dead fraction) and the running sum of
+its inputs (the mean-ablation baseline of the evaluation). :meth:`SAEState.step` is one update:
+forward (the sparse TopK step or SAELens's ``training_forward_pass``), backward, gradient
+all-reduce across ranks, clipping, Adam, schedules, counters.
+
+Checkpoints are safetensors + JSON (no pickles): ``step-<n>/sae-<i>.safetensors`` (parameters,
+buffers, Adam moments, counters), ``step-<n>/data-rank<r>.safetensors`` (each rank's shuffle
+buffer, generator and source position, plus the global torch RNG), ``step-<n>/state.json``
+(steps, tokens, config, schedules, curves). ``latest.json`` is the commit point: it is replaced
+(atomically) only after every rank has written its files, then older ``step-*`` folders go.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE
+from sae_lens.saes.sae import TrainingSAE, TrainStepInput
+from sae_lens.training.optim import CoefficientScheduler, get_lr_scheduler
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from sae_core._io import atomic_path, atomic_write_json, read_json
+from sae_core.activations import forward_context
+from sae_core.model_loading import resolve_dtype
+from sae_core.sparse_topk import topk_training_step
+from sae_core.training_data import BlockShuffler, rank_and_world
+
+if TYPE_CHECKING:
+    from sae_core.training import TrainingConfig
+
+logger = logging.getLogger(__name__)
+
+LATEST_FILENAME = "latest.json"
+STATE_FILENAME = "state.json"
+# Fields that may change between an interrupted run and its resumption.
+RESUMABLE_CHANGES = frozenset({"checkpoint_every_tokens", "eval_every_tokens", "log_every_steps",
+                               "num_dataloader_workers", "pin_memory", "persistent_workers"})
+
+
+class StepStats(NamedTuple):
+    """One step's metrics over all ranks' rows (float64 sums), for the training curve."""
+
+    loss: float
+    l0: float
+    explained_variance: float
+
+
+class SAEState:
+    """One SAE with its optimiser, schedules and dead-latent counters."""
+
+    def __init__(self, hook: str, sae: TrainingSAE, cfg: TrainingConfig) -> None:
+        self.hook, self.sae, self.cfg = hook, sae, cfg
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
+                                          fused=torch.device(cfg.device).type in ("cpu", "cuda"))
+        steps = cfg.total_steps
+        self.scheduler = get_lr_scheduler(
+            cfg.lr_scheduler, self.optimizer, training_steps=steps, lr=cfg.lr,
+            warm_up_steps=round(cfg.lr_warm_up_fraction * steps), decay_steps=round(cfg.lr_decay_fraction * steps),
+            lr_end=cfg.lr if cfg.lr_scheduler == "constant" else cfg.lr / 10, num_cycles=1)
+        self.coefficients = {name: CoefficientScheduler(getattr(c, "warm_up_steps", 0), getattr(c, "value", c))
+                             for name, c in sae.get_coefficients().items()}
+        self.since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long)  # tokens since each latent fired
+        self.input_sum = torch.zeros(sae.cfg.d_in, dtype=torch.float64)  # for the mean-ablation baseline
+        self.rows_seen = 0  # this rank's rows
+        self.sparse = cfg.architecture == "topk" and cfg.fast_topk
+
+    def dead_mask(self) -> Tensor:
+        """Latents that have not fired for ``dead_window_tokens`` tokens."""
+        return self.since_fired > self.cfg.dead_window_tokens
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _forward(self, x: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Loss, reconstruction, firing mask (d_sae,) and number of active (row, latent) pairs."""
+        dtype = resolve_dtype(self.cfg.sae_dtype)
+        if self.sparse:
+            out = topk_training_step(self.sae, x, self.dead_mask(), dtype)
+            active = out.acts > 0
+            fired = torch.zeros(self.sae.cfg.d_sae, dtype=torch.bool).index_fill_(0, out.indices[active], True)
+            return out.loss, out.sae_out, fired, active.sum()
+        with forward_context(self.cfg.device, dtype):
+            out = self.sae.training_forward_pass(TrainStepInput(
+                sae_in=x, coefficients={n: c.value for n, c in self.coefficients.items()},
+                dead_neuron_mask=self.dead_mask(), n_training_steps=step, is_logging_step=False))
+        active = out.feature_acts != 0
+        return out.loss, out.sae_out.detach().float(), active.any(0), active.sum()
+
+    def step(self, x: Tensor, step: int, log: bool) -> StepStats | None:
+        """Forward, backward, all-reduce, clip, Adam, schedules, counters; metrics if ``log``."""
+        _, world = rank_and_world()
+        self.sae.train()
+        loss, sae_out, fired, active = self._forward(x, step)
+        loss.backward()
+        params = [p for p in self.sae.parameters() if p.requires_grad]
+        if world > 1:
+            all_reduce_mean_grads(params, world)
+            torch.distributed.all_reduce(fired, op=torch.distributed.ReduceOp.MAX)
+        if self.cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        for scheduler in self.coefficients.values():
+            scheduler.step()
+        if world > 1 and isinstance(self.sae, BatchTopKTrainingSAE):
+            torch.distributed.all_reduce(self.sae.topk_threshold)  # ranks saw different batches
+            self.sae.topk_threshold /= world
+        self.since_fired += x.shape[0] * world
+        self.since_fired[fired] = 0
+        self.input_sum += x.double().sum(0)
+        self.rows_seen += x.shape[0]
+        return step_stats(loss.detach(), x, sae_out, active, world) if log else None
+
+    def input_mean(self) -> Tensor:
+        """Mean SAE input over every rank's rows so far (float64)."""
+        total, rows = self.input_sum.clone(), torch.tensor(float(self.rows_seen), dtype=torch.float64)
+        if rank_and_world()[1] > 1:
+            torch.distributed.all_reduce(total)
+            torch.distributed.all_reduce(rows)
+        return total / rows.clamp(min=1)
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        tensors = {f"sae.{k}": v.detach().contiguous() for k, v in self.sae.state_dict().items()}
+        for index, state in self.optimizer.state_dict()["state"].items():
+            tensors.update({f"optim.{index}.{k}": v.contiguous() for k, v in state.items()})
+        tensors.update(since_fired=self.since_fired, input_sum=self.input_sum)
+        return tensors
+
+    def state_json(self) -> dict[str, Any]:
+        return {"param_groups": self.optimizer.state_dict()["param_groups"], "scheduler": self.scheduler.state_dict(),
+                "coefficients": {n: c.state_dict() for n, c in self.coefficients.items()}, "rows_seen": self.rows_seen}
+
+    def load(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+        optim: dict[int, dict[str, Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                optim.setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict({"state": optim, "param_groups": meta["param_groups"]})
+        self.scheduler.load_state_dict(meta["scheduler"])
+        for name, state in meta["coefficients"].items():
+            self.coefficients[name].load_state_dict(state)
+        self.since_fired, self.input_sum = tensors["since_fired"].clone(), tensors["input_sum"].clone()
+        self.rows_seen = int(meta["rows_seen"])
+
+
+def all_reduce_mean_grads(params: list[torch.nn.Parameter], world: int) -> None:
+    """Average gradients over ranks with one collective (flattened into one buffer)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+
+
+def step_stats(loss: Tensor, x: Tensor, sae_out: Tensor, active: Tensor, world: int) -> StepStats:
+    """Loss, L0 and explained variance (1 - SSE / total variance about the batch mean) of one step."""
+    x64 = x.double()
+    sums = torch.stack([loss.double() * x.shape[0], (x64 - sae_out.double()).pow(2).sum(), x64.pow(2).sum(),
+                        active.double(), torch.tensor(float(x.shape[0]), dtype=torch.float64)])
+    column = x64.sum(0)
+    if world > 1:
+        torch.distributed.all_reduce(sums)
+        torch.distributed.all_reduce(column)
+    loss_sum, residual, square, l0_sum, rows = sums.tolist()
+    variance = square - column.pow(2).sum().item() / rows
+    return StepStats(loss_sum / rows, l0_sum / rows, 1 - residual / variance if variance > 0 else float("nan"))
+
+
+class Checkpoint(NamedTuple):
+    """Where a loaded checkpoint left off."""
+
+    step: int
+    tokens: int
+    complete: bool
+    curves: dict[str, list[dict[str, Any]]]
+
+
+def _save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+
+
+def _barrier() -> None:
+    if rank_and_world()[1] > 1:
+        torch.distributed.barrier()
+
+
+def save_checkpoint(directory: Path, step: int, tokens: int, states: list[SAEState], shuffler: BlockShuffler,
+                    curves: dict[str, list[dict[str, Any]]], config: dict[str, Any], complete: bool) -> Path:
+    """Write this rank's part of checkpoint ``step``; rank 0 commits it once every rank is done."""
+    rank, world = rank_and_world()
+    folder = directory / f"step-{step:08d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_tensors(folder / f"data-rank{rank}.safetensors", {**shuffler.state_tensors(), "torch_rng": torch.get_rng_state()})
+    if rank == 0:
+        for index, state in enumerate(states):
+            _save_tensors(folder / f"sae-{index}.safetensors", state.state_tensors())
+        atomic_write_json(folder / STATE_FILENAME, {
+            "step": step, "tokens": tokens, "complete": complete, "world_size": world, "config": config,
+            "hooks": [s.hook for s in states], "saes": [s.state_json() for s in states], "curves": curves})
+    _barrier()
+    if rank == 0:
+        atomic_write_json(directory / LATEST_FILENAME, {"folder": folder.name, "step": step, "complete": complete})
+        for old in directory.glob("step-*"):
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    logger.info("checkpoint at step %d (%d tokens) in %s", step, tokens, folder)
+    return folder
+
+
+def _check_compatible(saved: dict[str, Any], config: dict[str, Any], world: int, folder: Path) -> None:
+    changed = sorted(k for k in set(saved["config"]) | set(config)
+                     if k not in RESUMABLE_CHANGES and saved["config"].get(k) != config.get(k))
+    if changed:
+        raise ValueError(f"the checkpoint in {folder} was written with a different config ({', '.join(changed)}); "
+                         "restore those settings to resume, or delete the checkpoint folder to start over")
+    if saved["world_size"] != world:
+        raise ValueError(f"the checkpoint in {folder} was written by {saved['world_size']} ranks, this run has "
+                         f"{world}; resume with the same number of processes")
+
+
+def load_checkpoint(directory: Path, states: list[SAEState], shuffler: BlockShuffler,
+                    config: dict[str, Any]) -> Checkpoint | None:
+    """Restore the newest committed checkpoint into ``states`` and ``shuffler`` (None if there is none)."""
+    pointer = directory / LATEST_FILENAME
+    if not pointer.exists():
+        return None
+    rank, world = rank_and_world()
+    folder = directory / read_json(pointer)["folder"]
+    saved = read_json(folder / STATE_FILENAME)
+    _check_compatible(saved, config, world, folder)
+    for index, state in enumerate(states):
+        state.load(load_file(str(folder / f"sae-{index}.safetensors")), saved["saes"][index])
+    data = load_file(str(folder / f"data-rank{rank}.safetensors"))
+    torch.set_rng_state(data.pop("torch_rng"))
+    shuffler.load_state_tensors(data)
+    logger.info("resuming from %s (step %d, %d tokens)", folder, saved["step"], saved["tokens"])
+    return Checkpoint(saved["step"], saved["tokens"], saved["complete"], saved["curves"])

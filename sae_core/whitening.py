@@ -1,0 +1,697 @@
+"""Whitening: streaming activation statistics, ZCA / PCA transforms saved beside an SAE, two-pass extraction.
+
+Whitening decorrelates activations before SAE training and analysis. It is a standalone, saved,
+reusable transform (:class:`Whitener`), not folded invisibly into one SAE: the same statistics
+serve several SAEs, analysis code can whiten / un-whiten explicitly, and SAELens's trainer can use
+them through :meth:`Whitener.to_sae_lens` (its ``ActivationWhitening``).
+
+Statistics (:class:`IncrementalWhitener`). Mean and covariance accumulate in float64 with
+Welford's algorithm, batch-wise: each batch's ``(n, mean, M2)`` (``M2`` = centred sum of outer
+products, one float64 ``x_c.T @ x_c`` matmul on the caller's device) is merged into the running
+one with Chan et al.'s exact parallel formula. Memory is ``d x d`` whatever the token count;
+shards, workers and ranks merge exactly (:meth:`IncrementalWhitener.merge`, ``all_reduce``).
+Rejected: accumulating raw ``sum(x)`` and ``sum(x x^T)`` as SAELens's ``estimate_whitening`` does;
+``E[xx^T] - mu mu^T`` cancels catastrophically when the mean is large against the spread (the
+residual stream has a few huge-mean channels). Same matmul cost, so no reason not to centre.
+
+Transforms. With ``C' = (1 - a) C + a (tr C / d) I`` (shrinkage ``a``) and ``C' = E diag(l) E^T``:
+ZCA ``W = E diag(l + eps)^-1/2 E^T`` (stays closest to the original basis, so latents stay
+comparable with unwhitened ones), PCA ``W = E diag(l + eps)^-1/2`` (columns by decreasing
+variance, SAELens's choice). Row-vector convention: ``z = (x - mean) @ W`` and
+``x = z @ W_rev + mean``. ``eps`` is absolute (added to the eigenvalues, as in SAELens); with
+``eps = 0`` a singular covariance raises instead of producing infinities.
+
+Files. ``Whitener.save(folder)`` writes ``whitening.safetensors`` (mean, transform,
+reverse_transform, eigenvalues, n_samples; float64) and ``whitening.json`` (method, eps, d, hook,
+spectrum summary), each atomically: the layout ``sae_core.saes`` reads beside an SAE. A ``.pt``
+variant (``save_torch``) holds only tensors and plain scalars, loadable with ``weights_only=True``
+(no pickled classes). Raw statistics save as ``whitening_stats.safetensors`` + ``.json`` so pass
+one can be resumed or merged later.
+
+Two-pass extraction (:class:`ActivationExtractor`). Pass one streams texts through the model
+(``sae_core.data`` windows and loader, ``sae_core.activations`` hooks and token policy) and
+accumulates the statistics, checkpointing them so an interrupted pass resumes at the next batch.
+Pass two whitens the same kept rows and stores them as the activation store's padded NPZ chunks
+(``activations``, ``attention_mask`` marking kept rows, ``token_ids``, ``doc_index``,
+``position``) through ``sae_core.store.ShardWriter`` (atomic chunks, resumable), so the store's
+``ActivationRun`` reads them back. Pass one can also read an existing activation run
+(:func:`statistics_from_run`).
+The extraction half imports TransformerLens-dependent stages inside its methods, so loading a
+``Whitener`` (a training job, a worker process) costs only torch and safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+from jaxtyping import Bool, Float
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from sae_core._io import atomic_path, atomic_write_json, read_json
+from sae_core.data import (
+    LoaderConfig,
+    WindowBatch,
+    WindowedTextDataset,
+    limit_texts,
+    make_dataloader,
+)
+
+if TYPE_CHECKING:
+    from sae_core.activations import TokenPolicy
+
+logger = logging.getLogger(__name__)
+
+WHITENING_FILENAME = "whitening.safetensors"
+WHITENING_JSON = "whitening.json"
+STATS_FILENAME = "whitening_stats.safetensors"
+STATS_JSON = "whitening_stats.json"
+WHITENED_RUN = "whitened"
+METHODS = ("zca", "pca")
+WHITENER_KEYS = ("mean", "transform", "reverse_transform", "n_samples")
+FORMAT_VERSION = 1
+
+
+def _check_width(x: Tensor, d: int, what: str) -> None:
+    if x.shape[-1] != d:
+        raise ValueError(f"{what} has last dimension {x.shape[-1]} but the statistics are for d={d}; "
+                         "is it from another model or hook point?")
+
+
+class IncrementalWhitener:
+    """Streaming float64 mean and covariance (Welford / Chan), mergeable, on one device."""
+
+    def __init__(self, d: int, device: str | torch.device = "cpu") -> None:
+        if d <= 0:
+            raise ValueError(f"d must be positive, got {d}")
+        self.d, self.device = d, torch.device(device)
+        self.n = 0
+        self.mean = torch.zeros(d, dtype=torch.float64, device=self.device)
+        self.m2 = torch.zeros(d, d, dtype=torch.float64, device=self.device)
+
+    def _merge_moments(self, n_b: int, mean_b: Tensor, m2_b: Tensor) -> None:
+        """Chan et al.: combine (n, mean, M2) with another partition's, exactly."""
+        if n_b == 0:
+            return
+        total = self.n + n_b
+        delta = mean_b - self.mean
+        self.m2 += m2_b + torch.outer(delta, delta) * (self.n * n_b / total)
+        self.mean += delta * (n_b / total)
+        self.n = total
+
+    @torch.no_grad()
+    def update(self, x: Float[Tensor, "... d"], mask: Bool[Tensor, "..."] | None = None) -> int:
+        """Add the rows of ``x`` (where ``mask`` is True); returns how many rows were added."""
+        _check_width(x, self.d, "x")
+        if x.device != self.device:
+            raise ValueError(f"x is on {x.device} but the statistics live on {self.device}; "
+                             "create the IncrementalWhitener on the activations' device")
+        rows = x.reshape(-1, self.d)  # (rows, d)
+        if mask is not None:
+            if mask.shape != x.shape[:-1]:
+                raise ValueError(f"mask shape {tuple(mask.shape)} does not match x's leading shape {tuple(x.shape[:-1])}")
+            rows = rows[mask.reshape(-1).to(self.device)]
+        if rows.shape[0] == 0:
+            return 0
+        rows = rows.to(torch.float64)
+        mean_b = rows.mean(dim=0)
+        centred = rows - mean_b  # (rows, d)
+        self._merge_moments(rows.shape[0], mean_b, centred.T @ centred)
+        return rows.shape[0]
+
+    def merge(self, other: IncrementalWhitener) -> IncrementalWhitener:
+        """Fold ``other``'s statistics into these (in place): the result is that of the union."""
+        if other.d != self.d:
+            raise ValueError(f"cannot merge statistics of width {other.d} into width {self.d}")
+        if other.device != self.device:
+            raise ValueError(f"cannot merge statistics on {other.device} into statistics on {self.device}")
+        self._merge_moments(other.n, other.mean, other.m2)
+        return self
+
+    def all_reduce(self, group: Any = None) -> IncrementalWhitener:
+        """Replace these statistics by those of every rank of ``group`` (torch.distributed).
+
+        All-gathers (n, mean, M2) and merges them in rank order, so every rank ends with the same
+        bits. Costs ``world_size x d x d`` float64 of memory for the gather.
+        """
+        import torch.distributed as dist
+
+        world = dist.get_world_size(group)
+        n = torch.tensor([self.n], dtype=torch.int64, device=self.device)
+        ns = [torch.zeros_like(n) for _ in range(world)]
+        means = [torch.zeros_like(self.mean) for _ in range(world)]
+        m2s = [torch.zeros_like(self.m2) for _ in range(world)]
+        dist.all_gather(ns, n, group=group)
+        dist.all_gather(means, self.mean, group=group)
+        dist.all_gather(m2s, self.m2, group=group)
+        total = IncrementalWhitener(self.d, self.device)
+        for n_r, mean_r, m2_r in zip(ns, means, m2s, strict=True):
+            total._merge_moments(int(n_r.item()), mean_r, m2_r)
+        self.n, self.mean, self.m2 = total.n, total.mean, total.m2
+        return self
+
+    def covariance(self, ddof: int = 1) -> Float[Tensor, "d d"]:
+        """The covariance ``M2 / (n - ddof)`` in float64 (``ddof=1``: unbiased, as ``np.cov``)."""
+        if self.n <= ddof:
+            raise ValueError(f"the covariance needs more than {ddof} rows; only {self.n} were added")
+        return self.m2 / (self.n - ddof)
+
+    def to_whitener(self, method: str = "zca", eps: float = 1e-4, shrinkage: float = 0.0,
+                    hook: str | None = None) -> Whitener:
+        """The :class:`Whitener` of these statistics."""
+        return Whitener.from_statistics(self.mean, self.covariance(), self.n, method, eps, shrinkage, hook)
+
+    def save(self, folder: str | os.PathLike[str], **metadata: Any) -> Path:
+        """Write ``whitening_stats.safetensors`` (n, mean, m2) and ``whitening_stats.json`` atomically."""
+        folder = Path(folder)
+        with atomic_path(folder / STATS_FILENAME) as tmp:
+            save_file({"n": torch.tensor(self.n, dtype=torch.int64), "mean": self.mean.cpu().contiguous(),
+                       "m2": self.m2.cpu().contiguous()}, str(tmp))
+        atomic_write_json(folder / STATS_JSON, {"format_version": FORMAT_VERSION, "d": self.d, "n": self.n,
+                                                **metadata})
+        return folder
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], expected_d: int | None = None,
+             device: str | torch.device = "cpu") -> IncrementalWhitener:
+        """Statistics saved by :meth:`save` (a folder or the ``.safetensors`` file)."""
+        path = Path(path)
+        file = path / STATS_FILENAME if path.is_dir() else path
+        tensors = _read_safetensors(file, ("n", "mean", "m2"), "IncrementalWhitener.save", device)
+        d = tensors["mean"].shape[0]
+        if tensors["m2"].shape != (d, d):
+            raise ValueError(f"{file}: m2 has shape {tuple(tensors['m2'].shape)}, expected ({d}, {d})")
+        _check_expected_d(file, d, expected_d)
+        stats = cls(d, device)
+        stats.n, stats.mean, stats.m2 = int(tensors["n"]), tensors["mean"].double(), tensors["m2"].double()
+        return stats
+
+
+def _check_expected_d(path: Path, d: int, expected_d: int | None) -> None:
+    if expected_d is not None and d != expected_d:
+        raise ValueError(f"{path} holds whitening for d={d} activations but d={expected_d} was expected; "
+                         "it belongs to another model or hook point")
+
+
+def _read_safetensors(file: Path, keys: Sequence[str], writer: str,
+                      device: str | torch.device) -> dict[str, Tensor]:
+    if not file.exists():
+        raise FileNotFoundError(f"{file} does not exist; write it with {writer}")
+    with safe_open(str(file), framework="pt", device=str(device)) as fh:
+        missing = [k for k in keys if k not in fh.keys()]
+        if missing:
+            raise KeyError(f"{file} lacks the tensors {missing} (has {sorted(fh.keys())}); "
+                           f"it was not written by {writer}")
+        return {k: fh.get_tensor(k) for k in fh.keys()}
+
+
+def spectrum_summary(eigenvalues: Tensor, eps: float) -> dict[str, float | int]:
+    """A JSON summary of a covariance spectrum (descending eigenvalues)."""
+    lam = eigenvalues.double().cpu()
+    total = float(lam.sum())
+    return {"max": float(lam[0]), "min": float(lam[-1]), "median": float(lam.median()), "trace": total,
+            "participation_ratio": total ** 2 / float((lam ** 2).sum()) if total > 0 else 0.0,
+            "condition_number": float((lam[0] + eps) / (lam[-1] + eps)) if float(lam[-1]) + eps > 0 else math.inf,
+            "n_below_eps": int((lam < eps).sum())}
+
+
+@dataclass(frozen=True, eq=False)
+class Whitener:
+    """An affine whitening ``z = (x - mean) @ transform``, ``x = z @ reverse_transform + mean``."""
+
+    mean: Float[Tensor, " d"]
+    """Activation mean (float64)."""
+    transform: Float[Tensor, "d d"]
+    """Whitening matrix, right-multiplied (float64)."""
+    reverse_transform: Float[Tensor, "d d"]
+    """Its inverse, right-multiplied (float64)."""
+    eigenvalues: Float[Tensor, " d"]
+    """Eigenvalues of the (shrunk) covariance, descending, before ``eps``: the spectrum to plot."""
+    n_samples: int
+    """Rows the statistics were computed from."""
+    method: str = "zca"
+    """``zca`` or ``pca``."""
+    eps: float = 1e-4
+    """Regulariser added to every eigenvalue."""
+    shrinkage: float = 0.0
+    """Weight of the scaled identity the covariance was shrunk toward."""
+    hook: str | None = None
+    """Hook point the statistics come from (metadata)."""
+    _cache: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        d = self.mean.shape[0]
+        for name in ("transform", "reverse_transform"):
+            if getattr(self, name).shape != (d, d):
+                raise ValueError(f"{name} has shape {tuple(getattr(self, name).shape)}, expected ({d}, {d})")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown whitening method {self.method!r}; use one of {METHODS}")
+
+    @property
+    def d(self) -> int:
+        """Activation width."""
+        return self.mean.shape[0]
+
+    def __repr__(self) -> str:
+        return (f"Whitener(method={self.method!r}, d={self.d}, n_samples={self.n_samples}, eps={self.eps}, "
+                f"shrinkage={self.shrinkage}, hook={self.hook!r})")
+
+    @classmethod
+    def from_statistics(cls, mean: Tensor, covariance: Tensor, n_samples: int, method: str = "zca",
+                        eps: float = 1e-4, shrinkage: float = 0.0, hook: str | None = None) -> Whitener:
+        """ZCA or PCA whitening of a mean and covariance (computed in float64)."""
+        if method not in METHODS:
+            raise ValueError(f"unknown whitening method {method!r}; use one of {METHODS}")
+        if eps < 0 or not 0.0 <= shrinkage <= 1.0:
+            raise ValueError(f"need eps >= 0 and 0 <= shrinkage <= 1, got eps={eps}, shrinkage={shrinkage}")
+        cov = covariance.double()
+        cov = (cov + cov.T) / 2
+        d = cov.shape[0]
+        if shrinkage > 0:
+            cov = (1 - shrinkage) * cov + shrinkage * (torch.trace(cov) / d) * torch.eye(d, dtype=cov.dtype,
+                                                                                        device=cov.device)
+        lam, vecs = torch.linalg.eigh(cov)
+        lam, vecs = lam.flip(0).clamp(min=0), vecs.flip(1)  # descending; eigh's tiny negatives -> 0
+        if eps == 0:
+            tol = float(lam[0]) * d * torch.finfo(torch.float64).eps
+            singular = int((lam <= tol).sum())
+            if singular:
+                raise ValueError(f"the covariance is singular ({singular} of {d} eigenvalues <= {tol:.3g}: "
+                                 f"constant channels or fewer rows ({n_samples}) than dimensions); "
+                                 "whitening with eps=0 would divide by zero, so set eps > 0 or shrinkage > 0")
+        scale = (lam + eps).rsqrt()  # (d,)
+        if method == "zca":
+            transform, reverse = (vecs * scale) @ vecs.T, (vecs / scale) @ vecs.T
+        else:
+            transform, reverse = vecs * scale, (1 / scale)[:, None] * vecs.T
+        return cls(mean.double().clone(), transform.contiguous(), reverse.contiguous(), lam, int(n_samples),
+                   method, float(eps), float(shrinkage), hook)
+
+    def _params(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, torch.dtype]:
+        """(mean, transform, reverse) in the compute dtype on x's device, cached per (device, dtype)."""
+        compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        key = (x.device, compute)
+        if key not in self._cache:
+            self._cache[key] = tuple(t.to(device=x.device, dtype=compute)
+                                     for t in (self.mean, self.transform, self.reverse_transform))
+        return (*self._cache[key], compute)
+
+    def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        """Whiten: ``(x - mean) @ transform``, any leading shape, in x's dtype and device.
+
+        Half-precision inputs are computed in float32 and cast back.
+        """
+        _check_width(x, self.d, "x")
+        mean, transform, _, compute = self._params(x)
+        return ((x.to(compute) - mean) @ transform).to(x.dtype)
+
+    __call__ = forward
+
+    def reverse(self, z: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        """Un-whiten: ``z @ reverse_transform + mean``, any leading shape, in z's dtype and device."""
+        _check_width(z, self.d, "z")
+        mean, _, reverse, compute = self._params(z)
+        return (z.to(compute) @ reverse + mean).to(z.dtype)
+
+    def to_sae_lens(self) -> Any:
+        """SAELens's ``ActivationWhitening`` with these statistics (for ``ActivationScaler(whitening=...)``)."""
+        from sae_lens.training.activation_scaler import ActivationWhitening
+
+        return ActivationWhitening(mean=self.mean, matrix=self.transform, inverse_matrix=self.reverse_transform)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON metadata written beside the tensors."""
+        return {"format_version": FORMAT_VERSION, "method": self.method, "eps": self.eps,
+                "shrinkage": self.shrinkage, "d": self.d, "n_samples": self.n_samples, "hook": self.hook,
+                "eigenvalues": spectrum_summary(self.eigenvalues, self.eps)}
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {"mean": self.mean, "transform": self.transform, "reverse_transform": self.reverse_transform,
+                "eigenvalues": self.eigenvalues, "n_samples": torch.tensor(self.n_samples, dtype=torch.int64)}
+
+    def save(self, folder: str | os.PathLike[str]) -> Path:
+        """Write ``whitening.safetensors`` and ``whitening.json`` into ``folder``, each atomically."""
+        folder = Path(folder)
+        meta = {k: str(v) for k, v in self.summary().items() if k != "eigenvalues"}
+        with atomic_path(folder / WHITENING_FILENAME) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self._tensors().items()}, str(tmp), metadata=meta)
+        atomic_write_json(folder / WHITENING_JSON, self.summary())
+        return folder
+
+    def save_torch(self, path: str | os.PathLike[str]) -> Path:
+        """Write a ``.pt`` file of tensors and plain scalars (loadable with ``weights_only=True``)."""
+        record = {k: v.detach().cpu() for k, v in self._tensors().items() if k != "n_samples"}
+        record.update(n_samples=self.n_samples, method=self.method, eps=self.eps, shrinkage=self.shrinkage,
+                      hook=self.hook, format_version=FORMAT_VERSION)
+        with atomic_path(path) as tmp:
+            torch.save(record, tmp)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], expected_d: int | None = None,
+             device: str | torch.device = "cpu") -> Whitener:
+        """Load a folder (``whitening.safetensors``), a ``.safetensors`` file or a ``.pt`` file."""
+        path = Path(path)
+        if path.suffix == ".pt":
+            if not path.exists():
+                raise FileNotFoundError(f"{path} does not exist; write it with Whitener.save_torch")
+            record = torch.load(path, map_location=device, weights_only=True)
+            meta = {k: v for k, v in record.items() if not isinstance(v, Tensor)}
+            tensors = {k: v for k, v in record.items() if isinstance(v, Tensor)}
+        else:
+            file = path / WHITENING_FILENAME if path.is_dir() else path
+            tensors = _read_safetensors(file, (), "Whitener.save", device)
+            with safe_open(str(file), framework="pt") as fh:
+                meta = dict(fh.metadata() or {})
+            if (file.parent / WHITENING_JSON).exists():
+                meta.update(read_json(file.parent / WHITENING_JSON))
+            meta.setdefault("n_samples", int(tensors["n_samples"]) if "n_samples" in tensors else None)
+            path = file
+        missing = [k for k in (*WHITENER_KEYS, "method", "eps") if k not in tensors and meta.get(k) is None]
+        if missing:
+            raise KeyError(f"{path} lacks {missing}; it was not written by Whitener.save / save_torch "
+                           f"(needed: {list(WHITENER_KEYS)} plus method and eps)")
+        d = tensors["mean"].shape[0]
+        _check_expected_d(path, d, expected_d)
+        if "eigenvalues" in tensors:
+            lam = tensors["eigenvalues"].double()
+        else:  # reverse^T reverse = E diag(l + eps) E^T for both methods
+            rev = tensors["reverse_transform"].double()
+            lam = (torch.linalg.eigvalsh(rev.T @ rev).flip(0) - float(meta["eps"])).clamp(min=0)
+        hook = meta.get("hook")
+        return cls(tensors["mean"].double(), tensors["transform"].double(), tensors["reverse_transform"].double(),
+                   lam, int(meta["n_samples"]), str(meta["method"]), float(meta["eps"]),
+                   float(meta.get("shrinkage", 0.0)), None if hook in (None, "None") else str(hook))
+
+
+# --- two-pass extraction ---------------------------------------------------------------------------
+
+TOKEN_NAMES = ("bos", "eos", "pad", "special")
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    """Two-pass whitened extraction: statistics (pass one), then whitened chunks (pass two)."""
+
+    model: Any = field(repr=False)
+    """A ``HookedTransformer`` or a constant-file name (``"smollm2_135m_instruct"``)."""
+    output_dir: str | os.PathLike[str]
+    """Folder of the statistics, the ``Whitener`` and the ``whitened/`` chunk run."""
+    tokenizer: Any = None
+    """A tokenizer or the name / folder of one (``AutoTokenizer``); None: the model's."""
+    layer_index: int = -1
+    """Layer whose ``hook_resid_post`` is read (-1: last); ignored when ``hook_point`` is set."""
+    hook_point: str | None = None
+    """Exact hook point name; overrides ``layer_index``."""
+    batch_size: int = 32
+    """Windows per forward pass."""
+    max_length: int = 128
+    """Tokens per window (a random window of longer documents)."""
+    num_samples: int | None = None
+    """Documents used (the first ones); None: all."""
+    chunk_size: int = 16384
+    """Pass two flushes a chunk once it holds this many kept rows (at the end of a batch)."""
+    device: str | None = None
+    """Device of the statistics; None: the model's device."""
+    dtype: str = "float32"
+    """Forward dtype (bfloat16 / float16 run under autocast)."""
+    storage_dtype: str = "float32"
+    """Dtype of the stored whitened activations: float32 or float16."""
+    exclude_tokens: tuple[str | int, ...] = ("bos", "pad")
+    """Rows left out of the statistics: ``bos``, ``eos``, ``pad``, ``special`` or token ids. Pad rows
+    are always excluded (``pad`` must be listed)."""
+    prepend_bos: bool = True
+    """Put BOS at position 0 of every window: the attention-sink row is then BOS, which is excluded."""
+    method: str = "zca"
+    """``zca`` or ``pca``."""
+    eps: float = 1e-4
+    """Regulariser added to the covariance eigenvalues."""
+    shrinkage: float = 0.0
+    """Shrinkage of the covariance toward a scaled identity (0..1)."""
+    seed: int = 0
+    """Seed of the random windows."""
+    checkpoint_batches: int = 50
+    """Pass one saves its statistics every this many batches (an interrupted pass resumes there)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0 or self.max_length < 2 or self.chunk_size <= 0 or self.checkpoint_batches <= 0:
+            raise ValueError("batch_size, chunk_size and checkpoint_batches must be positive and max_length >= 2; "
+                             f"got {self.batch_size}, {self.chunk_size}, {self.checkpoint_batches}, {self.max_length}")
+        if self.num_samples is not None and self.num_samples <= 0:
+            raise ValueError(f"num_samples must be positive or None, got {self.num_samples}")
+        unknown = [t for t in self.exclude_tokens if not isinstance(t, int) and t not in TOKEN_NAMES]
+        if unknown:
+            raise ValueError(f"unknown exclude_tokens {unknown}; use {TOKEN_NAMES} or integer token ids")
+        if "pad" not in self.exclude_tokens:
+            raise ValueError("pad rows hold no token and are always excluded; keep 'pad' in exclude_tokens")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown whitening method {self.method!r}; use one of {METHODS}")
+        if self.eps < 0 or not 0.0 <= self.shrinkage <= 1.0:
+            raise ValueError(f"need eps >= 0 and 0 <= shrinkage <= 1, got {self.eps}, {self.shrinkage}")
+        if self.storage_dtype not in ("float32", "float16"):
+            raise ValueError(f"storage_dtype must be float32 or float16, got {self.storage_dtype!r}")
+        from sae_core.model_loading import resolve_dtype
+
+        resolve_dtype(self.dtype)
+        object.__setattr__(self, "exclude_tokens", tuple(self.exclude_tokens))
+
+    @classmethod
+    def from_constants(cls, name: str, output_dir: str | os.PathLike[str], **overrides: Any) -> ExtractionConfig:
+        """Defaults from a constant file: ``HOOK_POINTS[0]``, ``EXTRACTION`` and ``WHITENING``."""
+        from sae_core.models import load_model_constants
+
+        c = load_model_constants(name)
+        fields = {"model": name, "output_dir": output_dir, "hook_point": c.HOOK_POINTS[0],
+                  "batch_size": c.EXTRACTION.get("batch_size", 32), "max_length": c.EXTRACTION.get("max_text_length", 128),
+                  "dtype": c.EXTRACTION.get("forward_dtype", "float32"), "method": c.WHITENING.get("method", "zca"),
+                  "eps": c.WHITENING.get("eps", 1e-4), "shrinkage": c.WHITENING.get("shrinkage", 0.0),
+                  "num_samples": c.WHITENING.get("sample_limit")}
+        return cls(**{**fields, **overrides})
+
+    def token_policy(self) -> TokenPolicy:
+        """The :class:`TokenPolicy` of ``exclude_tokens``."""
+        from sae_core.activations import TokenPolicy
+
+        return TokenPolicy(exclude_bos="bos" in self.exclude_tokens, exclude_eos="eos" in self.exclude_tokens,
+                           exclude_special="special" in self.exclude_tokens,
+                           exclude_token_ids=tuple(t for t in self.exclude_tokens if isinstance(t, int)))
+
+
+class PassOneResult(NamedTuple):
+    """Statistics of pass one and the whitening built from them."""
+
+    statistics: IncrementalWhitener
+    whitener: Whitener
+    n_batches: int
+    resumed: bool
+
+
+class PassTwoResult(NamedTuple):
+    """Where pass two stored its chunks and how much they hold."""
+
+    run_dir: Path
+    n_chunks: int
+    n_windows: int
+    n_rows: int  # kept rows (non-pad, not excluded by the token policy)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ActivationExtractor:
+    """Two passes over ``texts``: whitening statistics, then whitened activation chunks."""
+
+    def __init__(self, config: ExtractionConfig, texts: Any) -> None:
+        from sae_core.hooks import resolve_hook
+
+        self.config = config
+        if isinstance(config.model, str):
+            from sae_core.model_loading import load_model
+
+            self.model = load_model(config.model)
+        else:
+            self.model = config.model
+        self.hook = resolve_hook(self.model, config.hook_point or config.layer_index)
+        tokenizer = config.tokenizer if config.tokenizer is not None else self.model.tokenizer
+        if isinstance(tokenizer, str):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        self.tokenizer = tokenizer
+        self.texts = limit_texts(texts, config.num_samples)
+        self.dataset = WindowedTextDataset(self.texts, tokenizer, config.max_length, config.seed, config.prepend_bos)
+        self.policy = config.token_policy()
+        self.device = torch.device(config.device) if config.device else torch.device(self.model.cfg.device)
+        self.output_dir = Path(config.output_dir)
+
+    def identity(self) -> dict[str, Any]:
+        """What a resumed pass must share with the interrupted one."""
+        c = self.config
+        return {"model": self.model.cfg.model_name, "hook": self.hook, "n_documents": len(self.dataset),
+                "batch_size": c.batch_size, "max_length": c.max_length, "seed": c.seed,
+                "prepend_bos": c.prepend_bos, "forward_dtype": c.dtype,
+                "token_policy": self.policy.to_json(self.tokenizer)}
+
+    def _batches(self, start_batch: int) -> Iterator[WindowBatch]:
+        loader = make_dataloader(self.dataset, LoaderConfig(batch_size=self.config.batch_size), start_batch=start_batch)
+        yield from tqdm(loader, desc=f"batches from {start_batch}", leave=False)
+
+    def _activations(self, start_batch: int, policy: TokenPolicy) -> Iterator[tuple[int, WindowBatch, Any]]:
+        """(batches consumed, window batch, ActivationBatch) per non-empty batch, from ``start_batch``."""
+        from sae_core.activations import iter_activation_batches
+
+        state = {"done": start_batch, "batch": None}
+
+        def counted() -> Iterator[WindowBatch]:
+            for batch in self._batches(start_batch):
+                state["done"], state["batch"] = state["done"] + 1, batch
+                yield batch
+
+        for acts in iter_activation_batches(self.model, counted(), [self.hook], policy, self.config.dtype):
+            yield state["done"], state["batch"], acts
+
+    def _load_progress(self) -> tuple[IncrementalWhitener, dict[str, Any]] | None:
+        if not (self.output_dir / STATS_JSON).exists():
+            return None
+        meta = read_json(self.output_dir / STATS_JSON)
+        if meta.get("identity") != _json_roundtrip(self.identity()):
+            raise ValueError(f"{self.output_dir / STATS_JSON} holds statistics of other settings "
+                             f"({meta.get('identity')}); use the original settings or another output_dir")
+        stats = IncrementalWhitener.load(self.output_dir, self.model.cfg.d_model, self.device)
+        return stats, meta
+
+    def compute_whitening_statistics(self) -> PassOneResult:
+        """Pass one: stream the texts, accumulate mean and covariance, save them and the Whitener.
+
+        Resumes from the last checkpoint of an interrupted run; a finished run is loaded, not redone.
+        """
+        c, identity = self.config, self.identity()
+        progress = self._load_progress()
+        stats, done = IncrementalWhitener(self.model.cfg.d_model, self.device), 0
+        if progress is not None:
+            stats, meta = progress
+            done = int(meta["batches_done"])
+            if meta.get("complete"):
+                return PassOneResult(stats, self._publish(stats), done, True)
+            logger.info("resuming whitening statistics at batch %d (%d rows)", done, stats.n)
+        for number, (consumed, _, acts) in enumerate(self._activations(done, self.policy), start=1):
+            stats.update(acts.acts[self.hook].to(self.device))
+            if number % c.checkpoint_batches == 0:
+                stats.save(self.output_dir, identity=identity, batches_done=consumed, complete=False)
+            done = consumed
+        stats.save(self.output_dir, identity=identity, batches_done=done, complete=True)
+        return PassOneResult(stats, self._publish(stats), done, progress is not None)
+
+    def _publish(self, stats: IncrementalWhitener) -> Whitener:
+        whitener = stats.to_whitener(self.config.method, self.config.eps, self.config.shrinkage, self.hook)
+        whitener.save(self.output_dir)
+        return whitener
+
+    def process_and_store_whitened(self) -> PassTwoResult:
+        """Pass two: whiten the kept rows of every batch and store padded NPZ chunks, resumably.
+
+        The chunks follow the activation store's padded format, so ``sae_core.store.ActivationRun``
+        reads the ``whitened/`` run like any other.
+        """
+        from sae_core.store import ShardWriter
+
+        meta_path = self.output_dir / STATS_JSON
+        if not meta_path.exists() or not read_json(meta_path).get("complete"):
+            raise FileNotFoundError(f"no complete whitening statistics in {self.output_dir}; run "
+                                    "compute_whitening_statistics() first")
+        whitener = Whitener.load(self.output_dir, expected_d=self.model.cfg.d_model)
+        identity = {**self.identity(), "chunk_size": self.config.chunk_size,
+                    "storage_dtype": self.config.storage_dtype,
+                    "whitening_sha256": _file_sha256(self.output_dir / WHITENING_FILENAME)}
+        header = {"hooks": [self.hook], "tensor_keys": {self.hook: "activations"}, "d_model": whitener.d,
+                  "storage_dtype": self.config.storage_dtype, "whitening": whitener.summary(),
+                  "token_policy": self.policy.to_json(self.tokenizer),
+                  "masking": "attention_mask marks kept rows (pad and excluded tokens are 0)"}
+        writer = ShardWriter(self.output_dir / WHITENED_RUN, identity, header=header, shard_format="npz",
+                             float_dtype=self.config.storage_dtype)
+        if not writer.complete:
+            self._write_chunks(writer, whitener)
+            writer.finish(totals=writer.totals())
+        totals = writer.totals()
+        return PassTwoResult(writer.run_dir, len(writer.shards), totals.get("windows", 0), totals["rows"])
+
+    def _write_chunks(self, writer: Any, whitener: Whitener) -> None:
+        buffer: list[dict[str, Tensor]] = []
+        done = writer.batches_done
+        for done, batch, acts in self._activations(writer.batches_done, self.policy):
+            keep = self.policy.keep_mask(batch.input_ids, batch.attention_mask, self.tokenizer)  # (batch, pos)
+            padded = torch.zeros(*keep.shape, whitener.d, dtype=torch.float32)  # (batch, pos, d)
+            padded[keep] = whitener.forward(acts.acts[self.hook].float()).cpu()
+            buffer.append({"activations": padded, "attention_mask": keep.to(torch.uint8),
+                           "token_ids": batch.input_ids, "doc_index": batch.doc_index,
+                           "position": batch.token_positions()})
+            if sum(int(b["attention_mask"].sum()) for b in buffer) >= self.config.chunk_size:
+                self._flush(writer, buffer, done)
+                buffer = []
+        if buffer:
+            self._flush(writer, buffer, done)
+
+    def _flush(self, writer: Any, buffer: list[dict[str, Tensor]], batches_end: int) -> None:
+        """Concatenate the buffered batches, padded on the right to the widest (token ids with PAD)."""
+        from sae_core.data import pad_id_of
+
+        width = max(b["token_ids"].shape[1] for b in buffer)
+        chunk = {}
+        for key in buffer[0]:
+            value = pad_id_of(self.tokenizer) if key == "token_ids" else 0
+            chunk[key] = torch.cat([b[key] if b[key].dim() == 1 else torch.nn.functional.pad(
+                b[key], (0, 0) * (b[key].dim() - 2) + (0, width - b[key].shape[1]), value=value) for b in buffer])
+        writer.write(chunk, batches_end, counts={"windows": chunk["token_ids"].shape[0]},
+                     rows=int(chunk["attention_mask"].sum()))
+
+
+def _json_roundtrip(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists), for comparisons with stored metadata."""
+    import json
+
+    from sae_core._io import _json_default
+
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
+def statistics_from_run(run_dir: str | os.PathLike[str], hook: str | None = None,
+                        device: str | torch.device = "cpu") -> IncrementalWhitener:
+    """Pass one over an existing activation run of ``sae_core.store`` (no model needed).
+
+    Reads the run shard by shard with ``ActivationRun.iter_shards`` (row shards and padded NPZ
+    chunks alike hold only the rows the run's token policy kept), so memory stays one shard.
+    """
+    from sae_core.store import ActivationRun
+
+    run = ActivationRun(run_dir)
+    hook = hook or (run.hooks[0] if len(run.hooks) == 1 else None)
+    if hook not in run.hooks:
+        raise KeyError(f"run {run.run_id} has no hook {hook!r}; name one of {run.hooks}")
+    if not run.shards:
+        raise ValueError(f"{run.path} lists no complete shards; run the extraction first")
+    stats: IncrementalWhitener | None = None
+    for shard in tqdm(run.iter_shards(), total=len(run.shards), desc="shards", leave=False):
+        x = shard.acts[hook].to(device)
+        stats = stats or IncrementalWhitener(x.shape[-1], device)
+        stats.update(x)
+    assert stats is not None
+    return stats
+
+
+__all__ = ["ActivationExtractor", "ExtractionConfig", "IncrementalWhitener", "PassOneResult", "PassTwoResult",
+           "Whitener", "spectrum_summary", "statistics_from_run"]

@@ -1,0 +1,312 @@
+"""SAE training: the sparse TopK step against SAELens, the data path, resume, outputs, quality.
+
+Unit tests use the tiny random model or synthetic sparse data (seconds); the integration test
+trains on SmolLM2 with a small budget and compares against baselines computed in the same test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sae_lens import SAE
+from sae_lens.saes.sae import TrainStepInput
+from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+from sae_core import training_state
+from sae_core.data import WindowedTextDataset, make_dataloader
+from sae_core.sparse_topk import topk_training_step
+from sae_core.training import (
+    TrainingConfig,
+    build_training_sae,
+    hook_widths,
+    split_documents,
+    to_inference_sae,
+    train_saes,
+    write_sae_folder,
+)
+from sae_core.training_data import BlockShuffler, ModelActivationSource, TensorChunkSource
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+# --- the sparse TopK step --------------------------------------------------------------------------
+
+def _saelens_topk(d_in: int, d_sae: int, k: int, rescale: bool, b_dec_in: bool, dtype: str) -> TopKTrainingSAE:
+    torch.manual_seed(0)
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, dtype=dtype,
+                                                rescale_acts_by_decoder_norm=rescale, apply_b_dec_to_input=b_dec_in))
+    with torch.no_grad():  # move away from the symmetric init: uneven decoder norms, non-zero biases
+        sae.W_dec.mul_(torch.rand(d_sae, 1, dtype=sae.W_dec.dtype) + 0.5)
+        sae.b_enc.normal_(0, 0.05)
+        sae.b_dec.normal_(0, 0.1)
+    return sae
+
+
+def _grads(sae: TopKTrainingSAE, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    sae.zero_grad()
+    loss.backward()
+    return {name: p.grad.clone() for name, p in sae.named_parameters()}
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("b_dec_in", [True, False])
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_sparse_step_equals_saelens_dense_step(rescale, b_dec_in, with_dead):
+    """Loss and every gradient equal SAELens's dense ``training_forward_pass`` (MSE + AuxK).
+
+    In float64 both compute the same sums in different orders, so they agree to ~1e-15 relative;
+    1e-10 leaves room for the rescale identity relu(h n)/n = relu(h) (SAELens differentiates
+    both sides, we use the identity), which is exact in real arithmetic.
+    """
+    sae = _saelens_topk(24, 96, 6, rescale, b_dec_in, "float64")
+    x = torch.randn(64, 24, dtype=torch.float64) * 2
+    dead = (torch.arange(96) % 3 == 0) if with_dead else None
+    ref = sae.training_forward_pass(TrainStepInput(x, {}, dead, 0, False))
+    ref_grads = _grads(sae, ref.loss)
+    out = topk_training_step(sae, x, dead, torch.float64)
+    grads = _grads(sae, out.loss)
+    assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-12)
+    if with_dead:
+        assert out.aux_loss.item() == pytest.approx(ref.losses["auxiliary_reconstruction_loss"].item(), rel=1e-12)
+        assert out.aux_loss.item() > 0
+    torch.testing.assert_close(out.sae_out, ref.sae_out.detach(), rtol=1e-12, atol=1e-12)
+    for name, grad in ref_grads.items():
+        scale = grad.abs().max().item()
+        assert (grads[name] - grad).abs().max().item() <= 1e-10 * scale, name
+
+
+def test_sparse_step_selects_exactly_k_distinct_latents():
+    sae = _saelens_topk(16, 64, 5, True, True, "float32")
+    out = topk_training_step(sae, torch.randn(40, 16), None, torch.bfloat16)
+    assert out.indices.shape == (40, 5)
+    assert all(len(set(row)) == 5 for row in out.indices.tolist())
+    assert (out.acts >= 0).all()
+
+
+# --- synthetic data --------------------------------------------------------------------------------
+
+def _sparse_chunks(n_chunks: int = 12, rows: int = 256, d: int = 16, n_features: int = 48, active: int = 3,
+                   seed: int = 0) -> list[torch.Tensor]:
+    """Rows that are sums of ``active`` random unit features with positive magnitudes."""
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.nn.functional.normalize(torch.randn(n_features, d, generator=gen), dim=-1)
+    chunks = []
+    for _ in range(n_chunks):
+        which = torch.rand(rows, n_features, generator=gen).argsort(dim=-1)[:, :active]
+        magnitude = torch.rand(rows, active, generator=gen) + 0.5
+        chunks.append(torch.einsum("ra,rad->rd", magnitude, features[which]) + 1.0)
+    return chunks
+
+
+def _small_cfg(**overrides) -> TrainingConfig:
+    base = dict(hook_points=(HOOK,), d_sae=64, k=4, lr=1e-2, total_training_tokens=256 * 40,
+                train_batch_size_tokens=256, shuffle_buffer_tokens=1024, checkpoint_every_tokens=None,
+                log_every_steps=1, lr_decay_fraction=0.0, dead_window_tokens=2048)
+    return TrainingConfig(**{**base, **overrides})
+
+
+ARCHITECTURES = [("topk", {}), ("topk", {"fast_topk": False}), ("batchtopk", {}),
+                 ("jumprelu", {"l0_coefficient": 0.01}), ("standard", {"l1_coefficient": 0.05})]
+INFERENCE_CLASS = {"topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "standard": "standard"}
+
+
+@pytest.mark.parametrize(("architecture", "extra"), ARCHITECTURES)
+def test_each_architecture_trains_and_reloads(tmp_path, architecture, extra):
+    chunks = _sparse_chunks()
+    cfg = _small_cfg(architecture=architecture, **extra)
+    run = train_saes(cfg, TensorChunkSource(lambda: chunks, [HOOK]), {HOOK: 16}, tmp_path)
+    curve = run.saes[HOOK].curve
+    first, last = curve[0]["loss"], np.mean([p["loss"] for p in curve[-4:]])
+    assert last < 0.5 * first, (first, last)
+    assert curve[-1]["explained_variance"] > curve[0]["explained_variance"]
+    folder = tmp_path / HOOK
+    loaded = SAE.load_from_disk(str(folder))
+    assert loaded.cfg.architecture() == INFERENCE_CLASS[architecture]
+    assert {"cfg.json", "sae_weights.safetensors", "training_curve.json", "training_config.json"} <= {
+        p.name for p in folder.iterdir()}
+
+
+def test_block_shuffler_serves_each_row_once_and_resumes_exactly():
+    sizes = [5, 11, 3, 17, 9, 8, 13, 4, 20, 7]
+    ids = torch.arange(sum(sizes), dtype=torch.float32)[:, None]
+    chunks = list(torch.split(ids, sizes))
+    source = TensorChunkSource(lambda: chunks, ["h"])
+    shuffler = BlockShuffler(batch_rows=8, batches_per_block=3, shuffle=True, seed=1)
+    stream = shuffler.batches(source, 100)
+    served = [next(stream)["h"][:, 0] for _ in range(4)]  # one block and one batch of the next
+    first_block = torch.cat(served[:3])
+    assert sorted(first_block.tolist()) == list(range(24))  # the first 24 rows, each once
+    assert first_block.tolist() != list(range(24))  # and mixed
+    state = shuffler.state_tensors()
+    expected = [next(stream)["h"][:, 0] for _ in range(4)]
+    resumed = BlockShuffler(batch_rows=8, batches_per_block=3, shuffle=True, seed=99)
+    resumed.load_state_tensors(state)
+    again = resumed.batches(source, 100)
+    for want in expected:
+        assert torch.equal(next(again)["h"][:, 0], want)
+    assert sorted(torch.cat([*served[3:], *expected[:2]]).tolist()) == list(range(24, 48))
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="architecture"):
+        _small_cfg(architecture="gated")
+    with pytest.raises(ValueError, match="exactly one of d_sae and expansion_factor"):
+        _small_cfg(expansion_factor=4.0)
+    with pytest.raises(ValueError, match="shuffle_buffer_tokens"):
+        _small_cfg(shuffle_buffer_tokens=1000)
+    with pytest.raises(ValueError, match="hook_points"):
+        _small_cfg(hook_points=())
+    assert _small_cfg(d_sae=None, expansion_factor=4.0).d_sae_for(16) == 64
+
+
+# --- the model data path ---------------------------------------------------------------------------
+
+def _model_cfg(**overrides) -> TrainingConfig:
+    base = dict(hook_points=(HOOK,), d_sae=64, k=4, lr=1e-3, total_training_tokens=128 * 8,
+                train_batch_size_tokens=128, shuffle_buffer_tokens=256, max_text_length=32,
+                forward_batch_size=8, eval_documents=8, forward_dtype="float32",
+                checkpoint_every_tokens=256, log_every_steps=1, dead_window_tokens=256)
+    return TrainingConfig(**{**base, **overrides})
+
+
+def _model_source(model, texts, cfg):
+    train_docs, _ = split_documents(len(texts), cfg.eval_documents, cfg.seed)
+    dataset = WindowedTextDataset(texts, model.tokenizer, cfg.max_text_length, cfg.seed, cfg.prepend_bos)
+    return ModelActivationSource(model, dataset, cfg.hook_points, cfg.loader_config(), cfg.token_policy(),
+                                 cfg.forward_dtype, train_docs), dataset, train_docs
+
+
+def test_pad_and_special_rows_never_reach_the_sae(tiny_model, corpus_texts, tmp_path, monkeypatch):
+    texts = corpus_texts[:64]
+    cfg = _model_cfg(sae_dtype="float32", total_training_tokens=128 * 4)
+    fed = []
+    original = training_state.topk_training_step
+
+    def spy(sae, x, *args):
+        fed.append(x.detach().clone())
+        return original(sae, x, *args)
+
+    monkeypatch.setattr(training_state, "topk_training_step", spy)
+    source, dataset, train_docs = _model_source(tiny_model, texts, cfg)
+    train_saes(cfg, source, hook_widths(tiny_model, [HOOK]), tmp_path)
+    rows = torch.cat(fed)
+    assert rows.shape[0] == 4 * 128
+
+    # Reference: run_with_cache over the same windows; label every position kept / pad / special.
+    special = torch.tensor(tiny_model.tokenizer.all_special_ids)
+    acts, labels = [], []
+    for batch in make_dataloader(dataset, cfg.loader_config(), train_docs):
+        _, cache = tiny_model.run_with_cache(batch.input_ids, names_filter=HOOK)
+        pad = batch.attention_mask == 0
+        is_special = torch.isin(batch.input_ids, special) & ~pad
+        acts.append(cache[HOOK].reshape(-1, cache[HOOK].shape[-1]))
+        labels.append((pad * 1 + is_special * 2).reshape(-1))  # 0 kept, 1 pad, 2 special
+    acts, labels = torch.cat(acts), torch.cat(labels)
+    assert (labels == 1).any() and (labels == 2).any()
+    distance = torch.cdist(rows, acts)  # (fed, reference)
+    nearest = distance.argmin(dim=1)
+    assert distance.min(dim=1).values.max() < 1e-4  # every fed row is a reference row
+    assert (labels[nearest] == 0).all()  # and a kept one
+    assert len(set(nearest.tolist())) == rows.shape[0]  # each at most once (no epoch wrapped)
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    return SAE.load_from_disk(str(folder)).state_dict()
+
+
+def test_resume_equals_uninterrupted(tiny_model, corpus_texts, tmp_path, monkeypatch):
+    texts = corpus_texts[:64]
+    cfg = _model_cfg(total_training_tokens=128 * 10, lr_decay_fraction=0.3)
+    widths = hook_widths(tiny_model, [HOOK])
+    straight = train_saes(cfg, _model_source(tiny_model, texts, cfg)[0], widths, tmp_path / "a")
+
+    calls = {"n": 0}
+    original = training_state.SAEState.step
+
+    def interrupted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 8:  # after the checkpoint at step 6, mid-block
+            raise KeyboardInterrupt("simulated interruption")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(training_state.SAEState, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_saes(cfg, _model_source(tiny_model, texts, cfg)[0], widths, tmp_path / "b")
+    assert not (tmp_path / "b" / HOOK).exists()
+    calls["n"] = -100
+    resumed = train_saes(cfg, _model_source(tiny_model, texts, cfg)[0], widths, tmp_path / "b")
+    assert calls["n"] == -100 + 10 - 6  # only the steps after the checkpoint ran again
+    a, b = _weights(tmp_path / "a" / HOOK), _weights(tmp_path / "b" / HOOK)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert straight.saes[HOOK].curve == resumed.saes[HOOK].curve
+
+
+def test_saved_sae_reloads_with_identical_encodings(tiny_model, corpus_texts, tmp_path):
+    cfg = _model_cfg(total_training_tokens=128 * 4)
+    source = _model_source(tiny_model, corpus_texts[:64], cfg)[0]
+    x = next(source.chunks(0))[0][HOOK]
+    sae = build_training_sae(cfg, 32, HOOK, seed=0)
+    state = training_state.SAEState(HOOK, sae, cfg)
+    for step in range(3):
+        state.step(x[:128], step, log=False)
+    write_sae_folder(to_inference_sae(sae), tmp_path)
+    loaded = SAE.load_from_disk(str(tmp_path))
+    assert loaded.cfg.metadata.hook_name == HOOK
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(x), to_inference_sae(sae).encode(x))
+        train_latents = sae.encode(x)  # the training SAE (decoder norms not folded in)
+        latents = loaded.encode(x)
+    torch.testing.assert_close(latents, train_latents, rtol=1e-5, atol=1e-5)
+    # TopK keeps exactly k latents: min(k, #positive pre-activations), from a numpy reference
+    W_enc, b_enc, b_dec = (loaded.state_dict()[n].numpy() for n in ("W_enc", "b_enc", "b_dec"))
+    pre = (x.numpy() - b_dec) @ W_enc + b_enc
+    top = np.sort(pre, axis=1)[:, -cfg.k:]
+    np.testing.assert_array_equal((latents != 0).sum(-1).numpy(), (top > 0).sum(-1))
+    assert ((latents != 0).sum(-1) == cfg.k).float().mean() > 0.9
+
+
+# --- integration: SmolLM2 ---------------------------------------------------------------------------
+
+def _explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    x, x_hat = x.double(), x_hat.double()
+    return 1 - ((x - x_hat) ** 2).sum().item() / ((x - x.mean(0)) ** 2).sum().item()
+
+
+@pytest.mark.slow
+def test_smollm2_sae_beats_baselines(smollm2, tmp_path):
+    from sae_core.data import fortunes_corpus
+
+    hook, k = "blocks.10.hook_resid_post", 32
+    texts = fortunes_corpus()[:3000]
+    cfg = TrainingConfig(hook_points=(hook,), d_sae=4608, k=k, lr=1e-3, total_training_tokens=60_000,
+                         train_batch_size_tokens=2048, shuffle_buffer_tokens=16_384, eval_documents=64,
+                         checkpoint_every_tokens=None, log_every_steps=5)
+    source = _model_source(smollm2, texts, cfg)[0]
+    run = train_saes(cfg, source, hook_widths(smollm2, [hook]), tmp_path)
+    assert run.tokens == 58_368
+
+    # Held-out rows, and references computed here: an untrained SAE (same init, decoder bias at
+    # the held-out mean) and the best rank-k linear reconstruction (PCA fitted on the held-out rows).
+    _, eval_docs = split_documents(len(texts), cfg.eval_documents, cfg.seed)
+    dataset = WindowedTextDataset(texts, smollm2.tokenizer, cfg.max_text_length, cfg.seed, cfg.prepend_bos)
+    from sae_core.activations import batch_activations
+
+    x = torch.cat([batch_activations(smollm2, b, [hook], cfg.token_policy(), "float32").acts[hook]
+                   for b in make_dataloader(dataset, cfg.loader_config(), eval_docs)])
+    trained = run.saes[hook].sae
+    with torch.no_grad():
+        ev_trained = _explained_variance(x, trained.decode(trained.encode(x)))
+        untrained = to_inference_sae(build_training_sae(cfg, x.shape[1], hook, cfg.seed))
+        untrained.b_dec.copy_(x.mean(0))
+        ev_untrained = _explained_variance(x, untrained.decode(untrained.encode(x)))
+    centered = (x - x.mean(0)).double()
+    eigenvalues = torch.linalg.eigvalsh(centered.T @ centered).flip(0)
+    ev_pca_k = (eigenvalues[:k].sum() / eigenvalues.sum()).item()
+    print(f"EV trained {ev_trained:.3f}, untrained {ev_untrained:.3f}, PCA-{k} {ev_pca_k:.3f}")
+    assert math.isfinite(ev_trained)
+    assert ev_trained > ev_untrained + 0.3
+    assert ev_trained > 0.5 * ev_pca_k

@@ -209,6 +209,12 @@ class WindowedTextDataset(Dataset):
         item = self.texts[index]
         return item if isinstance(item, str) else item[self.text_field]
 
+    def window_lengths(self, indices: Sequence[int]) -> list[int]:
+        """Token count of each document's window (BOS included), tokenising them in one batched call."""
+        texts = [self.text(i) for i in indices]
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        return [min(len(t) + int(self.prepend_bos), self.max_text_length) if t else 0 for t in ids]
+
     def __getitem__(self, index: int) -> Window:
         return make_window(self.tokenizer, self.text(index), index, self.max_text_length,
                            (self.seed, self.epoch, index), self.prepend_bos)
@@ -346,6 +352,12 @@ class LoaderConfig:
     compute on padding. Order stays deterministic for a given seed and epoch."""
     length_group_batches: int = 64
     """How many batches' worth of documents are sorted by length together."""
+    max_batch_tokens: int | None = None
+    """With ``group_by_length``: fill each batch up to this many padded token cells (windows x
+    longest window) instead of ``batch_size`` windows. Short documents then share a forward pass
+    with many others: a forward pass has a fixed cost (weights read, and cast under autocast), so
+    32 windows of ~45 tokens cost about twice as much per token as 32 x 128. Token lengths are
+    measured by tokenising each group once more (fast, batched)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Other ``torch.utils.data.DataLoader`` arguments, passed through."""
 
@@ -356,24 +368,34 @@ class LoaderConfig:
             raise ValueError(f"num_dataloader_workers must be >= 0, got {self.num_dataloader_workers}")
         if self.persistent_workers and self.num_dataloader_workers == 0:
             raise ValueError("persistent_workers=True needs num_dataloader_workers > 0")
+        if self.max_batch_tokens is not None and (self.max_batch_tokens <= 0 or not self.group_by_length):
+            raise ValueError(f"max_batch_tokens must be positive and needs group_by_length=True, "
+                             f"got {self.max_batch_tokens} with group_by_length={self.group_by_length}")
 
 
 class LengthGroupedBatchSampler(torch.utils.data.Sampler):
-    """Batches of documents of similar character length, for little padding.
+    """Batches of documents of similar length, for little padding.
 
     Documents are taken in order (or a seeded permutation), cut into groups of
-    ``batch_size * group_batches``, each group sorted by character length (longest first) and
-    split into batches. Lengths are read one group at a time, so a huge dataset is never scanned
-    up front. The batch list is a pure function of (indices, seed, epoch).
+    ``batch_size * group_batches``, each group sorted by length (longest first) and split into
+    batches of ``batch_size`` windows (by character length, so nothing is tokenised twice) or, with
+    ``max_batch_tokens``, filled up to that many padded token cells (by exact window length).
+    Lengths are read one group at a time, so a huge dataset is never scanned up front. The batch
+    list is a pure function of (indices, seed, epoch).
     """
 
     def __init__(self, dataset: WindowedTextDataset, indices: Sequence[int], batch_size: int,
-                 group_batches: int, shuffle: bool) -> None:
+                 group_batches: int, shuffle: bool, max_batch_tokens: int | None = None) -> None:
         self.dataset, self.indices = dataset, list(indices)
         self.batch_size, self.group = batch_size, batch_size * group_batches
-        self.shuffle = shuffle
+        self.shuffle, self.max_batch_tokens = shuffle, max_batch_tokens
+        self._length: int | None = None
 
     def __len__(self) -> int:
+        if self.max_batch_tokens is not None:  # needs every window length: one counting pass, cached
+            if self._length is None:
+                self._length = sum(1 for _ in self)
+            return self._length
         return sum(-(-len(self.indices[s:s + self.group]) // self.batch_size)
                    for s in range(0, len(self.indices), self.group))
 
@@ -383,9 +405,26 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
             rng = np.random.default_rng((self.dataset.seed, self.dataset.epoch))
             order = [order[i] for i in rng.permutation(len(order))]
         for start in range(0, len(order), self.group):
-            group = sorted(order[start:start + self.group], key=lambda i: -len(self.dataset.text(i)))
-            for b in range(0, len(group), self.batch_size):
-                yield group[b:b + self.batch_size]
+            group = order[start:start + self.group]
+            if self.max_batch_tokens is None:
+                group = sorted(group, key=lambda i: -len(self.dataset.text(i)))
+                for b in range(0, len(group), self.batch_size):
+                    yield group[b:b + self.batch_size]
+            else:
+                yield from self._token_batches(group)
+
+    def _token_batches(self, group: list[int]) -> Iterator[list[int]]:
+        lengths = dict(zip(group, self.dataset.window_lengths(group), strict=True))
+        group = sorted(group, key=lambda i: -lengths[i])  # stable: ties keep document order
+        batch: list[int] = []
+        for index in group:
+            width = max(lengths[batch[0]] if batch else lengths[index], 1)  # the first window is the longest
+            if batch and (len(batch) + 1) * width > self.max_batch_tokens:
+                yield batch
+                batch = []
+            batch.append(index)
+        if batch:
+            yield batch
 
 
 class SkipBatches(torch.utils.data.Sampler):
@@ -421,7 +460,7 @@ def make_dataloader(dataset: WindowedTextDataset | IterableWindowedTextDataset,
     indices = range(len(dataset)) if indices is None else indices
     if cfg.group_by_length:
         batches: Any = LengthGroupedBatchSampler(dataset, indices, cfg.batch_size, cfg.length_group_batches,
-                                                 cfg.shuffle)
+                                                 cfg.shuffle, cfg.max_batch_tokens)
         return DataLoader(dataset, batch_sampler=SkipBatches(batches, start_batch), **common)
     generator = torch.Generator().manual_seed(dataset.seed * 1_000_003 + dataset.epoch)
     source = torch.utils.data.Subset(dataset, list(indices))

@@ -122,7 +122,7 @@ def topk_training_step(sae: TopKTrainingSAE, sae_in: Float[Tensor, "rows d_in"],
     ``dead_mask`` (bool, ``(d_sae,)``) switches on the AuxK loss exactly as SAELens does:
     ``k_aux = d_in // 2`` dead latents per row reconstruct the detached residual, scaled by
     ``min(n_dead / k_aux, 1) * aux_loss_coefficient``. ``compute_dtype`` is the precision of the
-    dense encoder matmul (selection and activation values); gradients accumulate in float32.
+    dense encoder matmul (selection and activation values); gradients are in the parameters' dtype.
     """
     _check_supported(sae)
     cfg = sae.cfg

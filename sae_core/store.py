@@ -240,6 +240,9 @@ def load_shard(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         raise ValueError(f"shard {path} cannot be read ({err}); delete the run or restore the file") from None
 
 
+_LOCAL_WRITERS: dict[str, ShardWriter] = {}  # lock file -> the writer of this process holding it
+
+
 class ShardWriter:
     """Numbered shards in one run folder, written atomically; resumes from the last complete one.
 
@@ -265,13 +268,7 @@ class ShardWriter:
         self.identity = json.loads(json.dumps({**identity, "shard_format": shard_format, "world_size": world_size},
                                               default=_json_default))
         self._lock_path = self.run_dir / f".writer-r{rank}.lock"
-        self._lock = open(self._lock_path, "w")  # noqa: SIM115 - held for the writer's lifetime
-        try:  # a second process on the same run (a restart while the first still runs) must not interleave
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            raise RuntimeError(f"run {self.run_dir.name} (rank {rank}) is being written by another process; "
-                               "wait for it or stop it before resuming") from None
+        self._take_lock()
         self.resumed = self.progress_path.exists()
         self._shards: list[ShardRecord] = []
         self._progress: dict[str, Any] = {}
@@ -284,6 +281,34 @@ class ShardWriter:
                                "world_size": world_size, "complete": self._progress.get("complete", False)})
         self._remove_leftovers()
         self._save()
+
+    def _take_lock(self) -> None:
+        """Hold an exclusive ``flock`` on the run for this writer's lifetime.
+
+        Another process on the same run (a restart while the first still runs) gets a clear error.
+        In this process, a newer writer takes over from an older one (left alive by an exception,
+        e.g. referenced by its traceback); the older one then refuses to write.
+        """
+        key = str(self._lock_path.resolve())
+        previous = _LOCAL_WRITERS.get(key)
+        if previous is not None and previous is not self:
+            previous.close()
+            previous._superseded = True
+        self._superseded = False
+        self._lock = open(self._lock_path, "w")  # noqa: SIM115 - held for the writer's lifetime
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise RuntimeError(f"run {self.run_dir.name} (rank {self.rank}) is being written by another "
+                               "process; wait for it or stop it before resuming") from None
+        _LOCAL_WRITERS[key] = self
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _resume(self, verify_hashes: bool) -> None:
         progress = read_json(self.progress_path)
@@ -356,6 +381,8 @@ class ShardWriter:
             raise ValueError(f"batches_end {batches_end} is before the last shard's {self.batches_done}")
         if self.complete:
             raise RuntimeError(f"run {self.run_dir.name} is already complete; start a new run_id")
+        if self._superseded or self._lock.closed:
+            raise RuntimeError(f"this writer of run {self.run_dir.name} was closed or replaced by a newer one")
         data = {k: _pieces(v) for k, v in tensors.items()}
         if self.float_dtype is not None:
             data = {k: [b.to(self.float_dtype) if b.is_floating_point() else b for b in v] for k, v in data.items()}
@@ -378,6 +405,8 @@ class ShardWriter:
 
     def finish(self, **fields: Any) -> dict[str, Any]:
         """Mark the run (this rank's part) complete, storing ``fields``; returns the progress content."""
+        if self._superseded:
+            raise RuntimeError(f"this writer of run {self.run_dir.name} was replaced by a newer one")
         self._progress.update(fields)
         self._progress["complete"] = True
         self._save()
@@ -385,11 +414,14 @@ class ShardWriter:
         return self.progress
 
     def close(self) -> None:
-        """Release the run's write lock (done by :meth:`finish`, or when the process ends)."""
+        """Release the run's write lock (done by :meth:`finish` and on leaving a ``with`` block)."""
         if not self._lock.closed:
-            if self.complete:
+            if self.complete and not self._superseded:
                 self._lock_path.unlink(missing_ok=True)
             self._lock.close()
+            key = str(self._lock_path.resolve())
+            if _LOCAL_WRITERS.get(key) is self:
+                del _LOCAL_WRITERS[key]
 
 
 # --------------------------------------------------------------------------- reading
@@ -639,13 +671,16 @@ def list_runs(store: str | os.PathLike[str]) -> list[RunSummary]:
 
 
 @dataclass(frozen=True)
-class ExtractionConfig:
+class StoreConfig:
     """How activations are collected and stored. Field values are a constant file's ``EXTRACTION`` section."""
 
     max_text_length: int = 128
     """Tokens per random window of a long document."""
     batch_size: int = 32
     """Windows per forward pass."""
+    batch_tokens: int | None = None
+    """Fill each forward pass up to this many padded token cells instead (e.g. 32 * 128): short
+    documents then share a pass with many others, which costs less per token."""
     shard_size: int = 65536
     """Rows per shard: a shard is flushed at the first batch boundary where it holds at least this many."""
     forward_dtype: str = "float32"
@@ -697,17 +732,19 @@ class ExtractionConfig:
                 raise ValueError(f"positions must be 'all', 'last' or a tuple of ints, got {self.positions!r}")
         else:
             object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
-        LoaderConfig(self.batch_size, self.num_dataloader_workers, self.pin_memory, self.persistent_workers)
+        self.loader()
 
     def token_policy(self) -> TokenPolicy:
+        """The rows this run drops: ``policy``, else BOS / EOS / special tokens per ``exclude_special_tokens``."""
         if self.policy is not None:
             return self.policy
         flag = self.exclude_special_tokens
         return TokenPolicy(exclude_bos=flag, exclude_eos=flag, exclude_special=flag)
 
     def loader(self) -> LoaderConfig:
+        """The DataLoader knobs of this config."""
         return LoaderConfig(self.batch_size, self.num_dataloader_workers, self.pin_memory, self.persistent_workers,
-                            group_by_length=self.group_by_length)
+                            group_by_length=self.group_by_length, max_batch_tokens=self.batch_tokens)
 
 
 def resolve_hooks(model: HookedTransformer, layer_signature: str | int | Sequence[str | int]) -> list[str]:
@@ -718,7 +755,7 @@ def resolve_hooks(model: HookedTransformer, layer_signature: str | int | Sequenc
     return list(dict.fromkeys(resolve_hook(model, item) for item in items))
 
 
-def _texts_of(dataset: Any, cfg: ExtractionConfig) -> tuple[Any, dict[str, Any]]:
+def _texts_of(dataset: Any, cfg: StoreConfig) -> tuple[Any, dict[str, Any]]:
     """(texts, JSON description) of a TextSourceConfig, a list of strings or an HF (iterable) dataset."""
     if dataset is None:
         dataset = TextSourceConfig()
@@ -730,16 +767,24 @@ def _texts_of(dataset: Any, cfg: ExtractionConfig) -> tuple[Any, dict[str, Any]]
     else:
         description, texts = {"source": type(dataset).__name__}, dataset
     texts = limit_texts(list(texts) if isinstance(texts, tuple) else texts, cfg.sample_limit, cfg.random_sample, cfg.seed)
-    if isinstance(texts, list):
-        digest = hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest()
-        description.update(n_documents=len(texts), sha256=digest)
-    elif hasattr(texts, "__len__"):
-        description.update(n_documents=len(texts), fingerprint=getattr(texts, "_fingerprint", None))
+    if hasattr(texts, "__len__"):
+        description.update(n_documents=len(texts), sha256=_content_digest(texts, cfg.text_field))
     else:
         description.update(streaming=True, info=str(getattr(texts, "info", None) and texts.info.dataset_name))
     if hasattr(texts, "__len__") and len(texts) == 0:
         raise ValueError("the dataset is empty; give at least one text")
     return texts, description
+
+
+def _content_digest(texts: Any, text_field: str, most: int = 10_000) -> str:
+    """SHA-256 of (at most ``most``, evenly spaced) documents: what a resume checks the texts against."""
+    n = len(texts)
+    index = list(range(n)) if n <= most else np.linspace(0, n - 1, most).astype(int).tolist()
+    if isinstance(texts, list):
+        chosen = [texts[i] for i in index]
+    else:  # an HF Dataset: its fingerprint is random for in-memory datasets, so hash the content
+        chosen = texts.select(index)[text_field]
+    return hashlib.sha256("\x00".join(chosen).encode("utf-8")).hexdigest()
 
 
 def _distributed() -> tuple[int, int]:
@@ -832,20 +877,20 @@ def _merge_ranks(run_dir: Path, world_size: int) -> dict[str, Any]:
 def save(model: HookedTransformer, layer_signature: str | int | Sequence[str | int], dataset: Any = None,
          store: str | os.PathLike[str] | None = None, *, run_id: str | None = None,
          sample_limit: int | None = None, batch_size: int | None = None, shard_size: int | None = None,
-         config: ExtractionConfig | None = None, progress: bool = True, **overrides: Any) -> str:
+         config: StoreConfig | None = None, progress: bool = True, **overrides: Any) -> str:
     """Collect activations at one or more hook points over a text source and store them; returns the run id.
 
     ``dataset``: a :class:`~sae_core.data.TextSourceConfig` (default: the fortunes corpus), a list
     of strings or an HF (streaming) dataset. Settings come from ``config`` (an
-    :class:`ExtractionConfig`, e.g. ``ExtractionConfig(**constants.EXTRACTION)``), overridden by
-    ``sample_limit`` / ``batch_size`` / ``shard_size`` and any other ``ExtractionConfig`` field
+    :class:`StoreConfig`, e.g. ``StoreConfig(**constants.EXTRACTION)``), overridden by
+    ``sample_limit`` / ``batch_size`` / ``shard_size`` and any other ``StoreConfig`` field
     given by keyword. With an existing ``run_id`` the run resumes after its last complete shard.
     Under ``torchrun`` (an initialised process group) each rank collects documents
     ``rank::world_size`` into rank-tagged shards and rank 0 merges the metadata.
     """
     named = {k: v for k, v in (("sample_limit", sample_limit), ("batch_size", batch_size),
                                ("shard_size", shard_size)) if v is not None}
-    cfg = replace(config or ExtractionConfig(), **named, **overrides)
+    cfg = replace(config or StoreConfig(), **named, **overrides)
     hooks = resolve_hooks(model, layer_signature)
     texts, data_description = _texts_of(dataset, cfg)
     rank, world_size = _distributed()
@@ -909,7 +954,7 @@ def _package_version() -> str | None:
         return None
 
 
-def _collect(model: HookedTransformer, hooks: list[str], texts: Any, cfg: ExtractionConfig, writer: ShardWriter,
+def _collect(model: HookedTransformer, hooks: list[str], texts: Any, cfg: StoreConfig, writer: ShardWriter,
              keys: dict[str, str], rank: int, world_size: int, show_progress: bool) -> None:
     """The extraction loop: batches -> kept rows -> shards, resuming after ``writer.batches_done``."""
     tokenizer, policy = model.tokenizer, cfg.token_policy()
@@ -920,7 +965,7 @@ def _collect(model: HookedTransformer, hooks: list[str], texts: Any, cfg: Extrac
         share = range(rank, len(texts), world_size) if world_size > 1 else None
         loader = make_dataloader(windows, cfg.loader(), share, start_batch=start)
         batches: Any = enumerate(loader, start=start)
-        total = start + len(loader)
+        total = None if cfg.batch_tokens else start + len(loader)  # a token budget knows no length up front
     else:
         windows = IterableWindowedTextDataset(texts, tokenizer, cfg.max_text_length, cfg.seed, cfg.prepend_bos,
                                               cfg.text_field, rank, world_size)

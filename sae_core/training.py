@@ -49,21 +49,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 from sae_lens import SAE
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
-from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
-from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
-from sae_lens.saes.sae import SAEMetadata, TrainingSAE
-from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
-from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from sae_core._io import atomic_write_json
-from sae_core.activations import TokenPolicy, run_to_hooks
+from sae_core.activations import TokenPolicy
 from sae_core.data import LoaderConfig, WindowedTextDataset, make_dataloader
 from sae_core.evaluation import EvalResult, append_curve, evaluate_sae, write_curve, write_eval
 from sae_core.model_loading import resolve_dtype
@@ -73,18 +67,29 @@ from sae_core.training_data import (
     Chunk,
     ModelActivationSource,
     TensorChunkSource,
+    hook_widths,
+    init_distributed,
     rank_and_world,
+    split_documents,
 )
-from sae_core.training_state import SAEState, StepStats, load_checkpoint, save_checkpoint
+from sae_core.training_state import (
+    SAE_CLASSES,
+    SAEState,
+    StepStats,
+    build_training_sae,
+    load_checkpoint,
+    save_checkpoint,
+    to_inference_sae,
+)
+
+__all__ = ["HeldOutEvaluator", "TrainedSAE", "TrainingConfig", "TrainingRun", "build_training_sae",
+           "checkpoint_dir_for", "hook_widths", "init_distributed", "split_documents", "to_inference_sae",
+           "train_from_activations", "train_from_model", "train_saes", "write_sae_folder"]
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILENAME = "training_config.json"
 CHECKPOINTS_DIRNAME = "checkpoints"
-SAE_CLASSES = {"topk": (TopKTrainingSAE, TopKTrainingSAEConfig),
-               "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig),
-               "jumprelu": (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig),
-               "standard": (StandardTrainingSAE, StandardTrainingSAEConfig)}
 
 
 @dataclass(frozen=True)
@@ -165,8 +170,8 @@ class TrainingConfig:
     """Checkpoint at the first shuffle-block boundary after every so many tokens (None: end only)."""
     eval_every_tokens: int | None = None
     """Evaluate on held-out windows every so many tokens (None: at the end only)."""
-    eval_documents: int = 128
-    """Documents held out from training for evaluation."""
+    eval_documents: int = 64
+    """Documents held out from training for evaluation (each costs ~4 full forward passes)."""
     log_every_steps: int = 5
     """Steps between training-curve points (and progress-bar updates)."""
     whitening_path: str | None = None
@@ -236,37 +241,6 @@ class TrainingConfig:
         return dataclasses.asdict(self)
 
 
-def build_training_sae(cfg: TrainingConfig, d_in: int, hook: str, seed: int,
-                       metadata: Mapping[str, Any] | None = None) -> TrainingSAE:
-    """A fresh SAELens training SAE for ``hook`` (float32 master weights, seeded init)."""
-    sae_class, cfg_class = SAE_CLASSES[cfg.architecture]
-    warm_up = round(cfg.sparsity_warm_up_fraction * cfg.total_steps)
-    extra: dict[str, Any] = {
-        "topk": dict(k=cfg.k, aux_loss_coefficient=cfg.aux_loss_coefficient,
-                     rescale_acts_by_decoder_norm=cfg.rescale_acts_by_decoder_norm),
-        "batchtopk": dict(k=cfg.k, aux_loss_coefficient=cfg.aux_loss_coefficient,
-                          rescale_acts_by_decoder_norm=cfg.rescale_acts_by_decoder_norm),
-        "jumprelu": dict(l0_coefficient=cfg.l0_coefficient, l0_warm_up_steps=warm_up,
-                         jumprelu_init_threshold=cfg.jumprelu_init_threshold,
-                         jumprelu_bandwidth=cfg.jumprelu_bandwidth),
-        "standard": dict(l1_coefficient=cfg.l1_coefficient, l1_warm_up_steps=warm_up),
-    }[cfg.architecture]
-    sae_cfg = cfg_class(d_in=d_in, d_sae=cfg.d_sae_for(d_in), dtype="float32", device=cfg.device,
-                        decoder_init_norm=cfg.decoder_init_norm,
-                        metadata=SAEMetadata(hook_name=hook, **dict(metadata or {})), **extra)
-    torch.manual_seed(seed)
-    return sae_class(sae_cfg)
-
-
-def to_inference_sae(sae: TrainingSAE) -> SAE:
-    """The inference SAE that ``save_inference_model`` would write, built in memory."""
-    state = {name: t.detach().clone() for name, t in sae.state_dict().items()}
-    sae.process_state_dict_for_saving_inference(state)
-    inference = SAE.from_dict(sae.cfg.get_inference_sae_cfg_dict())
-    inference.load_state_dict(state)
-    return inference.eval()
-
-
 class TrainedSAE(NamedTuple):
     """One SAE of a finished run, as written to its folder."""
 
@@ -302,33 +276,6 @@ class HeldOutEvaluator:
 
 
 Evaluator = Callable[..., EvalResult]
-
-
-def split_documents(n_documents: int, n_eval: int, seed: int) -> tuple[list[int], list[int]]:
-    """(training, held-out) document indices: a seeded random ``n_eval`` are held out."""
-    if n_documents <= n_eval:
-        raise ValueError(f"{n_documents} documents cannot spare {n_eval} for evaluation; lower eval_documents")
-    order = np.random.default_rng(seed).permutation(n_documents).tolist()
-    return sorted(order[n_eval:]), sorted(order[:n_eval])
-
-
-def hook_widths(model: HookedTransformer, hooks: Sequence[str]) -> dict[str, int]:
-    """Activation width of each hook point, from a two-token forward pass."""
-    acts = run_to_hooks(model, hooks, torch.zeros((1, 2), dtype=torch.long))
-    for hook, act in acts.items():
-        if act.ndim != 3:
-            raise NotImplementedError(f"{hook} has per-head activations {tuple(act.shape)}; train on a hook of "
-                                      "shape (batch, pos, d) such as hook_resid_post or hook_attn_out")
-    return {hook: int(act.shape[-1]) for hook, act in acts.items()}
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join the ``torchrun`` process group when launched by it (gloo on CPU); returns (rank, world)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-    return rank_and_world()
 
 
 def checkpoint_dir_for(output_root: Path, hooks: Sequence[str]) -> Path:
@@ -484,7 +431,7 @@ def train_from_model(model: HookedTransformer, texts: Any, cfg: TrainingConfig, 
         whitener = Whitener.load(cfg.whitening_path, expected_d=widths[cfg.hook_points[0]])
     info = {"model_name": model.cfg.model_name, "context_size": cfg.max_text_length,
             "prepend_bos": cfg.prepend_bos, **dict(metadata or {})}
-    evaluator = HeldOutEvaluator(model, texts, eval_docs, cfg) if rank_and_world()[0] == 0 else None
+    evaluator = HeldOutEvaluator(model, texts, eval_docs, cfg)  # every rank has one; rank 0 runs it
     return train_saes(cfg, source, widths, output_root, evaluator=evaluator, whitener=whitener,
                       metadata=info, resume=resume)
 

@@ -33,15 +33,16 @@ batch counts); a reservoir drawing random rows one batch at a time (same checkpo
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
+import numpy as np
 import torch
-from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from sae_core.activations import TokenPolicy, batch_activations
+from sae_core.activations import TokenPolicy, batch_activations, run_to_hooks
 from sae_core.data import LoaderConfig, WindowedTextDataset, make_dataloader
 
 logger = logging.getLogger(__name__)
@@ -197,13 +198,28 @@ class BlockShuffler:
         self.waiting = {k.removeprefix("waiting."): v for k, v in state.items() if k.startswith("waiting.")}
 
 
-def batch_mean(batches: Iterable[Float[Tensor, "rows d"]]) -> Float[Tensor, " d"]:
-    """Float64 mean of rows over several batches (used for the decoder-bias start)."""
-    total, count = None, 0
-    for x in batches:
-        s = x.double().sum(0)
-        total = s if total is None else total + s
-        count += x.shape[0]
-    if total is None or count == 0:
-        raise ValueError("no rows to average")
-    return total / count
+def split_documents(n_documents: int, n_eval: int, seed: int) -> tuple[list[int], list[int]]:
+    """(training, held-out) document indices: a seeded random ``n_eval`` are held out."""
+    if n_documents <= n_eval:
+        raise ValueError(f"{n_documents} documents cannot spare {n_eval} for evaluation; lower eval_documents")
+    order = np.random.default_rng(seed).permutation(n_documents).tolist()
+    return sorted(order[n_eval:]), sorted(order[:n_eval])
+
+
+def hook_widths(model: HookedTransformer, hooks: Sequence[str]) -> dict[str, int]:
+    """Activation width of each hook point, from a two-token forward pass."""
+    acts = run_to_hooks(model, hooks, torch.zeros((1, 2), dtype=torch.long))
+    for hook, act in acts.items():
+        if act.ndim != 3:
+            raise NotImplementedError(f"{hook} has per-head activations {tuple(act.shape)}; train on a hook of "
+                                      "shape (batch, pos, d) such as hook_resid_post or hook_attn_out")
+    return {hook: int(act.shape[-1]) for hook, act in acts.items()}
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the ``torchrun`` process group when launched by it (gloo on CPU); returns (rank, world)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    return rank_and_world()

@@ -16,14 +16,20 @@ buffer, generator and source position, plus the global torch RNG), ``step-<n>/st
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
-from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE
-from sae_lens.saes.sae import TrainingSAE, TrainStepInput
+from sae_lens import SAE
+from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+from sae_lens.saes.sae import SAEMetadata, TrainingSAE, TrainStepInput
+from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.optim import CoefficientScheduler, get_lr_scheduler
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -44,6 +50,43 @@ STATE_FILENAME = "state.json"
 # Fields that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = frozenset({"checkpoint_every_tokens", "eval_every_tokens", "log_every_steps",
                                "num_dataloader_workers", "pin_memory", "persistent_workers"})
+
+SAE_CLASSES = {"topk": (TopKTrainingSAE, TopKTrainingSAEConfig),
+               "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig),
+               "jumprelu": (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig),
+               "standard": (StandardTrainingSAE, StandardTrainingSAEConfig)}
+
+
+def build_training_sae(cfg: TrainingConfig, d_in: int, hook: str, seed: int,
+                       metadata: Mapping[str, Any] | None = None) -> TrainingSAE:
+    """A fresh SAELens training SAE for ``hook`` (float32 master weights, seeded init)."""
+    sae_class, cfg_class = SAE_CLASSES[cfg.architecture]
+    warm_up = round(cfg.sparsity_warm_up_fraction * cfg.total_steps)
+    extra: dict[str, Any] = {
+        "topk": dict(k=cfg.k, aux_loss_coefficient=cfg.aux_loss_coefficient,
+                     rescale_acts_by_decoder_norm=cfg.rescale_acts_by_decoder_norm),
+        "batchtopk": dict(k=cfg.k, aux_loss_coefficient=cfg.aux_loss_coefficient,
+                          rescale_acts_by_decoder_norm=cfg.rescale_acts_by_decoder_norm),
+        "jumprelu": dict(l0_coefficient=cfg.l0_coefficient, l0_warm_up_steps=warm_up,
+                         jumprelu_init_threshold=cfg.jumprelu_init_threshold,
+                         jumprelu_bandwidth=cfg.jumprelu_bandwidth),
+        "standard": dict(l1_coefficient=cfg.l1_coefficient, l1_warm_up_steps=warm_up),
+    }[cfg.architecture]
+    sae_cfg = cfg_class(d_in=d_in, d_sae=cfg.d_sae_for(d_in), dtype="float32", device=cfg.device,
+                        decoder_init_norm=cfg.decoder_init_norm,
+                        metadata=SAEMetadata(hook_name=hook, **dict(metadata or {})), **extra)
+    with torch.random.fork_rng():  # seeded init without touching the caller's RNG
+        torch.manual_seed(seed)
+        return sae_class(sae_cfg)
+
+
+def to_inference_sae(sae: TrainingSAE) -> SAE:
+    """The inference SAE that ``save_inference_model`` would write, built in memory."""
+    state = {name: t.detach().clone() for name, t in sae.state_dict().items()}
+    sae.process_state_dict_for_saving_inference(state)
+    inference = SAE.from_dict(sae.cfg.get_inference_sae_cfg_dict())
+    inference.load_state_dict(state)
+    return inference.eval()
 
 
 class StepStats(NamedTuple):
@@ -221,11 +264,13 @@ def save_checkpoint(directory: Path, step: int, tokens: int, states: list[SAESta
             if old != folder:
                 shutil.rmtree(old, ignore_errors=True)
     _barrier()
-    logger.info("checkpoint at step %d (%d tokens) in %s", step, tokens, folder)
+    if rank == 0:
+        logger.info("checkpoint at step %d (%d tokens) in %s", step, tokens, folder)
     return folder
 
 
 def _check_compatible(saved: dict[str, Any], config: dict[str, Any], world: int, folder: Path) -> None:
+    config = json.loads(json.dumps(config))  # tuples as lists, as they were saved
     changed = sorted(k for k in set(saved["config"]) | set(config)
                      if k not in RESUMABLE_CHANGES and saved["config"].get(k) != config.get(k))
     if changed:

@@ -267,3 +267,24 @@ def test_loader_with_workers_matches_in_process(tokenizer):
     assert len(serial) == len(parallel)
     for s, p in zip(serial, parallel, strict=True):
         assert torch.equal(s.input_ids, p.input_ids) and torch.equal(s.doc_index, p.doc_index)
+
+
+def test_token_budget_batches(tokenizer):
+    lengths = np.random.default_rng(1).integers(0, 90, size=120)
+    texts = [("word " * int(n)).strip() for n in lengths]
+    dataset = WindowedTextDataset(texts, tokenizer, max_text_length=64, seed=0)
+    cfg = LoaderConfig(batch_size=8, max_batch_tokens=256, length_group_batches=4)
+    batches = list(make_dataloader(dataset, cfg))
+    windows = [min(len(_ids(tokenizer, t)), 64) for t in texts]  # independent length count
+    assert sorted(i for b in batches for i in b.doc_index.tolist()) == [i for i, n in enumerate(windows) if n]
+    for b in batches:
+        assert b.input_ids.numel() <= 256 or b.input_ids.shape[0] == 1
+        assert b.input_ids.shape[1] == max(windows[i] for i in b.doc_index.tolist())
+    assert max(b.input_ids.shape[0] for b in batches) > 8  # short documents share a pass
+    loader = make_dataloader(dataset, cfg)
+    again = [(b.doc_index.tolist()) for b in loader]
+    assert again == [b.doc_index.tolist() for b in batches] and len(loader) == len(batches)
+    skipped = [b.doc_index.tolist() for b in make_dataloader(dataset, cfg, start_batch=3)]
+    assert skipped == again[3:]
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        LoaderConfig(max_batch_tokens=256, group_by_length=False)

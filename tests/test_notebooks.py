@@ -15,10 +15,16 @@ def test_notebooks_exist():
     assert len(NOTEBOOKS) >= 6, [p.name for p in NOTEBOOKS]
 
 
+@pytest.fixture(scope="module")
+def notebook_out(tmp_path_factory):
+    """One output folder for all notebooks, so later ones reuse the SAE the training notebook made."""
+    return tmp_path_factory.mktemp("notebooks")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_executes(path, tmp_path, monkeypatch):
-    monkeypatch.setenv("SAE_CORE_OUT", str(tmp_path))
+def test_notebook_executes(path, notebook_out, monkeypatch):
+    monkeypatch.setenv("SAE_CORE_OUT", str(notebook_out))
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}})

@@ -19,9 +19,9 @@ from sae_core.activations import TokenPolicy
 from sae_core.data import TextSourceConfig
 from sae_core.store import (
     ActivationRun,
-    ExtractionConfig,
     ShardedRows,
     ShardWriter,
+    StoreConfig,
     list_runs,
     load_shard,
     save,
@@ -108,7 +108,7 @@ def test_npz_format_and_storage_dtypes_hold_the_same_rows(tiny_model, texts, tmp
         got = run.activations()[:]
         assert got.dtype == dtype and torch.equal(got, reference.to(dtype))
     with pytest.raises(ValueError, match="bfloat16"):
-        ExtractionConfig(shard_format="npz", storage_dtype="bfloat16")
+        StoreConfig(shard_format="npz", storage_dtype="bfloat16")
 
 
 def test_sharded_rows_indexing_against_concatenation(tmp_path):
@@ -182,6 +182,10 @@ def test_streaming_dataset_end_to_end(tiny_model, texts, tmp_path):
     assert torch.equal(ta, tb)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert streamed.meta["sample_count"] == len(texts)
+    # an in-memory HF Dataset (random fingerprint) is recognised by content on resume
+    for _ in range(2):
+        hf_run = save(tiny_model, HOOK, datasets.Dataset.from_dict({"text": texts}), tmp_path, run_id="hf", **SMALL)
+    assert _hashes(ActivationRun.open(tmp_path, hf_run)) == _hashes(mapped)
 
 
 def test_bad_input_raises_clear_errors(tiny_model, texts, tmp_path):
@@ -217,7 +221,7 @@ def test_extraction_config_accepts_every_constant_file():
     from sae_core.models import known_models, load_model_constants
 
     for name in known_models():
-        cfg = ExtractionConfig(**load_model_constants(name).EXTRACTION)
+        cfg = StoreConfig(**load_model_constants(name).EXTRACTION)
         assert cfg.token_policy().exclude_bos == cfg.exclude_special_tokens, name
 
 
@@ -370,10 +374,10 @@ def test_shard_writer_npz_chunks_for_two_pass_extraction(tmp_path):
                      rows=int(chunk["attention_mask"].sum()))
     (tmp_path / "chunks" / "shard-00007.npz").write_bytes(b"orphan")
     (tmp_path / "chunks" / ".shard-00003.npz.x.tmp").write_bytes(b"temp")
-    with pytest.raises(RuntimeError, match="another process"):  # ``writer`` still holds the run
-        ShardWriter(tmp_path / "chunks", {"purpose": "whitened"}, shard_format="npz", float_dtype="float16")
-    writer.close()
+    # a newer writer in this process takes the run over from ``writer`` (left alive, as after an exception)
     again = ShardWriter(tmp_path / "chunks", {"purpose": "whitened"}, shard_format="npz", float_dtype="float16")
+    with pytest.raises(RuntimeError, match="replaced"):
+        writer.write(chunks[0], batches_end=4)
     assert again.resumed and again.batches_done == 3 and len(again.shards) == 3
     assert sorted(p.name for p in (tmp_path / "chunks").iterdir() if p.name != ".writer-r0.lock") == [
         "meta.json", "shard-00000.npz", "shard-00001.npz", "shard-00002.npz"]
@@ -443,3 +447,45 @@ def test_shard_writer_safetensors_blocks_read_back_with_safetensors(tmp_path):
     mapped, view = _memmap_tensors(path)["acts"]
     assert isinstance(mapped, np.memmap) and view == torch.bfloat16
     assert torch.equal(ShardedRows([mapped], [7], view)[:], torch.cat(blocks).to(torch.bfloat16))
+
+
+def test_token_budget_batches_hold_the_same_rows_and_resume(tiny_model, texts, tmp_path, monkeypatch):
+    by_windows = ActivationRun.open(tmp_path, save(tiny_model, HOOK, texts, tmp_path, **SMALL))
+    budget = {**SMALL, "batch_tokens": 96}
+    full = ActivationRun.open(tmp_path, save(tiny_model, HOOK, texts, tmp_path, run_id="tok", **budget))
+    order_a = np.lexsort((by_windows.position().numpy(), by_windows.doc_index().numpy()))
+    order_b = np.lexsort((full.position().numpy(), full.doc_index().numpy()))
+    assert torch.equal(by_windows.token_ids()[order_a], full.token_ids()[order_b])
+    torch.testing.assert_close(by_windows.activations()[order_a], full.activations()[order_b], rtol=1e-5, atol=1e-5)
+    original, calls = ShardWriter.write, {"n": 0}
+
+    def failing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise Interrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ShardWriter, "write", failing)
+    with pytest.raises(Interrupt):
+        save(tiny_model, HOOK, texts, tmp_path, run_id="tok-cut", **budget)
+    monkeypatch.undo()
+    resumed = ActivationRun.open(tmp_path, save(tiny_model, HOOK, texts, tmp_path, run_id="tok-cut", **budget))
+    assert _hashes(resumed) == _hashes(full)
+
+
+def test_a_run_written_by_another_process_is_refused(tmp_path):
+    code = ("import sys, time\n"
+            "from sae_core.store import ShardWriter\n"
+            "w = ShardWriter(sys.argv[1], {'k': 1})\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(600)\n")
+    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(RuntimeError, match="another process"):
+            ShardWriter(tmp_path / "run", {"k": 1})
+    finally:
+        child.kill()
+        child.wait()
+    with ShardWriter(tmp_path / "run", {"k": 1}) as writer:  # the lock died with the process
+        assert writer.resumed

@@ -34,6 +34,7 @@ EXTRACTION = {
     "storage_dtype": "float32",
     "exclude_special_tokens": True,  # BOS/EOS rows are dropped; pad rows always are
     "sample_limit": 2000,          # documents collected by the demo
+    "batch_tokens": 4096,          # pack short documents: up to this many tokens per forward pass
 }
 
 # Welford whitening statistics.

@@ -1,0 +1,226 @@
+"""SAE training throughput and quality: sae_core versus SAELens's ``LanguageModelSAETrainingRunner``.
+
+    python -m bench.bench_training --quick          # ~41k tokens per run: a smoke run (~10-20 min)
+    python -m bench.bench_training                  # 1,048,576 tokens per run: the full bench (hours)
+    python -m bench.bench_training --tokens 2000000
+
+Same work on both sides: SmolLM2-135M-Instruct (float32 weights), ``blocks.10.hook_resid_post``,
+TopK k=32, d_sae 4608, the training documents of the default corpus (the held-out ones excluded),
+context 128 with BOS, BOS / EOS / special rows excluded, batch 4096, the same lr, linear decay,
+dead-latent window and token budget (constants of ``sae_core/models/smollm2_135m_instruct.py``).
+Both SAEs are scored by ``sae_core.evaluation.evaluate_sae`` on the same held-out windows (float32
+forward): explained variance, L0, dead fraction, CE-loss recovered.
+
+1. Serial limit (bfloat16): the forward pass to the hook alone over the training stream, and our SAE
+   step alone (on those rows): ``1 / (1/forward + 1/step)``. SAELens's step alone is reported too.
+2. End to end, in float32 and in bfloat16 (SAELens ``autocast_lm=True, autocast=True``; ours
+   ``forward_dtype = sae_dtype = "bfloat16"``): tokens/s of the training loop, and SAE quality.
+3. Three SAEs (resid_post of blocks 4, 10, 16) from one forward pass versus three SAELens runs
+   (bfloat16; the sum of their times).
+
+Targets: >= 1.3x SAELens per precision at equal or better explained variance and CE recovered;
+>= 90% of the serial limit; >= 2x for the three hooks. Results: ``bench/results/training.json``.
+The machine is shared: ratios within one run are what counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import load_smollm2, write_result
+
+HOOK = "blocks.10.hook_resid_post"
+MULTI_HOOKS = ("blocks.4.hook_resid_post", "blocks.10.hook_resid_post", "blocks.16.hook_resid_post")
+FULL_TOKENS = 1_048_576
+QUICK_TOKENS = 40_960
+STEP_REPEATS = 6  # timed SAE steps in the step-alone measurement
+
+
+def base_config(tokens: int) -> Any:
+    from sae_core.models import load_model_constants
+    from sae_core.training import TrainingConfig
+
+    constants = load_model_constants("smollm2_135m_instruct")
+    return TrainingConfig(**{"hook_points": (HOOK,), **constants.TRAINING, "total_training_tokens": tokens,
+                             "checkpoint_every_tokens": None})
+
+
+def quality(result: Any) -> dict[str, float]:
+    return {"explained_variance": result.explained_variance, "l0": result.l0,
+            "dead_fraction": result.dead_fraction, "ce_recovered": result.ce_recovered}
+
+
+def model_source(model: Any, texts: list[str], documents: list[int], cfg: Any) -> Any:
+    from sae_core.data import WindowedTextDataset
+    from sae_core.training_data import ModelActivationSource
+
+    dataset = WindowedTextDataset(texts, model.tokenizer, cfg.max_text_length, cfg.seed, cfg.prepend_bos)
+    return ModelActivationSource(model, dataset, cfg.hook_points, cfg.loader_config(), cfg.token_policy(),
+                                 cfg.forward_dtype, documents)
+
+
+def serial_limit(model: Any, texts: list[str], documents: list[int], cfg: Any, tokens: int) -> dict[str, float]:
+    """Forward-to-hook alone and SAE step alone (both bfloat16), on the training stream."""
+    from sae_lens.saes.sae import TrainStepInput
+
+    from sae_core.training import build_training_sae
+    from sae_core.training_state import SAEState
+
+    cfg = dataclasses.replace(cfg, forward_dtype="bfloat16", sae_dtype="bfloat16")
+    rows, chunks = 0, []
+    start = time.perf_counter()
+    for chunk, _ in model_source(model, texts, documents, cfg).chunks(0):
+        chunks.append(chunk[HOOK])
+        rows += chunk[HOOK].shape[0]
+        if rows >= tokens:
+            break
+    forward = rows / (time.perf_counter() - start)
+    x = torch.cat(chunks)
+    batch = cfg.train_batch_size_tokens
+    batches = [x[i * batch:(i + 1) * batch] for i in range(min(STEP_REPEATS + 1, x.shape[0] // batch))]
+    state = SAEState(HOOK, build_training_sae(cfg, x.shape[1], HOOK, cfg.seed), cfg)
+
+    def timed(step_fn: Any) -> float:
+        step_fn(batches[0], 0)  # warm-up
+        start = time.perf_counter()
+        for i, b in enumerate(batches[1:], 1):
+            step_fn(b, i)
+        return (len(batches) - 1) * batch / (time.perf_counter() - start)
+
+    ours = timed(lambda b, i: state.step(b, i, log=False))
+    peer = build_training_sae(cfg, x.shape[1], HOOK, cfg.seed)
+    optimizer = torch.optim.Adam(peer.parameters(), lr=cfg.lr)  # SAELens's trainer: default Adam
+
+    def saelens_step(b: torch.Tensor, i: int) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = peer.training_forward_pass(TrainStepInput(b, {}, None, i, False))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(peer.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    saelens = timed(saelens_step)
+    return {"forward_tokens_per_s": forward, "step_tokens_per_s": ours, "saelens_step_tokens_per_s": saelens,
+            "serial_limit_tokens_per_s": 1 / (1 / forward + 1 / ours), "rows_measured": rows}
+
+
+def run_ours(model: Any, texts: list[str], documents: list[int], cfg: Any, out: Path) -> tuple[Any, float]:
+    from sae_core.training import hook_widths, train_saes
+
+    run = train_saes(cfg, model_source(model, texts, documents, cfg), hook_widths(model, cfg.hook_points), out,
+                     resume=False)
+    return run, run.tokens_per_second
+
+
+def run_saelens(model: Any, texts: list[str], cfg: Any, hook: str, autocast: bool) -> tuple[Any, float]:
+    """One SAELens training run on the same documents, budget and hyper-parameters; (SAE, tokens/s)."""
+    import datasets
+    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
+
+    steps, context = cfg.total_steps, cfg.max_text_length
+    # SAELens's mixing buffer holds n_batches_in_buffer contexts; it must hold a batch. It matches
+    # our shuffle buffer when the budget is >= 8 buffers (full bench), else the smallest that works.
+    mixing = cfg.shuffle_buffer_tokens if cfg.total_training_tokens >= 8 * cfg.shuffle_buffer_tokens else 0
+    n_batches_in_buffer = max(32, 2 * cfg.train_batch_size_tokens // context, mixing // context)
+    runner_cfg = LanguageModelSAERunnerConfig(
+        sae=TopKTrainingSAEConfig(d_in=model.cfg.d_model, d_sae=cfg.d_sae_for(model.cfg.d_model), k=cfg.k,
+                                  aux_loss_coefficient=cfg.aux_loss_coefficient, decoder_init_norm=cfg.decoder_init_norm,
+                                  rescale_acts_by_decoder_norm=cfg.rescale_acts_by_decoder_norm),
+        model_name=model.cfg.model_name, hook_name=hook, dataset_path="sae_core-bench", is_dataset_tokenized=False,
+        streaming=False, context_size=context, prepend_bos=cfg.prepend_bos,
+        exclude_special_tokens=cfg.exclude_special_tokens, training_tokens=cfg.total_training_tokens,
+        train_batch_size_tokens=cfg.train_batch_size_tokens, store_batch_size_prompts=cfg.forward_batch_size,
+        n_batches_in_buffer=n_batches_in_buffer, lr=cfg.lr, adam_beta1=cfg.adam_betas[0], adam_beta2=cfg.adam_betas[1],
+        lr_scheduler_name="constant", lr_warm_up_steps=round(cfg.lr_warm_up_fraction * steps),
+        lr_decay_steps=round(cfg.lr_decay_fraction * steps),
+        dead_feature_window=max(1, cfg.dead_window_tokens // cfg.train_batch_size_tokens),
+        autocast=autocast, autocast_lm=autocast, device="cpu", dtype="float32", seed=cfg.seed,
+        checkpoint_path=None, output_path=None, save_final_checkpoint=False, n_checkpoints=0,
+        logger=LoggingConfig(log_to_wandb=False), verbose=False)
+    runner = LanguageModelSAETrainingRunner(runner_cfg, override_model=model,
+                                            override_dataset=datasets.Dataset.from_dict({"text": texts}))
+    start = time.perf_counter()
+    sae = runner.run()
+    seconds = time.perf_counter() - start
+    return sae, steps * cfg.train_batch_size_tokens / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_TOKENS:,} tokens per run")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens per training run")
+    parser.add_argument("--skip-multi", action="store_true", help="skip the three-hook comparison")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    from sae_core.data import fortunes_corpus
+    from sae_core.training import HeldOutEvaluator, split_documents, to_inference_sae
+
+    tokens = args.tokens or (QUICK_TOKENS if args.quick else FULL_TOKENS)
+    model = load_smollm2("float32")
+    texts = fortunes_corpus()
+    base = base_config(tokens)
+    train_docs, eval_docs = split_documents(len(texts), base.eval_documents, base.seed)
+    train_texts = [texts[i] for i in train_docs]
+    evaluator = HeldOutEvaluator(model, texts, eval_docs, dataclasses.replace(base, forward_dtype="float32"))
+    record: dict[str, Any] = {"tokens_per_run": tokens, "quick": args.quick, "hook": HOOK,
+                              "config": base.to_json()}
+    print(f"serial limit ({min(tokens, 65_536):,} rows)...", flush=True)
+    record["serial_limit_bfloat16"] = serial_limit(model, texts, train_docs, base, min(tokens, 65_536))
+    print(record["serial_limit_bfloat16"], flush=True)
+
+    record["end_to_end"] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for precision in ("float32", "bfloat16"):
+            cfg = dataclasses.replace(base, forward_dtype=precision, sae_dtype=precision)
+            print(f"{precision}: sae_core...", flush=True)
+            run, ours_rate = run_ours(model, texts, train_docs, cfg, Path(tmp) / precision)
+            ours_eval = evaluator(HOOK, run.saes[HOOK].sae)
+            print(f"{precision}: SAELens...", flush=True)
+            peer_sae, peer_rate = run_saelens(model, train_texts, cfg, HOOK, autocast=precision == "bfloat16")
+            peer_eval = evaluator(HOOK, to_inference_sae(peer_sae))
+            entry = {"sae_core": {"tokens_per_s": ours_rate, **quality(ours_eval)},
+                     "saelens": {"tokens_per_s": peer_rate, **quality(peer_eval)},
+                     "speedup": ours_rate / peer_rate}
+            record["end_to_end"][precision] = entry
+            print(precision, entry, flush=True)
+        limit = record["serial_limit_bfloat16"]["serial_limit_tokens_per_s"]
+        record["bfloat16_fraction_of_serial_limit"] = record["end_to_end"]["bfloat16"]["sae_core"]["tokens_per_s"] / limit
+
+        if not args.skip_multi:
+            cfg = dataclasses.replace(base, hook_points=MULTI_HOOKS, forward_dtype="bfloat16", sae_dtype="bfloat16")
+            print("three hooks: sae_core...", flush=True)
+            _, ours_rate = run_ours(model, texts, train_docs, cfg, Path(tmp) / "multi")
+            peer_seconds = 0.0
+            for hook in MULTI_HOOKS:
+                print(f"three hooks: SAELens {hook}...", flush=True)
+                _, rate = run_saelens(model, train_texts, cfg, hook, autocast=True)
+                peer_seconds += cfg.total_steps * cfg.train_batch_size_tokens / rate
+            peer_rate = cfg.total_steps * cfg.train_batch_size_tokens / peer_seconds
+            record["three_hooks_bfloat16"] = {"hooks": list(MULTI_HOOKS), "sae_core_tokens_per_s": ours_rate,
+                                              "saelens_three_runs_tokens_per_s": peer_rate,
+                                              "speedup": ours_rate / peer_rate}
+            print(record["three_hooks_bfloat16"], flush=True)
+
+    e2e = record["end_to_end"]
+    record["targets"] = {
+        **{f"speedup_{p}_ge_1.3": e2e[p]["speedup"] >= 1.3 for p in e2e},
+        **{f"quality_{p}_ge_saelens": e2e[p]["sae_core"]["explained_variance"] >= e2e[p]["saelens"]["explained_variance"]
+           and e2e[p]["sae_core"]["ce_recovered"] >= e2e[p]["saelens"]["ce_recovered"] for p in e2e},
+        "serial_limit_ge_0.9": record["bfloat16_fraction_of_serial_limit"] >= 0.9,
+        **({"three_hooks_ge_2": record["three_hooks_bfloat16"]["speedup"] >= 2} if "three_hooks_bfloat16" in record else {}),
+    }
+    path = write_result("training", record)
+    print(f"targets: {record['targets']}\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""The README's main job, end to end on the tiny model: every stage writes its artifact, the summary
+agrees with the files on disk, and a second run reuses everything."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).parents[1]
+
+
+def _run_demo(out: Path) -> str:
+    env = {**os.environ, "SAE_CORE_OUTPUTS": str(out), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    done = subprocess.run([sys.executable, "-m", "scripts.demo", "tiny_random"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_demo_runs_end_to_end_and_reuses_its_outputs(tmp_path):
+    stdout = _run_demo(tmp_path)
+    out = tmp_path / "tiny_random"
+    summary = json.loads((out / "summary.json").read_text())
+    sae_dir = out / "sae" / summary["hook"]
+    evaluation = json.loads((sae_dir / "eval.json").read_text())
+    assert summary["explained_variance"] == evaluation["explained_variance"]
+    assert summary["ce_loss_recovered"] == evaluation["ce_recovered"]
+    # the similarity memmap is the decoder's cosine similarity, recomputed here with numpy
+    from safetensors.numpy import load_file
+
+    W = load_file(sae_dir / "sae_weights.safetensors")["W_dec"].astype(np.float64)
+    unit = W / np.linalg.norm(W, axis=1, keepdims=True)
+    sim = np.load(out / "analysis" / "similarity_cosine.npy", mmap_mode="r")
+    np.testing.assert_allclose(sim, unit @ unit.T, atol=1e-5)
+    # every link of index.html exists
+    links = re.findall(r'href="([^"]+)"', (out / "index.html").read_text())
+    assert len(links) >= 8 and all((out / link).exists() for link in links)
+    index_line = stdout.strip().splitlines()[-1]
+    assert index_line.endswith("index.html") and str(out) in index_line
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.suffix in (".safetensors", ".npy")}
+    _run_demo(tmp_path)
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}, "a second run recomputed an artifact"

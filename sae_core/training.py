@@ -124,8 +124,10 @@ class TrainingConfig:
     """Initial decoder row norm (SAELens's heuristic init); None keeps Kaiming-uniform rows."""
     b_dec_init: str = "mean"
     """``mean``: decoder bias starts at the first batch's mean; ``zeros``: SAELens's start."""
-    lr: float = 4e-4
-    """Adam learning rate."""
+    lr: float = 4e-3
+    """Adam learning rate. High for the short CPU budgets this targets (<= a few M tokens: on SmolLM2
+    at 300k tokens, 4e-3 reaches explained variance 0.79 where 4e-4 reaches 0.54); SAELens's 3e-4
+    suits runs of 100M+ tokens."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
     """Adam betas."""
     lr_scheduler: str = "constant"
@@ -286,7 +288,7 @@ def checkpoint_dir_for(output_root: Path, hooks: Sequence[str]) -> Path:
 def _init_b_dec(states: list[SAEState], batch: Chunk, whitener: Any) -> None:
     """Decoder bias = mean of the first batch (over all ranks)."""
     for state in states:
-        x = batch[state.hook].float()
+        x = batch[state.hook].to(device=state.sae.b_dec.device, dtype=torch.float32)
         x = whitener.forward(x) if whitener is not None else x
         total = torch.cat([x.double().sum(0), torch.tensor([float(x.shape[0])], dtype=torch.float64)])
         if rank_and_world()[1] > 1:
@@ -340,7 +342,7 @@ def train_saes(cfg: TrainingConfig, source: ActivationSource, widths: Mapping[st
         log = (step + 1) % cfg.log_every_steps == 0 or step + 1 == cfg.total_steps
         tokens = (step + 1) * batch
         for state in states:
-            x = rows[state.hook].float()
+            x = rows[state.hook].to(device=cfg.device, dtype=torch.float32)  # the SAE may sit elsewhere than the model
             lr = state.lr
             stats = state.step(feed.forward(x) if feed is not None else x, step, log)
             if stats is not None:

@@ -111,8 +111,9 @@ class SAEState:
             lr_end=cfg.lr if cfg.lr_scheduler == "constant" else cfg.lr / 10, num_cycles=1)
         self.coefficients = {name: CoefficientScheduler(getattr(c, "warm_up_steps", 0), getattr(c, "value", c))
                              for name, c in sae.get_coefficients().items()}
-        self.since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long)  # tokens since each latent fired
-        self.input_sum = torch.zeros(sae.cfg.d_in, dtype=torch.float64)  # for the mean-ablation baseline
+        device = torch.device(cfg.device)
+        self.since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=device)  # tokens since each latent fired
+        self.input_sum = torch.zeros(sae.cfg.d_in, dtype=torch.float64, device=device)  # for the mean-ablation baseline
         self.rows_seen = 0  # this rank's rows
         self.sparse = cfg.architecture == "topk" and cfg.fast_topk
 
@@ -130,7 +131,8 @@ class SAEState:
         if self.sparse:
             out = topk_training_step(self.sae, x, self.dead_mask(), dtype)
             active = out.acts > 0
-            fired = torch.zeros(self.sae.cfg.d_sae, dtype=torch.bool).index_fill_(0, out.indices[active], True)
+            fired = torch.zeros(self.sae.cfg.d_sae, dtype=torch.bool, device=x.device)
+            fired.index_fill_(0, out.indices[active], True)
             return out.loss, out.sae_out, fired, active.sum()
         with forward_context(self.cfg.device, dtype):
             out = self.sae.training_forward_pass(TrainStepInput(

@@ -24,6 +24,7 @@ from sae_core.training import (
     hook_widths,
     split_documents,
     to_inference_sae,
+    train_from_activations,
     train_saes,
     write_sae_folder,
 )
@@ -127,6 +128,33 @@ def test_each_architecture_trains_and_reloads(tmp_path, architecture, extra):
     assert loaded.cfg.architecture() == INFERENCE_CLASS[architecture]
     assert {"cfg.json", "sae_weights.safetensors", "training_curve.json", "training_config.json"} <= {
         p.name for p in folder.iterdir()}
+
+
+def test_whitened_training_feeds_whitened_rows_and_saves_the_whitening(tmp_path, monkeypatch):
+    from sae_core.whitening import Whitener
+
+    gen = torch.Generator().manual_seed(3)
+    mixing = torch.randn(16, 16, generator=gen) * torch.linspace(0.1, 3.0, 16)  # correlated, uneven scales
+    chunks = [torch.randn(256, 16, generator=gen) @ mixing + 2.0 for _ in range(12)]
+    rows = torch.cat(chunks).double()
+    whitener = Whitener.from_statistics(rows.mean(0), torch.cov(rows.T), rows.shape[0], eps=0.0)
+    fed = []
+    original = training_state.SAEState.step
+
+    def spy(self, x, *args, **kwargs):
+        fed.append(x.detach().clone())
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(training_state.SAEState, "step", spy)
+    cfg = _small_cfg(total_training_tokens=256 * 12, shuffle_buffer_tokens=0)
+    train_from_activations(lambda: chunks, cfg, tmp_path, whitener=whitener)
+    seen = torch.cat(fed).double()
+    # an epoch of rows, whitened: zero mean and identity covariance (numpy reference)
+    np.testing.assert_allclose(np.cov(seen.numpy().T), np.eye(16), atol=1e-4)
+    np.testing.assert_allclose(seen.mean(0).numpy(), 0, atol=1e-5)
+    loaded = Whitener.load(tmp_path / HOOK)
+    torch.testing.assert_close(loaded.transform, whitener.transform)
+    assert (tmp_path / HOOK / "whitening.json").exists()
 
 
 def test_block_shuffler_serves_each_row_once_and_resumes_exactly():
@@ -281,12 +309,12 @@ def test_smollm2_sae_beats_baselines(smollm2, tmp_path):
 
     hook, k = "blocks.10.hook_resid_post", 32
     texts = fortunes_corpus()[:3000]
-    cfg = TrainingConfig(hook_points=(hook,), d_sae=4608, k=k, lr=1e-3, total_training_tokens=60_000,
+    cfg = TrainingConfig(hook_points=(hook,), d_sae=4608, k=k, lr=4e-3, total_training_tokens=49_152,
                          train_batch_size_tokens=2048, shuffle_buffer_tokens=16_384, eval_documents=64,
-                         checkpoint_every_tokens=None, log_every_steps=5)
+                         checkpoint_every_tokens=None, log_every_steps=4)
     source = _model_source(smollm2, texts, cfg)[0]
     run = train_saes(cfg, source, hook_widths(smollm2, [hook]), tmp_path)
-    assert run.tokens == 58_368
+    assert run.tokens == 49_152
 
     # Held-out rows, and references computed here: an untrained SAE (same init, decoder bias at
     # the held-out mean) and the best rank-k linear reconstruction (PCA fitted on the held-out rows).

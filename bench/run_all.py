@@ -1,0 +1,157 @@
+"""Run every benchmark, then rewrite the README's benchmark table from ``bench/results/*.json``.
+
+    python -m bench.run_all                 # make bench: every benchmark at its full size
+    python -m bench.run_all --quick         # smoke sizes (results go to *_quick.json)
+    python -m bench.run_all --table-only    # only regenerate the README table
+
+Each benchmark runs in its own process, one after another (they measure throughput: never run
+two at once). Ratios are measured within one run against SAELens on the same work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+BENCHES = ["bench_whitening", "bench_activations", "bench_training", "bench_analysis"]
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def _load(*names: str) -> dict[str, Any] | None:
+    for name in names:
+        path = RESULTS / f"{name}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+    return None
+
+
+def _fmt(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return f"{value:,.{digits}f}"
+
+
+def _row(what: str, ours: Any, peer: Any, ratio: Any, target: str, met: Any, digits: int = 0) -> str:
+    return f"| {what} | {_fmt(ours, digits)} | {_fmt(peer, digits)} | {_fmt(ratio, 2)} | {target} | {_fmt(met)} |"
+
+
+def activation_rows(result: dict[str, Any]) -> list[str]:
+    rows = []
+    for precision in ("float32", "bfloat16"):
+        part = result.get(precision)
+        if not part:
+            continue
+        rate = {k: v["tokens_per_s"] for k, v in part.items() if isinstance(v, dict) and "tokens_per_s" in v}
+        ratio = part["ratios"]
+        rows += [
+            _row(f"save, 1 hook, {precision} (tokens/s) vs SAELens CacheActivationsRunner", rate.get("bt_save_token_budget"),
+                 rate.get("c_saelens_cache_activations"), ratio.get("bt_over_c_saelens"), ">= 1.1x",
+                 ratio.get("bt_over_c_saelens", 0) >= 1.1),
+            _row(f"save vs bare forward on the same batches, {precision}", rate.get("bt_save_token_budget"),
+                 rate.get("a2t_bare_forward_our_token_budget_batches"), ratio.get("bt_over_a2t_same_batches"),
+                 ">= 0.95x", ratio.get("bt_over_a2t_same_batches", 0) >= 0.95),
+            _row(f"save, 3 hooks in one run vs 3 SAELens runs, {precision}", rate.get("b3t_save_three_hooks_one_run"),
+                 rate.get("c3_saelens_three_single_hook_runs"), ratio.get("three_hooks_b3t_over_c3"), ">= 2x",
+                 ratio.get("three_hooks_b3t_over_c3", 0) >= 2),
+        ]
+    return rows
+
+
+def training_rows(result: dict[str, Any]) -> list[str]:
+    rows = []
+    for precision, entry in result.get("end_to_end", {}).items():
+        ours, peer = entry["sae_core"], entry["saelens"]
+        rows.append(_row(f"SAE training end to end, {precision} (tokens/s) vs LanguageModelSAETrainingRunner",
+                         ours["tokens_per_s"], peer["tokens_per_s"], entry["speedup"], ">= 1.3x",
+                         entry["speedup"] >= 1.3))
+        rows.append(_row(f"… explained variance / CE-loss recovered, {precision}",
+                         None, None, None,
+                         f"ours {ours['explained_variance']:.3f} / {ours['ce_recovered']:.3f}, "
+                         f"SAELens {peer['explained_variance']:.3f} / {peer['ce_recovered']:.3f}",
+                         ours["explained_variance"] >= peer["explained_variance"]
+                         and ours["ce_recovered"] >= peer["ce_recovered"]))
+    if "bfloat16_fraction_of_serial_limit" in result:
+        limit = result["serial_limit_bfloat16"]["serial_limit_tokens_per_s"]
+        fraction = result["bfloat16_fraction_of_serial_limit"]
+        rows.append(_row("training bf16 vs serial limit (forward + SAE step alone)", fraction * limit, limit,
+                         fraction, ">= 0.9x", fraction >= 0.9))
+    multi = result.get("three_hooks_bfloat16")
+    if multi:
+        rows.append(_row("3 SAEs from one forward vs 3 SAELens runs, bf16", multi["sae_core_tokens_per_s"],
+                         multi["saelens_three_runs_tokens_per_s"], multi["speedup"], ">= 2x", multi["speedup"] >= 2))
+    return rows
+
+
+def whitening_rows(result: dict[str, Any]) -> list[str]:
+    share = result.get("accumulate_over_forward_median")
+    return [_row("Welford statistics cost / forward time, d=576", None, None, share, "< 0.05",
+                 share is not None and share < 0.05)]
+
+
+def analysis_rows(result: dict[str, Any]) -> list[str]:
+    rows = []
+    for case, entry in sorted(result.get("cases", {}).items()):
+        rows.append(f"| analysis `{case}`: {entry.get('seconds', 0):,.1f} s, peak RSS {entry.get('peak_rss_mb', 0):,.0f} MB"
+                    f" | | | | | |")
+    for target in result.get("targets", []):
+        rows.append(f"| {target['target']} | {_fmt(target['value'], 1)} | | | limit {target['limit']} | {_fmt(target['met'])} |")
+    return rows
+
+
+def table() -> str:
+    lines = ["| benchmark | ours | peer (SAELens) | ratio | target | met |", "|---|---|---|---|---|---|"]
+    machine = None
+    for names, rows in ((("bench_activations", "bench_activations_quick"), activation_rows),
+                        (("training", "training_quick"), training_rows),
+                        (("whitening",), whitening_rows),
+                        (("analysis", "analysis_quick"), analysis_rows)):
+        result = _load(*names)
+        if result is None:
+            lines.append(f"| {names[0]}: not run yet | | | | | |")
+            continue
+        machine = machine or result.get("machine")
+        quick = " (quick sizes)" if result.get("quick") else ""
+        lines += [line.replace(" |", f"{quick} |", 1) if quick else line for line in rows(result)]
+    if machine:
+        lines.append("")
+        lines.append(f"Machine: {machine['cpu_count']} CPU cores ({machine['processor']}), {machine['memory_gib']} GiB, "
+                     f"torch {machine['versions']['torch']}, sae-lens {machine['versions']['sae-lens']}, "
+                     f"transformer-lens {machine['versions']['transformer-lens']}; load average at the start "
+                     f"{machine['load_average'][0]:.1f}. Raw results: `bench/results/*.json`.")
+    return "\n".join(lines)
+
+
+def write_table(readme: Path = ROOT / "README.md") -> None:
+    text = readme.read_text(encoding="utf-8")
+    new = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{table()}\n{END}", text, flags=re.S)
+    from sae_core._io import atomic_write_text
+
+    atomic_write_text(readme, new)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke sizes")
+    parser.add_argument("--table-only", action="store_true", help="only rewrite the README table")
+    parser.add_argument("--only", nargs="*", choices=BENCHES, help="run only these benchmarks")
+    args = parser.parse_args()
+    if not args.table_only:
+        for name in args.only or BENCHES:
+            command = [sys.executable, "-m", f"bench.{name}", *(["--quick"] if args.quick else [])]
+            print("running", " ".join(command), flush=True)
+            subprocess.run(command, cwd=ROOT, check=True)
+    write_table()
+    print(table())
+
+
+if __name__ == "__main__":
+    main()

@@ -150,6 +150,8 @@ class TrainingConfig:
     """Drop BOS / EOS / other special-token rows (pad rows are always dropped)."""
     forward_batch_size: int = 32
     """Windows per model forward pass."""
+    length_group_batches: int = 64
+    """Batches' worth of documents sorted by token length together (1: batches padded as they come)."""
     num_dataloader_workers: int = 0
     """Tokenising worker processes (0: tokenise in the training process)."""
     pin_memory: bool = False
@@ -197,8 +199,8 @@ class TrainingConfig:
         if self.shuffle_buffer_tokens % self.train_batch_size_tokens:
             problems.append(f"shuffle_buffer_tokens ({self.shuffle_buffer_tokens}) must be a multiple of "
                             f"train_batch_size_tokens ({self.train_batch_size_tokens}) (or 0)")
-        if self.k <= 0 or self.lr <= 0 or self.forward_batch_size <= 0 or self.log_every_steps <= 0:
-            problems.append("k, lr, forward_batch_size and log_every_steps must be positive")
+        if min(self.k, self.lr, self.forward_batch_size, self.length_group_batches, self.log_every_steps) <= 0:
+            problems.append("k, lr, forward_batch_size, length_group_batches and log_every_steps must be positive")
         for name in ("lr_warm_up_fraction", "lr_decay_fraction", "sparsity_warm_up_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 problems.append(f"{name} must be in [0, 1]")
@@ -235,9 +237,10 @@ class TrainingConfig:
         return TokenPolicy(exclude_bos=drop, exclude_eos=drop, exclude_special=drop)
 
     def loader_config(self) -> LoaderConfig:
-        """Training loader: shuffled documents, similar lengths batched together."""
+        """Training loader knobs: shuffled documents, equal token lengths batched together."""
         return LoaderConfig(batch_size=self.forward_batch_size, num_dataloader_workers=self.num_dataloader_workers,
-                            pin_memory=self.pin_memory, persistent_workers=self.persistent_workers, shuffle=True)
+                            pin_memory=self.pin_memory, persistent_workers=self.persistent_workers, shuffle=True,
+                            length_group_batches=self.length_group_batches)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -3,8 +3,8 @@
 A *source* yields chunks ``{hook: (rows, d)}`` of activations, each with its *position* (how far
 into the stream it ends), forever (cycling epochs), starting from any position:
 
-* :class:`ModelActivationSource` runs the model over ``sae_core.data`` windows
-  (``make_dataloader`` with ``pad_collate``) and keeps the rows of the recorded
+* :class:`ModelActivationSource` runs the model over ``sae_core.data`` windows (batched by token
+  length, :class:`TokenLengthBatchSampler`, and padded by ``pad_collate``) and keeps the rows of the recorded
   :class:`~sae_core.activations.TokenPolicy` (``batch_activations``: pad rows never, BOS / EOS /
   special rows by policy), one forward pass for every hook, stopped after the last needed block.
   Its position counts loader batches; epoch ``e`` re-draws the windows of long documents and
@@ -40,10 +40,11 @@ from typing import Protocol
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 from transformer_lens import HookedTransformer
 
 from sae_core.activations import TokenPolicy, batch_activations, run_to_hooks
-from sae_core.data import LoaderConfig, WindowedTextDataset, make_dataloader
+from sae_core.data import LoaderConfig, PadCollate, SkipBatches, WindowedTextDataset, pad_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,44 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+class TokenLengthBatchSampler(torch.utils.data.Sampler):
+    """Batches of windows of equal token length, so right padding wastes (almost) no compute.
+
+    Documents are taken in a seeded random order per epoch and cut into groups of
+    ``batch_size * group_batches``; each group is tokenised (one batched call), sorted by window
+    length and split into batches, whose order inside the group is then shuffled (so a shuffle
+    block mixes long and short windows). The batch list is a pure function of (documents, seed,
+    epoch). ``sae_core.data.LengthGroupedBatchSampler`` sorts by character count, which leaves 23% of
+    the forward pass on padding on the default corpus; sorting by tokens leaves ~0%, at the price of
+    tokenising each document twice (~2 s per 14k documents, <1% of a training run).
+    """
+
+    def __init__(self, dataset: WindowedTextDataset, documents: Sequence[int], batch_size: int,
+                 group_batches: int) -> None:
+        self.dataset, self.documents = dataset, list(documents)
+        self.batch_size, self.group = batch_size, batch_size * group_batches
+
+    def __len__(self) -> int:
+        return sum(-(-len(self.documents[s:s + self.group]) // self.batch_size)
+                   for s in range(0, len(self.documents), self.group))
+
+    def _window_lengths(self, documents: list[int]) -> list[int]:
+        ds = self.dataset
+        ids = ds.tokenizer([ds.text(i) for i in documents], add_special_tokens=False)["input_ids"]
+        room = ds.max_text_length - int(ds.prepend_bos)
+        return [min(len(t), room) + int(ds.prepend_bos and len(t) > 0) for t in ids]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        ds = self.dataset
+        rng = np.random.default_rng((ds.seed, ds.epoch))
+        order = [self.documents[i] for i in rng.permutation(len(self.documents))]
+        for start in range(0, len(order), self.group):
+            group = order[start:start + self.group]
+            ranked = [doc for _, doc in sorted(zip(self._window_lengths(group), group, strict=True), reverse=True)]
+            batches = [ranked[b:b + self.batch_size] for b in range(0, len(ranked), self.batch_size)]
+            yield from (batches[i] for i in rng.permutation(len(batches)))
+
+
 class ModelActivationSource:
     """Activations of ``hooks`` from forward passes over windows of ``documents`` (this rank's share)."""
 
@@ -79,18 +118,30 @@ class ModelActivationSource:
         if not self.share:
             raise ValueError(f"rank {rank} of {world} has no training documents; give at least {world} documents")
         self.model, self.dataset, self.hooks = model, dataset, list(hooks)
-        self.loader, self.policy, self.forward_dtype = loader, policy, forward_dtype
+        self.loader_config, self.policy, self.forward_dtype = loader, policy, forward_dtype
+
+    def _sampler(self) -> TokenLengthBatchSampler:
+        cfg = self.loader_config
+        return TokenLengthBatchSampler(self.dataset, self.share, cfg.batch_size, cfg.length_group_batches)
 
     def batches_per_epoch(self) -> int:
         """Loader batches in one pass over this rank's documents."""
-        return len(make_dataloader(self.dataset, self.loader, self.share))
+        return len(self._sampler())
+
+    def loader(self, start_batch: int = 0) -> DataLoader:
+        """This epoch's padded window batches (``pad_collate``), without the first ``start_batch``."""
+        cfg = self.loader_config
+        return DataLoader(self.dataset, batch_sampler=SkipBatches(self._sampler(), start_batch),
+                          collate_fn=PadCollate(pad_id_of(self.dataset.tokenizer)),
+                          num_workers=cfg.num_dataloader_workers, pin_memory=cfg.pin_memory,
+                          persistent_workers=cfg.persistent_workers, **cfg.extra)
 
     def chunks(self, position: int) -> Iterator[tuple[Chunk, int]]:
         per_epoch = self.batches_per_epoch()
         while True:
             epoch, start = divmod(position, per_epoch)
             self.dataset.set_epoch(epoch)
-            for batch in make_dataloader(self.dataset, self.loader, self.share, start_batch=start):
+            for batch in self.loader(start):
                 position += 1
                 if batch.input_ids.numel() == 0:
                     continue

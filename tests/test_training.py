@@ -209,7 +209,7 @@ def _model_source(model, texts, cfg):
 
 def test_pad_and_special_rows_never_reach_the_sae(tiny_model, corpus_texts, tmp_path, monkeypatch):
     texts = corpus_texts[:64]
-    cfg = _model_cfg(sae_dtype="float32", total_training_tokens=128 * 4)
+    cfg = _model_cfg(sae_dtype="float32", total_training_tokens=128 * 4, length_group_batches=1)  # pads exist
     fed = []
     original = training_state.topk_training_step
 
@@ -218,7 +218,7 @@ def test_pad_and_special_rows_never_reach_the_sae(tiny_model, corpus_texts, tmp_
         return original(sae, x, *args)
 
     monkeypatch.setattr(training_state, "topk_training_step", spy)
-    source, dataset, train_docs = _model_source(tiny_model, texts, cfg)
+    source = _model_source(tiny_model, texts, cfg)[0]
     train_saes(cfg, source, hook_widths(tiny_model, [HOOK]), tmp_path)
     rows = torch.cat(fed)
     assert rows.shape[0] == 4 * 128
@@ -226,7 +226,7 @@ def test_pad_and_special_rows_never_reach_the_sae(tiny_model, corpus_texts, tmp_
     # Reference: run_with_cache over the same windows; label every position kept / pad / special.
     special = torch.tensor(tiny_model.tokenizer.all_special_ids)
     acts, labels = [], []
-    for batch in make_dataloader(dataset, cfg.loader_config(), train_docs):
+    for batch in source.loader():  # the same windows (epoch 0)
         _, cache = tiny_model.run_with_cache(batch.input_ids, names_filter=HOOK)
         pad = batch.attention_mask == 0
         is_special = torch.isin(batch.input_ids, special) & ~pad

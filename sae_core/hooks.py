@@ -77,15 +77,15 @@ def resolve_hook(model: HookedTransformer, hook_or_layer: str | int, kind: str =
 
 def stop_layer_for(hooks: list[str], n_layers: int) -> int | None:
     """The ``stop_at_layer`` that still runs every hook in ``hooks`` (None: run the whole model)."""
-    layers = [hook_layer(h) for h in hooks]
-    if any(layer is None for layer in layers) or not layers:
-        # embed hooks need no block, but ln_final / unembed hooks need the whole model
-        if all(h.startswith(("hook_embed", "hook_pos_embed")) for h, layer in zip(hooks, layers) if layer is None) and layers:
-            known = [layer for layer in layers if layer is not None]
-            return (max(known) + 1) if known else 0
+    last = -1
+    for name in hooks:
+        layer = hook_layer(name)
+        if layer is None and not name.startswith(("hook_embed", "hook_pos_embed", "hook_tokens")):
+            return None  # ln_final / unembed hooks need the whole model
+        last = max(last, layer if layer is not None else -1)
+    if not hooks or last + 1 >= n_layers:
         return None
-    last = max(layers)  # type: ignore[type-var]
-    return None if last + 1 >= n_layers else last + 1
+    return last + 1
 
 
 def list_hook_points(model: HookedTransformer, pattern: str | None = None,

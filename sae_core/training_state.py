@@ -1,5 +1,8 @@
 """The per-SAE training state (optimiser, schedules, dead latents) and exact-resume checkpoints.
 
+:func:`build_training_sae` makes a SAELens training SAE from a :class:`~sae_core.training.TrainingConfig`
+(seeded, without touching the caller's RNG); :func:`to_inference_sae` gives the inference SAE that
+SAELens would save (e.g. TopK with the decoder norms folded in, BatchTopK as JumpReLU).
 :class:`SAEState` holds one SAELens training SAE with everything that changes while it trains:
 fused Adam (float32 state), SAELens's LR schedule and coefficient warm-ups, tokens since each
 latent last fired (the dead-latent rule behind AuxK and the dead fraction) and the running sum of

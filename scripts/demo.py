@@ -20,13 +20,24 @@ import torch
 from sae_core import plots
 from sae_core._io import atomic_write_json
 from sae_core.activations import TokenPolicy, iter_activation_batches
-from sae_core.data import LoaderConfig, TextSourceConfig, WindowedTextDataset, load_texts, make_dataloader
+from sae_core.data import (
+    LoaderConfig,
+    TextSourceConfig,
+    WindowedTextDataset,
+    load_texts,
+    make_dataloader,
+)
 from sae_core.evaluation import read_curve, read_eval
 from sae_core.latents import LatentCSR, encode_to_csr, latent_density, top_activating_examples
 from sae_core.model_loading import load_model
 from sae_core.models import DEFAULT_MODEL, load_model_constants
 from sae_core.saes import SAEManager
-from sae_core.similarity import compute_feature_cooccurrence, compute_feature_similarity, similarity_blocks, top_k_neighbours
+from sae_core.similarity import (
+    compute_feature_cooccurrence,
+    compute_feature_similarity,
+    similarity_blocks,
+    top_k_neighbours,
+)
 from sae_core.steering import ModelSteering, Steer
 from sae_core.store import ActivationRun, StoreConfig, save
 from sae_core.training import TrainingConfig, split_documents, train_from_model

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_core.hooks import layer_hooks, list_hook_points, resolve_hook, stop_layer_for, validate_hook
+from sae_core.hooks import (
+    layer_hooks,
+    list_hook_points,
+    resolve_hook,
+    stop_layer_for,
+    validate_hook,
+)
 
 
 def test_list_hook_points_shapes_match_cache(tiny_model):

@@ -240,6 +240,33 @@ def test_pad_and_special_rows_never_reach_the_sae(tiny_model, corpus_texts, tmp_
     assert (labels[nearest] == 0).all()  # and a kept one
 
 
+def test_several_hooks_from_one_forward_pass_stay_row_aligned(tiny_model, corpus_texts, tmp_path, monkeypatch):
+    hooks = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
+    cfg = _model_cfg(hook_points=hooks, sae_dtype="float32", total_training_tokens=128 * 3)
+    fed: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+    original = training_state.SAEState.step
+
+    def spy(self, x, *args, **kwargs):
+        fed[self.hook].append(x.detach().clone())
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(training_state.SAEState, "step", spy)
+    source = _model_source(tiny_model, corpus_texts[:64], cfg)[0]
+    run = train_saes(cfg, source, hook_widths(tiny_model, hooks), tmp_path)
+    assert sorted(run.saes) == sorted(hooks) and all((tmp_path / h / "cfg.json").exists() for h in hooks)
+    reference = {h: [] for h in hooks}
+    for batch in source.loader():
+        _, cache = tiny_model.run_with_cache(batch.input_ids, names_filter=lambda n: n in hooks)
+        for h in hooks:
+            reference[h].append(cache[h].reshape(-1, cache[h].shape[-1]))
+    positions = {}
+    for h in hooks:  # where each fed row sits in the reference (row index over all positions)
+        distance = torch.cdist(torch.cat(fed[h]), torch.cat(reference[h]), compute_mode="donot_use_mm_for_euclid_dist")
+        assert distance.min(dim=1).values.max() < 1e-4
+        positions[h] = distance.argmin(dim=1)
+    assert torch.equal(positions[hooks[0]], positions[hooks[1]])  # same tokens, same order, every step
+
+
 def _weights(folder) -> dict[str, torch.Tensor]:
     return SAE.load_from_disk(str(folder)).state_dict()
 

@@ -59,7 +59,7 @@ TRAINING = {
 
 # Feature analysis.
 ANALYSIS = {
-    "n_eval_documents": 1000,       # documents encoded into the CSR latent store
+    "n_eval_documents": 500,       # held-out documents encoded into the CSR latent store
     "top_k_examples": 10,          # top-activating examples kept per latent
     "context_window": 8,           # tokens each side of an example
     "similarity_metric": "cosine",

@@ -28,6 +28,7 @@ from sae_core.data import (
     make_dataloader,
 )
 from sae_core.evaluation import read_curve, read_eval
+from sae_core.hooks import list_hook_points
 from sae_core.latents import LatentCSR, encode_to_csr, latent_density, top_activating_examples
 from sae_core.model_loading import load_model
 from sae_core.models import DEFAULT_MODEL, load_model_constants
@@ -54,6 +55,7 @@ analysis = constants.ANALYSIS
 print(f"sae_core demo: {constants.MODEL_NAME}, hook {hook}, output in {out}")
 
 model = load_model(constants)
+print(f"{len(model.hook_dict)} hook points, e.g. {[h.name for h in list_hook_points(model, '*resid_post', seq_len=None)][:3]}")
 texts = load_texts(TextSourceConfig(**constants.DATASET))
 print(f"[1/7] {len(texts):,} documents; collecting activations")
 

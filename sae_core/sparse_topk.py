@@ -12,10 +12,13 @@ parameters with
 * the decoder as ``torch.nn.functional.embedding_bag(indices, W_dec, per_sample_weights=acts)``,
   which reads only the k active rows of ``W_dec``;
 * two small autograd functions whose backward is sparse: the gradient of ``W_dec`` and of
-  ``W_enc`` is a sparse ``(d_sae, rows)`` matrix with ``k`` entries per row times a dense
-  ``(rows, d_in)`` matrix (``torch.sparse.mm``), ``b_enc`` gets an ``index_add``.
+  ``W_enc`` is a sparse ``(d_sae, rows)`` matrix (``k`` non-zeros per batch row) times a dense
+  ``(rows, d_in)`` matrix (``torch.sparse.mm``); ``b_enc`` gets an ``index_add``.
 
-Identities used (``n = ||W_dec||`` row-wise, ``h_j > 0``): SAELens decodes
+Measured at SmolLM2 sizes (batch 4096, d_in 576, d_sae 4608, k 32; 2 CPU cores; the Adam update
+included): ~4x the tokens/s of SAELens's step under bfloat16 autocast, ~3x in float32.
+
+Identities used (``n = ||W_dec||`` row-wise, ``n_j > 0``): SAELens decodes
 ``(relu(h n) / n) @ W_dec``, and ``relu(h_j n_j) / n_j = relu(h_j)``, so the decoder weights are
 ``relu(h)`` at the selected latents and no gradient flows through ``n`` (SAELens's autograd
 computes the two cancelling terms of that zero; they agree to rounding). The same holds for the

@@ -83,8 +83,8 @@ from sae_core.training_state import (
 )
 
 __all__ = ["HeldOutEvaluator", "TrainedSAE", "TrainingConfig", "TrainingRun", "build_training_sae",
-           "checkpoint_dir_for", "hook_widths", "init_distributed", "split_documents", "to_inference_sae",
-           "train_from_activations", "train_from_model", "train_saes", "write_sae_folder"]
+           "checkpoint_dir_for", "hook_widths", "init_distributed", "model_source", "split_documents",
+           "to_inference_sae", "train_from_activations", "train_from_model", "train_saes", "write_sae_folder"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,10 +148,13 @@ class TrainingConfig:
     """Put BOS first in every window (its row is dropped by the token policy)."""
     exclude_special_tokens: bool = True
     """Drop BOS / EOS / other special-token rows (pad rows are always dropped)."""
+    forward_batch_tokens: int = 4096
+    """Tokens per training forward pass (windows of one length, padding included)."""
+    length_group_documents: int = 8192
+    """Documents sorted by token length together when batching: more wastes less on padding (2% at
+    8192 on the default corpus, 6% at 2048); 1: no sorting."""
     forward_batch_size: int = 32
-    """Windows per model forward pass."""
-    length_group_batches: int = 64
-    """Batches' worth of documents sorted by token length together (1: batches padded as they come)."""
+    """Windows per forward pass of the evaluation."""
     num_dataloader_workers: int = 0
     """Tokenising worker processes (0: tokenise in the training process)."""
     pin_memory: bool = False
@@ -199,8 +202,9 @@ class TrainingConfig:
         if self.shuffle_buffer_tokens % self.train_batch_size_tokens:
             problems.append(f"shuffle_buffer_tokens ({self.shuffle_buffer_tokens}) must be a multiple of "
                             f"train_batch_size_tokens ({self.train_batch_size_tokens}) (or 0)")
-        if min(self.k, self.lr, self.forward_batch_size, self.length_group_batches, self.log_every_steps) <= 0:
-            problems.append("k, lr, forward_batch_size, length_group_batches and log_every_steps must be positive")
+        if min(self.k, self.lr, self.forward_batch_size, self.forward_batch_tokens, self.length_group_documents,
+               self.log_every_steps) <= 0:
+            problems.append("k, lr, forward_batch_size / _tokens, length_group_documents, log_every_steps must be positive")
         for name in ("lr_warm_up_fraction", "lr_decay_fraction", "sparsity_warm_up_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 problems.append(f"{name} must be in [0, 1]")
@@ -237,10 +241,9 @@ class TrainingConfig:
         return TokenPolicy(exclude_bos=drop, exclude_eos=drop, exclude_special=drop)
 
     def loader_config(self) -> LoaderConfig:
-        """Training loader knobs: shuffled documents, equal token lengths batched together."""
+        """DataLoader knobs (workers, pinning; the training batches come from ``forward_batch_tokens``)."""
         return LoaderConfig(batch_size=self.forward_batch_size, num_dataloader_workers=self.num_dataloader_workers,
-                            pin_memory=self.pin_memory, persistent_workers=self.persistent_workers, shuffle=True,
-                            length_group_batches=self.length_group_batches)
+                            pin_memory=self.pin_memory, persistent_workers=self.persistent_workers)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -421,13 +424,19 @@ def write_sae_folder(sae: SAE, folder: str | Path) -> None:
             os.replace(Path(tmp) / name, folder / name)
 
 
+def model_source(model: HookedTransformer, dataset: WindowedTextDataset, cfg: TrainingConfig,
+                 documents: Sequence[int]) -> ModelActivationSource:
+    """The activation stream of ``cfg``'s hook points over windows of ``documents``."""
+    return ModelActivationSource(model, dataset, cfg.hook_points, cfg.token_policy(), cfg.forward_dtype, documents,
+                                 cfg.forward_batch_tokens, cfg.length_group_documents, cfg.loader_config())
+
+
 def train_from_model(model: HookedTransformer, texts: Any, cfg: TrainingConfig, output_root: str | Path,
                      metadata: Mapping[str, Any] | None = None, resume: bool = True) -> TrainingRun:
     """Train on activations of ``model`` over windows of ``texts`` (documents held out for evaluation)."""
     train_docs, eval_docs = split_documents(len(texts), cfg.eval_documents, cfg.seed)
     dataset = WindowedTextDataset(texts, model.tokenizer, cfg.max_text_length, cfg.seed, cfg.prepend_bos)
-    source = ModelActivationSource(model, dataset, cfg.hook_points, cfg.loader_config(), cfg.token_policy(),
-                                   cfg.forward_dtype, train_docs)
+    source = model_source(model, dataset, cfg, train_docs)
     widths = hook_widths(model, cfg.hook_points)
     whitener = None
     if cfg.whitening_path is not None:

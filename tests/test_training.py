@@ -22,13 +22,14 @@ from sae_core.training import (
     TrainingConfig,
     build_training_sae,
     hook_widths,
+    model_source,
     split_documents,
     to_inference_sae,
     train_from_activations,
     train_saes,
     write_sae_folder,
 )
-from sae_core.training_data import BlockShuffler, ModelActivationSource, TensorChunkSource
+from sae_core.training_data import BlockShuffler, TensorChunkSource
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -195,7 +196,7 @@ def test_config_rejects_bad_values():
 def _model_cfg(**overrides) -> TrainingConfig:
     base = dict(hook_points=(HOOK,), d_sae=64, k=4, lr=1e-3, total_training_tokens=128 * 8,
                 train_batch_size_tokens=128, shuffle_buffer_tokens=256, max_text_length=32,
-                forward_batch_size=8, eval_documents=8, forward_dtype="float32",
+                forward_batch_tokens=256, eval_documents=8, forward_dtype="float32",
                 checkpoint_every_tokens=256, log_every_steps=1, dead_window_tokens=256)
     return TrainingConfig(**{**base, **overrides})
 
@@ -203,13 +204,12 @@ def _model_cfg(**overrides) -> TrainingConfig:
 def _model_source(model, texts, cfg):
     train_docs, _ = split_documents(len(texts), cfg.eval_documents, cfg.seed)
     dataset = WindowedTextDataset(texts, model.tokenizer, cfg.max_text_length, cfg.seed, cfg.prepend_bos)
-    return ModelActivationSource(model, dataset, cfg.hook_points, cfg.loader_config(), cfg.token_policy(),
-                                 cfg.forward_dtype, train_docs), dataset, train_docs
+    return model_source(model, dataset, cfg, train_docs), dataset, train_docs
 
 
 def test_pad_and_special_rows_never_reach_the_sae(tiny_model, corpus_texts, tmp_path, monkeypatch):
     texts = corpus_texts[:64]
-    cfg = _model_cfg(sae_dtype="float32", total_training_tokens=128 * 4, length_group_batches=1)  # pads exist
+    cfg = _model_cfg(sae_dtype="float32", total_training_tokens=128 * 4, forward_batch_tokens=1024)  # pads exist
     fed = []
     original = training_state.topk_training_step
 

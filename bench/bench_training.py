@@ -3,6 +3,7 @@
     python -m bench.bench_training --quick          # ~41k tokens per run: a smoke run (~10-20 min)
     python -m bench.bench_training                  # 1,048,576 tokens per run: the full bench (hours)
     python -m bench.bench_training --tokens 2000000
+    python -m bench.bench_training --float32-tokens 262144 --multi-tokens 131072   # ~45 min here
 
 Same work on both sides: SmolLM2-135M-Instruct (float32 weights), ``blocks.10.hook_resid_post``,
 TopK k=32, d_sae 4608, the training documents of the default corpus (the held-out ones excluded),
@@ -162,6 +163,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_TOKENS:,} tokens per run")
     parser.add_argument("--tokens", type=int, default=None, help="tokens per training run")
+    parser.add_argument("--float32-tokens", type=int, default=None,
+                        help="tokens per float32 run (default: --tokens); 0 skips float32")
+    parser.add_argument("--multi-tokens", type=int, default=None, help="tokens per three-hook run (default: --tokens)")
     parser.add_argument("--skip-multi", action="store_true", help="skip the three-hook comparison")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -169,6 +173,7 @@ def main() -> None:
     from sae_core.training import HeldOutEvaluator, split_documents, to_inference_sae
 
     tokens = args.tokens or (QUICK_TOKENS if args.quick else FULL_TOKENS)
+    budgets = {"float32": tokens if args.float32_tokens is None else args.float32_tokens, "bfloat16": tokens}
     model = load_smollm2("float32")
     texts = fortunes_corpus()
     base = base_config(tokens)
@@ -180,7 +185,10 @@ def main() -> None:
     record["end_to_end"] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for precision in ("float32", "bfloat16"):
-            cfg = dataclasses.replace(base, forward_dtype=precision, sae_dtype=precision)
+            if not budgets[precision]:
+                continue
+            cfg = dataclasses.replace(base, forward_dtype=precision, sae_dtype=precision,
+                                      total_training_tokens=budgets[precision])
             print(f"{precision}: sae_core...", flush=True)
             run, ours_rate, ours_cpu = run_ours(model, texts, train_docs, cfg, Path(tmp) / precision)
             ours_eval = evaluator(HOOK, run.saes[HOOK].sae)
@@ -189,7 +197,8 @@ def main() -> None:
             peer_eval = evaluator(HOOK, to_inference_sae(peer_sae))
             entry = {"sae_core": {"tokens_per_s": ours_rate, "tokens_per_cpu_s": ours_cpu, **quality(ours_eval)},
                      "saelens": {"tokens_per_s": peer_rate, "tokens_per_cpu_s": peer_cpu, **quality(peer_eval)},
-                     "speedup": ours_rate / peer_rate, "speedup_cpu_time": ours_cpu / peer_cpu}
+                     "speedup": ours_rate / peer_rate, "speedup_cpu_time": ours_cpu / peer_cpu,
+                     "tokens": budgets[precision]}
             record["end_to_end"][precision] = entry
             print(precision, entry, flush=True)
         # measured right after the bfloat16 runs, so that the machine's load is as alike as it gets
@@ -200,7 +209,8 @@ def main() -> None:
         record["bfloat16_fraction_of_serial_limit"] = record["end_to_end"]["bfloat16"]["sae_core"]["tokens_per_s"] / limit
 
         if not args.skip_multi:
-            cfg = dataclasses.replace(base, hook_points=MULTI_HOOKS, forward_dtype="bfloat16", sae_dtype="bfloat16")
+            cfg = dataclasses.replace(base, hook_points=MULTI_HOOKS, forward_dtype="bfloat16", sae_dtype="bfloat16",
+                                      total_training_tokens=args.multi_tokens or tokens)
             print("three hooks: sae_core...", flush=True)
             _, ours_rate, ours_cpu = run_ours(model, texts, train_docs, cfg, Path(tmp) / "multi")
             tokens_run, peer_seconds, peer_cpu_seconds = cfg.total_steps * cfg.train_batch_size_tokens, 0.0, 0.0
@@ -210,7 +220,7 @@ def main() -> None:
                 peer_seconds += tokens_run / rate
                 peer_cpu_seconds += tokens_run / cpu_rate
             record["three_hooks_bfloat16"] = {
-                "hooks": list(MULTI_HOOKS), "sae_core_tokens_per_s": ours_rate,
+                "hooks": list(MULTI_HOOKS), "tokens": tokens_run, "sae_core_tokens_per_s": ours_rate,
                 "saelens_three_runs_tokens_per_s": tokens_run / peer_seconds,
                 "speedup": ours_rate * peer_seconds / tokens_run,
                 "speedup_cpu_time": ours_cpu * peer_cpu_seconds / tokens_run}

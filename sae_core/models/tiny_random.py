@@ -44,4 +44,4 @@ TRAINING = {"architecture": "topk", "d_sae": 64, "k": 4, "lr": 1e-3, "total_trai
 ANALYSIS = {"n_eval_documents": 32, "top_k_examples": 5, "context_window": 4, "similarity_metric": "cosine",
             "cooccurrence_metric": "jaccard", "chunk_size": 16}
 # Steering smoke settings.
-STEERING = {"prompt": "Hello", "coefficient": 4.0, "max_new_tokens": 5}
+STEERING = {"prompt": "Hello", "coefficient": 4.0, "max_new_tokens": 5, "feature": None}

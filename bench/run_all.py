@@ -40,6 +40,10 @@ def _fmt(value: Any, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _ratio(a: Any, b: Any) -> float | None:
+    return a / b if a and b else None
+
+
 def _row(what: str, ours: Any, peer: Any, ratio: Any, target: str, met: Any, digits: int = 0) -> str:
     return f"| {what} | {_fmt(ours, digits)} | {_fmt(peer, digits)} | {_fmt(ratio, 2)} | {target} | {_fmt(met)} |"
 
@@ -59,6 +63,10 @@ def activation_rows(result: dict[str, Any]) -> list[str]:
             _row(f"save vs bare forward on the same batches, {precision}", rate.get("bt_save_token_budget"),
                  rate.get("a2t_bare_forward_our_token_budget_batches"), ratio.get("bt_over_a2t_same_batches"),
                  ">= 0.95x", ratio.get("bt_over_a2t_same_batches", 0) >= 0.95),
+            _row(f"context: SAELens cache runner / bare forward on packed 32x128, {precision}", None,
+                 rate.get("c_saelens_cache_activations"),
+                 _ratio(rate.get("c_saelens_cache_activations"), rate.get("a1_bare_forward_packed_32x128")),
+                 f"bare forward {_fmt(rate.get('a1_bare_forward_packed_32x128'))} tokens/s", None),
             _row(f"save, 3 hooks in one run vs 3 SAELens runs, {precision}", rate.get("b3t_save_three_hooks_one_run"),
                  rate.get("c3_saelens_three_single_hook_runs"), ratio.get("three_hooks_b3t_over_c3"), ">= 2x",
                  ratio.get("three_hooks_b3t_over_c3", 0) >= 2),

@@ -75,6 +75,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def available_memory() -> int:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (0 where it cannot be read)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def decoder(n: int) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((n, D_IN), dtype=np.float32)
 
@@ -149,9 +158,11 @@ def run_in_child(name: str, params: dict, scratch: Path) -> dict:
     if params["kind"].startswith("cooccurrence"):
         params = {**params, "store": synthetic_store(scratch, params["n_tokens"], params["n"], params["active"]).name}
     record = {**params, "load_average_at_start": os.getloadavg()[0], "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    if params["kind"] == "similarity_dense" and params["n"] * params["n"] * 4 > 8 << 30:
+    needed = params["n"] ** 2 * 4
+    if params["kind"] == "similarity_dense" and needed + (2 << 30) > available_memory():
         return {**record, "skipped": True, "note": f"dense ({params['n']}, {params['n']}) float32 needs "
-                f"{params['n'] ** 2 * 4 / 1e9:.1f} GB; not run. Time estimated as the 16,384 dense case x (n/16384)^2."}
+                f"{needed / 1e9:.1f} GB (+2 GB headroom), {available_memory() / 1e9:.1f} GB available; not run. "
+                "Time estimated as the 16,384 dense case x (n/16384)^2."}
     command = [sys.executable, "-m", "bench.bench_analysis", "--child", json.dumps(params), "--scratch", str(scratch)]
     done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=REPO)
     if done.returncode != 0:

@@ -29,10 +29,14 @@ Decisions:
   ``posix_fadvise(DONTNEED)`` starts write-back of that block and drops the previous one's (by then
   clean) pages, so the page cache held stays near two blocks. The file is written under a temporary
   name and renamed when complete (``sae_core._io.atomic_path``).
-- Co-occurrence turns the CSR into a binary ``scipy.sparse`` matrix once (sharing its index
-  arrays), transposes it once (latents x rows), and multiplies row blocks ``X.T[block] @ X``: the
-  same total work as the one-shot ``X.T @ X``, but a ``(chunk_size, n)`` result instead of a
-  3.7 GB sparse product at 16,384 latents. Counts are int32 (exact); metrics are computed in float64.
+- Co-occurrence transposes the CSR's binary firing pattern once (``scipy.sparse``: latents x
+  rows) and counts each row block ``C[block] = X.T[block] @ X`` straight into a dense
+  ``(chunk_size, n)`` array: for every (latent, row) where the latent fires, the latents of that
+  row are gathered and tallied with ``np.bincount`` (:func:`_count_block`). This is the same work
+  as scipy's sparse product but skips building a sparse result that is nearly dense anyway
+  (~2x faster, and no 3.7 GB one-shot ``X.T @ X`` at 16,384 latents). Scratch is capped at
+  ``COUNT_SCRATCH_ENTRIES`` gathered entries. Counts are exact integers; metrics are computed in
+  float64.
 - Self-similarity does not exploit symmetry: it would halve the flops but scatter the mirrored
   writes across the whole file (small, unaligned writes after their pages were dropped).
 - Each stream reuses one output buffer, so a block is valid until the next is requested.
@@ -68,6 +72,8 @@ COOCCURRENCE_METRICS = ("count", "correlation", "jaccard", "pmi")
 TOPK_SCRATCH_BYTES = 64 << 20
 # Columns sampled per row to find a lower bound of its k-th largest entry.
 TOPK_SAMPLE_COLUMNS = 2048
+# Gathered (latent, co-firing latent) entries per np.bincount call while counting co-occurrence.
+COUNT_SCRATCH_ENTRIES = 1 << 23
 
 
 class Block(NamedTuple):
@@ -182,6 +188,39 @@ def _cooccurrence_metric(counts: np.ndarray, n_rows: np.ndarray, n_cols: np.ndar
         out[np.arange(out.shape[0]), diagonal] = 1
 
 
+def _count_block(by_latent: sp.csr_matrix, indptr: np.ndarray, indices: np.ndarray, start: int, stop: int,
+                 out: np.ndarray) -> None:
+    """``out[i - start, j]`` = rows where latents ``i`` and ``j`` both fire, for ``start <= i < stop``.
+
+    ``by_latent`` (latents x rows) lists the rows each latent fires on; ``indptr`` / ``indices`` are
+    the CSR's (rows x latents). Each (latent, row) pair contributes the latents of that row: they
+    are gathered into keys ``local_latent * n + j`` and tallied by ``np.bincount``, a few latents
+    at a time so that at most ``COUNT_SCRATCH_ENTRIES`` keys exist at once.
+    """
+    n = out.shape[1]
+    pair_ptr = by_latent.indptr[start:stop + 1].astype(np.int64)
+    rows = by_latent.indices[pair_ptr[0]:pair_ptr[-1]]
+    lengths = indptr[rows + 1] - indptr[rows]  # latents of each paired row
+    entry_ptr = np.concatenate([[0], np.cumsum(lengths)])
+    per_latent = entry_ptr[pair_ptr - pair_ptr[0]]  # entries before each latent of the block
+    first = 0
+    while first < stop - start:
+        # as many latents as fit the scratch budget (at least one)
+        last = max(first + 1, int(np.searchsorted(per_latent, per_latent[first] + COUNT_SCRATCH_ENTRIES, "right")) - 1)
+        last = min(last, stop - start)
+        p0, p1 = pair_ptr[first] - pair_ptr[0], pair_ptr[last] - pair_ptr[0]
+        take = lengths[p0:p1]
+        total = int(per_latent[last] - per_latent[first])
+        # position in `indices` of every gathered entry: each pair's row slice, laid end to end
+        offsets = np.arange(total, dtype=np.int64)
+        offsets += np.repeat(indptr[rows[p0:p1]] - (entry_ptr[p0:p1] - entry_ptr[p0]), take)
+        local = np.repeat(np.arange(last - first, dtype=np.int64), np.diff(pair_ptr[first:last + 1]))
+        keys = np.repeat(local * n, take)
+        keys += indices[offsets]
+        out[first:last] = np.bincount(keys, minlength=(last - first) * n).reshape(last - first, n)
+        first = last
+
+
 def cooccurrence_blocks(csr: LatentCSR, metric: str = "jaccard", chunk_size: int = 512,
                         dtype: Any = np.float32) -> BlockStream:
     """Row blocks of the (n, n) co-occurrence ``metric`` of the latents' binary firing over the CSR rows."""
@@ -190,18 +229,18 @@ def cooccurrence_blocks(csr: LatentCSR, metric: str = "jaccard", chunk_size: int
     if csr.n_rows == 0:
         raise ValueError(f"{csr.folder} holds no rows; co-occurrence is undefined")
     n = csr.n_features
-    binary = sp.csr_matrix((np.ones(csr.nnz, np.int32), csr.indices, csr.indptr), shape=(csr.n_rows, n),
-                           copy=False)  # (rows, n): shares the store's index arrays
+    indptr, indices = np.asarray(csr.indptr, np.int64), np.asarray(csr.indices)
     fired = firing_counts(csr)[0]
 
     def blocks() -> Iterator[Block]:
-        by_latent = binary.T.tocsr()  # (n, rows), built once
-        count_buffer = np.empty((min(chunk_size, n), n), np.int32)
+        binary = sp.csr_matrix((np.ones(csr.nnz, np.int8), indices, indptr), shape=(csr.n_rows, n), copy=False)
+        by_latent = binary.T.tocsr()  # (n, rows): the rows where each latent fires, built once
+        count_buffer = np.empty((min(chunk_size, n), n), np.int64)
         buffer = np.empty((min(chunk_size, n), n), dtype)
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
             counts = count_buffer[: stop - start]
-            (by_latent[start:stop] @ binary).toarray(out=counts)  # (rows, n) C_ij
+            _count_block(by_latent, indptr, indices, start, stop, counts)  # (rows, n) C_ij
             out = buffer[: stop - start]
             _cooccurrence_metric(counts, fired[start:stop], fired, csr.n_rows, metric, np.arange(start, stop), out)
             yield Block(start, out)

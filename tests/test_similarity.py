@@ -110,6 +110,18 @@ def test_cooccurrence_equals_dense(tmp_path, metric, chunk_size):
     np.testing.assert_allclose(result, dense_cooccurrence(binary, metric), **TOL)
 
 
+@pytest.mark.parametrize("scratch_entries", [1, 40, 10_000])
+def test_cooccurrence_counts_split_over_scratch_budget(tmp_path, monkeypatch, scratch_entries):
+    """Counting in small bincount slices (down to one latent at a time) still gives X.T @ X."""
+    from sae_core import similarity
+
+    monkeypatch.setattr(similarity, "COUNT_SCRATCH_ENTRIES", scratch_entries)
+    csr, binary = binary_store(tmp_path)
+    stream = cooccurrence_blocks(csr, "count", chunk_size=5, dtype=np.int64)
+    result = np.concatenate([block.values.copy() for block in stream.blocks])
+    np.testing.assert_array_equal(result, (binary.T @ binary).astype(np.int64))
+
+
 def check_neighbours(neighbours, dense: np.ndarray, k: int, exclude_self: bool) -> None:
     dense = dense.astype(np.float64).copy()
     if exclude_self:

@@ -14,9 +14,11 @@ forward): explained variance, L0, dead fraction, CE-loss recovered.
 
 1. End to end, in float32 and in bfloat16 (SAELens ``autocast_lm=True, autocast=True``; ours
    ``forward_dtype = sae_dtype = "bfloat16"``): tokens/s of the training loop, and SAE quality.
-2. Serial limit (bfloat16, measured right after the bfloat16 runs): the forward pass to the hook
-   alone over the training stream, and our SAE step alone (on those rows):
-   ``1 / (1/forward + 1/step)``. SAELens's step alone is reported too.
+2. Serial limit (bfloat16): the forward pass to the hook alone over the training stream, and our
+   SAE step alone (on those rows): ``1 / (1/forward + 1/step)``; SAELens's step alone is reported
+   too. The machine's speed drifts, so the fraction is taken from interleaved pairs (a short
+   training run, then the serial limit on the same rows; median of ``--serial-repeats``).
+   ``--serial-only`` re-measures just this into the existing result file.
 3. Three SAEs (resid_post of blocks 4, 10, 16) from one forward pass versus three SAELens runs
    (bfloat16; the sum of their times).
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +41,8 @@ from typing import Any
 
 import torch
 
-from bench.common import load_smollm2, write_result
+from bench.common import RESULTS_DIR, load_smollm2, write_result
+from sae_core._io import read_json
 
 HOOK = "blocks.10.hook_resid_post"
 MULTI_HOOKS = ("blocks.4.hook_resid_post", "blocks.10.hook_resid_post", "blocks.16.hook_resid_post")
@@ -78,8 +82,9 @@ def serial_limit(model: Any, texts: list[str], documents: list[int], cfg: Any, t
 
     cfg = dataclasses.replace(cfg, forward_dtype="bfloat16", sae_dtype="bfloat16")
     rows, chunks = 0, []
+    source = model_source(model, texts, documents, cfg)  # window lengths read before the clock starts
     start = time.perf_counter()
-    for chunk, _ in model_source(model, texts, documents, cfg).chunks(0):
+    for chunk, _ in source.chunks(0):
         chunks.append(chunk[HOOK])
         rows += chunk[HOOK].shape[0]
         if rows >= tokens:
@@ -112,6 +117,27 @@ def serial_limit(model: Any, texts: list[str], documents: list[int], cfg: Any, t
     saelens = timed(saelens_step)
     return {"forward_tokens_per_s": forward, "step_tokens_per_s": ours, "saelens_step_tokens_per_s": saelens,
             "serial_limit_tokens_per_s": 1 / (1 / forward + 1 / ours), "rows_measured": rows}
+
+
+def serial_pairs(model: Any, texts: list[str], documents: list[int], base: Any, tokens: int,
+                 repeats: int) -> dict[str, Any]:
+    """Our bf16 training run and the serial limit on the same stream, in interleaved pairs.
+
+    The machine's speed drifts by tens of percent over the minutes of a long run, so comparing a
+    1M-token run with a serial limit measured later mixes two machines. Each pair trains ``tokens``
+    tokens end to end, then measures forward-alone on the same rows and the step alone; the
+    fraction is the median over pairs.
+    """
+    cfg = dataclasses.replace(base, forward_dtype="bfloat16", sae_dtype="bfloat16", total_training_tokens=tokens)
+    pairs = []
+    for repeat in range(repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            _, rate, _ = run_ours(model, texts, documents, cfg, Path(tmp))
+        limit = serial_limit(model, texts, documents, cfg, tokens)
+        pairs.append({"training_tokens_per_s": rate, **limit,
+                      "fraction": rate / limit["serial_limit_tokens_per_s"]})
+        print(f"pair {repeat + 1}/{repeats}: {pairs[-1]}", flush=True)
+    return {"tokens": tokens, "pairs": pairs, "fraction_median": statistics.median(p["fraction"] for p in pairs)}
 
 
 def run_ours(model: Any, texts: list[str], documents: list[int], cfg: Any, out: Path) -> tuple[Any, float, float]:
@@ -167,6 +193,10 @@ def main() -> None:
                         help="tokens per float32 run (default: --tokens); 0 skips float32")
     parser.add_argument("--multi-tokens", type=int, default=None, help="tokens per three-hook run (default: --tokens)")
     parser.add_argument("--skip-multi", action="store_true", help="skip the three-hook comparison")
+    parser.add_argument("--serial-tokens", type=int, default=131_072, help="tokens per serial-limit pair")
+    parser.add_argument("--serial-repeats", type=int, default=3, help="interleaved serial-limit pairs")
+    parser.add_argument("--serial-only", action="store_true",
+                        help="only re-measure the serial limit, into the existing bench/results/training.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from sae_core.data import fortunes_corpus
@@ -179,6 +209,12 @@ def main() -> None:
     base = base_config(tokens)
     train_docs, eval_docs = split_documents(len(texts), base.eval_documents, base.seed)
     train_texts = [texts[i] for i in train_docs]
+    if args.serial_only:
+        record = {k: v for k, v in read_json(RESULTS_DIR / "training.json").items()
+                  if k not in ("benchmark", "written_at", "machine")}
+        add_serial_limit(record, model, texts, train_docs, base, args)
+        finish(record)
+        return
     evaluator = HeldOutEvaluator(model, texts, eval_docs, dataclasses.replace(base, forward_dtype="float32"))
     record: dict[str, Any] = {"tokens_per_run": tokens, "quick": args.quick, "hook": HOOK,
                               "config": base.to_json()}
@@ -201,12 +237,7 @@ def main() -> None:
                      "tokens": budgets[precision]}
             record["end_to_end"][precision] = entry
             print(precision, entry, flush=True)
-        # measured right after the bfloat16 runs, so that the machine's load is as alike as it gets
-        print(f"serial limit ({min(tokens, 65_536):,} rows)...", flush=True)
-        record["serial_limit_bfloat16"] = serial_limit(model, texts, train_docs, base, min(tokens, 65_536))
-        print(record["serial_limit_bfloat16"], flush=True)
-        limit = record["serial_limit_bfloat16"]["serial_limit_tokens_per_s"]
-        record["bfloat16_fraction_of_serial_limit"] = record["end_to_end"]["bfloat16"]["sae_core"]["tokens_per_s"] / limit
+        add_serial_limit(record, model, texts, train_docs, base, args)
 
         if not args.skip_multi:
             cfg = dataclasses.replace(base, hook_points=MULTI_HOOKS, forward_dtype="bfloat16", sae_dtype="bfloat16",
@@ -226,6 +257,18 @@ def main() -> None:
                 "speedup_cpu_time": ours_cpu * peer_cpu_seconds / tokens_run}
             print(record["three_hooks_bfloat16"], flush=True)
 
+    finish(record)
+
+
+def add_serial_limit(record: dict[str, Any], model: Any, texts: list[str], documents: list[int], base: Any,
+                     args: argparse.Namespace) -> None:
+    tokens = min(args.serial_tokens, base.total_training_tokens)
+    print(f"serial limit: {args.serial_repeats} interleaved pairs of {tokens:,} tokens...", flush=True)
+    record["serial_limit_bfloat16"] = serial_pairs(model, texts, documents, base, tokens, args.serial_repeats)
+    record["bfloat16_fraction_of_serial_limit"] = record["serial_limit_bfloat16"]["fraction_median"]
+
+
+def finish(record: dict[str, Any]) -> None:
     e2e = record["end_to_end"]
     record["targets"] = {
         **{f"speedup_{p}_ge_1.3": e2e[p]["speedup"] >= 1.3 for p in e2e},

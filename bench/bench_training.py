@@ -210,6 +210,9 @@ def main() -> None:
     train_docs, eval_docs = split_documents(len(texts), base.eval_documents, base.seed)
     train_texts = [texts[i] for i in train_docs]
     if args.serial_only:
+        if not (RESULTS_DIR / "training.json").exists():
+            raise SystemExit(f"--serial-only updates {RESULTS_DIR / 'training.json'}, which does not exist yet: "
+                             "run the full benchmark first (python -m bench.bench_training)")
         record = {k: v for k, v in read_json(RESULTS_DIR / "training.json").items()
                   if k not in ("benchmark", "written_at", "machine")}
         add_serial_limit(record, model, texts, train_docs, base, args)
@@ -262,6 +265,10 @@ def main() -> None:
 
 def add_serial_limit(record: dict[str, Any], model: Any, texts: list[str], documents: list[int], base: Any,
                      args: argparse.Namespace) -> None:
+    """Measure the serial limit in interleaved pairs into ``record`` (and the fraction the target reads)."""
+    if args.serial_tokens <= 0 or args.serial_repeats <= 0:
+        raise SystemExit(f"--serial-tokens ({args.serial_tokens}) and --serial-repeats ({args.serial_repeats}) "
+                         "must be positive")
     tokens = min(args.serial_tokens, base.total_training_tokens)
     print(f"serial limit: {args.serial_repeats} interleaved pairs of {tokens:,} tokens...", flush=True)
     record["serial_limit_bfloat16"] = serial_pairs(model, texts, documents, base, tokens, args.serial_repeats)

@@ -116,7 +116,7 @@ def whitening_rows(result: dict[str, Any]) -> list[str]:
                  share is not None and share < 0.05)]
 
 
-ANALYSIS_ROWS = [  # (what, our case, reference case, reference name, targets as (description, case-target name))
+ANALYSIS_ROWS = [  # (what, our case, reference case or None, reference label, names of its targets)
     ("decoder similarity, 16,384 latents", "similarity_blocked_n16384", "similarity_dense_n16384", "dense numpy",
      ["similarity time <= 1.2x dense at 16,384"]),
     ("decoder similarity, 65,536 latents", "similarity_blocked_n65536", "similarity_dense_n65536", "dense numpy",

@@ -7,6 +7,15 @@ past the last block needed (``run_with_cache`` would also work; plain hooks avoi
 ``torch.inference_mode`` and, for ``forward_dtype`` bfloat16 / float16, under ``torch.autocast``
 on the model's device type, so the weights stay float32 and only the matmuls run in low precision.
 
+Packed batches (several windows in a row, ``WindowBatch.segment``) run with two more hooks, both
+TransformerLens hook points: ``hook_attn_scores`` of every block sets the scores between cells of
+different windows to -inf (block-diagonal on top of the causal mask), and, for learned absolute
+position embeddings, ``hook_pos_embed`` restarts positions at each window. Rotary and ALiBi
+scores depend only on the distance between two positions, so a window placed further along a
+row attends exactly as it would at the start. Each window's activations are then those it has
+alone, up to float rounding (tested against unpacked batches). TransformerLens's own
+``attention_mask`` is per token, not per pair of tokens, so it cannot express this.
+
 Which rows are kept is a :class:`TokenPolicy`: pad rows (``attention_mask == 0``) are always
 dropped; BOS, EOS and the tokenizer's other special tokens are dropped or kept by flags; the
 policy is recorded as JSON in every run's metadata. Kept rows carry their token id, document
@@ -87,9 +96,46 @@ def forward_context(device: torch.device | str, forward_dtype: str | torch.dtype
     return contextlib.nullcontext()
 
 
+PACKABLE_POSITIONS = ("rotary", "alibi", "standard", "shortformer")
+
+
+def _segment_hooks(model: HookedTransformer, segment: Int[Tensor, "batch pos"],
+                   offsets: Int[Tensor, "batch pos"], stop: int | None) -> list[tuple[str, Any]]:
+    """Hooks keeping the windows of a packed batch apart (see the module docstring)."""
+    kind = model.cfg.positional_embedding_type
+    if kind not in PACKABLE_POSITIONS or model.cfg.attention_dir != "causal":
+        raise NotImplementedError(
+            f"packing windows needs a causal model with {' / '.join(PACKABLE_POSITIONS)} positions; this model "
+            f"has {kind!r} positions and {model.cfg.attention_dir!r} attention. Set pack_windows=False.")
+    device = model.cfg.device
+    segment = segment.to(device)
+    apart = (segment[:, :, None] != segment[:, None, :])[:, None]  # (batch, 1, query, key)
+
+    def mask_scores(scores: Tensor, hook: Any) -> Tensor:
+        return scores.masked_fill_(apart, float("-inf"))
+
+    n_blocks = model.cfg.n_layers if stop is None else stop
+    hooks: list[tuple[str, Any]] = [(f"blocks.{layer}.attn.hook_attn_scores", mask_scores)
+                                    for layer in range(n_blocks)]
+    if kind in ("standard", "shortformer"):
+        table = model.pos_embed.W_pos
+        index = offsets.to(table.device)
+
+        def restart_positions(pos_embed: Tensor, hook: Any) -> Tensor:
+            return table[index].to(pos_embed.dtype)
+
+        hooks.append(("hook_pos_embed", restart_positions))
+    return hooks
+
+
 def run_to_hooks(model: HookedTransformer, hooks: Sequence[str], input_ids: Int[Tensor, "batch pos"],
-                 forward_dtype: str | torch.dtype = "float32") -> dict[str, Float[Tensor, "batch pos d"]]:
-    """One forward pass, stopped after the last needed block; returns each hook's output."""
+                 forward_dtype: str | torch.dtype = "float32", batch: WindowBatch | None = None,
+                 ) -> dict[str, Float[Tensor, "batch pos d"]]:
+    """One forward pass, stopped after the last needed block; returns each hook's output.
+
+    ``batch`` (the :class:`WindowBatch` of ``input_ids``) is needed only when it is packed: its
+    windows are then kept from attending to each other.
+    """
     for name in hooks:
         validate_hook(model, name)
     captured: dict[str, Tensor] = {}
@@ -98,8 +144,11 @@ def run_to_hooks(model: HookedTransformer, hooks: Sequence[str], input_ids: Int[
         captured[hook.name] = tensor.detach()
 
     stop = stop_layer_for(list(hooks), model.cfg.n_layers)
-    with torch.inference_mode(), forward_context(model.cfg.device, forward_dtype), \
-            model.hooks(fwd_hooks=[(name, save) for name in hooks]):
+    fwd_hooks: list[tuple[str, Any]] = []
+    if batch is not None and batch.segment is not None and batch.n_windows > batch.input_ids.shape[0]:
+        fwd_hooks += _segment_hooks(model, batch.segment, batch.cell_offsets(), stop)
+    fwd_hooks += [(name, save) for name in hooks]
+    with torch.inference_mode(), forward_context(model.cfg.device, forward_dtype), model.hooks(fwd_hooks=fwd_hooks):
         # Right padding under a causal mask: real tokens never attend to the pads after them,
         # so no attention mask is needed (and none is passed: it would cost a masked softmax).
         model(input_ids.to(model.cfg.device), stop_at_layer=stop, return_type=None)
@@ -116,29 +165,44 @@ class ActivationBatch(NamedTuple):
     n_tokens_seen: int  # non-pad tokens in the batch, kept or not
 
 
-def select_positions(keep: Bool[Tensor, "batch pos"], positions: str | Sequence[int]) -> Bool[Tensor, "batch pos"]:
-    """Restrict a keep-mask to ``"all"``, ``"last"`` (last kept token per row) or listed window positions."""
+def select_positions(keep: Bool[Tensor, "batch pos"], positions: str | Sequence[int],
+                     batch: WindowBatch | None = None) -> Bool[Tensor, "batch pos"]:
+    """Restrict a keep-mask to ``"all"``, ``"last"`` (last kept token per window) or listed window positions.
+
+    Listed positions count from a window's first cell (a prepended BOS is position 0); negative
+    ones from its last token. Without ``batch`` every row is one window as wide as the row.
+    """
     if positions == "all":
         return keep
+    if isinstance(positions, str) and positions != "last":
+        raise ValueError(f"positions must be 'all', 'last' or a list of ints, got {positions!r}")
+    rows, width = keep.shape
+    if batch is None:
+        windows = torch.arange(rows)[:, None].expand(rows, width)
+        offsets = torch.arange(width).expand(rows, width)
+        lengths = torch.full((rows,), width)
+    else:
+        windows, offsets, lengths = batch.cell_windows(), batch.cell_offsets(), batch.window_lengths()
     out = torch.zeros_like(keep)
     if positions == "last":
-        rows = keep.any(dim=1)
-        last = keep.shape[1] - 1 - keep.flip(1).int().argmax(dim=1)
-        out[rows, last[rows]] = True
+        flat = torch.arange(keep.numel()).view_as(keep)
+        owner = windows[keep]
+        last = torch.full((int(lengths.numel()),), -1).scatter_reduce(0, owner, flat[keep], "amax")
+        out.view(-1)[last[last >= 0]] = True
         return out
-    if isinstance(positions, str):
-        raise ValueError(f"positions must be 'all', 'last' or a list of ints, got {positions!r}")
-    index = torch.tensor([p for p in positions if -keep.shape[1] <= p < keep.shape[1]], dtype=torch.long)
-    out[:, index] = True
+    length = lengths[windows.clamp(min=0)]
+    for p in positions:
+        out |= offsets == (p if p >= 0 else length + p)
     return out & keep
 
 
 def batch_activations(model: HookedTransformer, batch: WindowBatch, hooks: Sequence[str],
                       policy: TokenPolicy = TokenPolicy(), forward_dtype: str | torch.dtype = "float32",
                       positions: str | Sequence[int] = "all", batch_number: int = 0) -> ActivationBatch:
-    """Activations of one padded batch at ``hooks``, kept rows only, on the model's device."""
-    keep = select_positions(policy.keep_mask(batch.input_ids, batch.attention_mask, model.tokenizer), positions)
-    acts = run_to_hooks(model, hooks, batch.input_ids, forward_dtype)
+    """Activations of one padded (or packed) batch at ``hooks``, kept rows only, on the model's device."""
+    keep = select_positions(policy.keep_mask(batch.input_ids, batch.attention_mask, model.tokenizer), positions,
+                            batch)
+    acts = run_to_hooks(model, hooks, batch.input_ids, forward_dtype, batch)
     keep_dev = keep.to(model.cfg.device)
     rows: dict[str, Tensor] = {}
     for name, tensor in acts.items():
@@ -148,7 +212,7 @@ def batch_activations(model: HookedTransformer, batch: WindowBatch, hooks: Seque
                                      f"(documents {batch.doc_index.tolist()}); check forward_dtype and the model")
         rows[name] = kept
     position = batch.token_positions()[keep]
-    doc = batch.doc_index[:, None].expand_as(batch.input_ids)[keep]
+    doc = batch.cell_doc_index()[keep]
     return ActivationBatch(rows, batch.input_ids[keep], doc, position, int(batch.attention_mask.sum()))
 
 

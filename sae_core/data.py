@@ -17,6 +17,11 @@
   keeps, per row, the document index and window start, so every activation row maps back to
   (document, position, token id). Pad rows are identified by ``attention_mask``, never by id:
   SmolLM2's PAD id is its EOS id.
+* Packing (``LoaderConfig.pack_windows``): short windows share a row instead of each padding its
+  own. :class:`RowPacker` places windows longest first, each into the row with the most room
+  (rows as wide as the batch's longest window), and ``WindowBatch.segment`` records which window
+  every cell holds. The forward pass then masks attention between windows of a row
+  (:func:`sae_core.activations.run_to_hooks`), so each window's activations are those it has alone.
 
 BOS policy: ``prepend_bos=True`` puts the tokenizer's BOS at position 0 of every window (the
 window then holds ``max_text_length - 1`` text tokens); texts are tokenised without special
@@ -30,6 +35,7 @@ concatenates and chunks a pre-tokenised stream, which mixes documents inside one
 
 from __future__ import annotations
 
+import heapq
 import importlib.metadata
 import itertools
 import logging
@@ -176,6 +182,14 @@ class Window(NamedTuple):
     doc_index: int
     window_start: int  # offset of the window in the document's tokens (before any BOS)
     bos: bool = False  # a BOS was prepended at position 0 (it is not one of the document's tokens)
+    row: int = -1  # row of a packed batch, as the batch sampler laid it out (-1: the collate packs)
+
+
+class PackedIndex(NamedTuple):
+    """A document index with the row the batch sampler gave its window in a packed batch."""
+
+    index: int
+    row: int
 
 
 class WindowedTextDataset(Dataset):
@@ -215,7 +229,9 @@ class WindowedTextDataset(Dataset):
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         return [min(len(t) + int(self.prepend_bos), self.max_text_length) if t else 0 for t in ids]
 
-    def __getitem__(self, index: int) -> Window:
+    def __getitem__(self, index: int | PackedIndex) -> Window:
+        if isinstance(index, PackedIndex):
+            return self[index.index]._replace(row=index.row)
         return make_window(self.tokenizer, self.text(index), index, self.max_text_length,
                            (self.seed, self.epoch, index), self.prepend_bos)
 
@@ -275,28 +291,99 @@ class IterableWindowedTextDataset(IterableDataset):
 
 
 class WindowBatch(NamedTuple):
-    """A padded batch of windows (right padding)."""
+    """A padded batch of windows (right padding), one window per row unless packed.
 
-    input_ids: torch.Tensor  # (batch, pos) int64
-    attention_mask: torch.Tensor  # (batch, pos) int64, 0 on pad
-    doc_index: torch.Tensor  # (batch,) int64
-    window_start: torch.Tensor  # (batch,) int64
+    Per-window fields (``doc_index``, ``window_start``, ``bos``) have one entry per window; with
+    ``segment`` set, a row holds several windows one after the other and ``segment[r, p]`` is the
+    window of cell ``(r, p)`` (-1 on pad). The ``cell_*`` methods give per-cell views for both layouts.
+    """
+
+    input_ids: torch.Tensor  # (rows, pos) int64
+    attention_mask: torch.Tensor  # (rows, pos) int64, 0 on pad
+    doc_index: torch.Tensor  # (windows,) int64
+    window_start: torch.Tensor  # (windows,) int64
     n_empty: int  # texts in this batch that tokenised to nothing (dropped)
-    bos: torch.Tensor | None = None  # (batch,) bool: position 0 holds a prepended BOS (None: no BOS)
+    bos: torch.Tensor | None = None  # (windows,) bool: the window starts with a prepended BOS (None: no BOS)
+    segment: torch.Tensor | None = None  # (rows, pos) int64 window of each cell, -1 on pad (None: row = window)
+
+    @property
+    def n_windows(self) -> int:
+        """Windows in the batch (non-empty texts)."""
+        return int(self.doc_index.numel())
 
     def pin_memory(self) -> WindowBatch:
+        def pin(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.pin_memory()
+
         return WindowBatch(self.input_ids.pin_memory(), self.attention_mask.pin_memory(),
                            self.doc_index.pin_memory(), self.window_start.pin_memory(), self.n_empty,
-                           None if self.bos is None else self.bos.pin_memory())
+                           pin(self.bos), pin(self.segment))
+
+    def cell_windows(self) -> torch.Tensor:
+        """(rows, pos) window index of each cell; -1 on pad only when packed (rows keep their own index)."""
+        if self.segment is not None:
+            return self.segment
+        return torch.arange(self.input_ids.shape[0])[:, None].expand_as(self.input_ids)
+
+    def cell_offsets(self) -> torch.Tensor:
+        """(rows, pos) offset of each cell from the first cell of its window (a prepended BOS is offset 0)."""
+        positions = torch.arange(self.input_ids.shape[1]).expand_as(self.input_ids)
+        if self.segment is None:
+            return positions
+        starts = torch.ones_like(self.segment, dtype=torch.bool)
+        starts[:, 1:] = self.segment[:, 1:] != self.segment[:, :-1]
+        return positions - torch.where(starts, positions, 0).cummax(dim=1).values
+
+    def cell_doc_index(self) -> torch.Tensor:
+        """(rows, pos) document index of each cell (-1 on the pad cells of a packed batch)."""
+        windows = self.cell_windows()
+        return torch.where(windows >= 0, self.doc_index[windows.clamp(min=0)], -1)
+
+    def window_lengths(self) -> torch.Tensor:
+        """(windows,) tokens of each window, a prepended BOS included."""
+        windows = self.cell_windows()[self.attention_mask.bool()]
+        return torch.bincount(windows, minlength=self.n_windows)
 
     def token_positions(self) -> torch.Tensor:
-        """(batch, pos) position of each cell in its document's tokens; -1 for a prepended BOS."""
-        offsets = torch.arange(self.input_ids.shape[1]).expand_as(self.input_ids)  # (batch, pos)
+        """(rows, pos) position of each cell in its document's tokens; -1 for a prepended BOS."""
+        windows = self.cell_windows().clamp(min=0)
+        offsets = self.cell_offsets()
         if self.bos is None:
-            return offsets + self.window_start[:, None]
-        shift = self.bos.long()[:, None]
-        position = offsets + self.window_start[:, None] - shift
+            return offsets + self.window_start[windows]
+        shift = self.bos.long()[windows]
+        position = offsets + self.window_start[windows] - shift
         return torch.where((offsets == 0) & (shift == 1), torch.full_like(position, -1), position)
+
+
+class RowPacker:
+    """Windows into rows of ``width`` cells: each, longest first, goes to the row with the most room.
+
+    Worst-fit decreasing: given windows sorted by decreasing length, a window joins the row with the
+    most room when it fits there, else opens a new row. The batch sampler (to fill a token budget)
+    and :func:`pad_collate` (to lay the batch out) run the same packer on the same order, so both
+    agree on the rows.
+    """
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.rows: list[list[int]] = []
+        self._room: list[tuple[int, int]] = []  # heap of (-room, row)
+
+    def fits(self, length: int) -> bool:
+        """Whether a window of ``length`` fits into an existing row."""
+        return bool(self._room) and -self._room[0][0] >= length
+
+    def add(self, item: int, length: int) -> None:
+        """Place ``item`` (a window of ``length`` tokens)."""
+        if length > self.width:
+            raise ValueError(f"a window of {length} tokens does not fit rows of {self.width}; add the longest first")
+        if self.fits(length):
+            room, row = heapq.heappop(self._room)
+            self.rows[row].append(item)
+            heapq.heappush(self._room, (room + length, row))
+        else:
+            self.rows.append([item])
+            heapq.heappush(self._room, (length - self.width, len(self.rows) - 1))
 
 
 @dataclass(frozen=True)
@@ -304,9 +391,10 @@ class PadCollate:
     """``collate_fn`` padding with ``pad_token_id`` (a class, so DataLoader workers can pickle it)."""
 
     pad_token_id: int
+    pack: bool = False
 
     def __call__(self, items: list[Window]) -> WindowBatch:
-        return pad_collate(items, self.pad_token_id)
+        return pad_collate(items, self.pad_token_id, self.pack)
 
 
 def pad_id_of(tokenizer: Any) -> int:
@@ -317,19 +405,44 @@ def pad_id_of(tokenizer: Any) -> int:
     return int(pad)
 
 
-def pad_collate(items: list[Window], pad_token_id: int) -> WindowBatch:
-    """Pad windows on the right to the longest one; empty windows are dropped and counted."""
+def pad_collate(items: list[Window], pad_token_id: int, pack: bool = False) -> WindowBatch:
+    """Pad windows on the right to the longest one; empty windows are dropped and counted.
+
+    With ``pack``, windows share rows and ``segment`` says which window each cell holds; window
+    fields stay in item order. The rows are those the batch sampler chose (``Window.row``) when it
+    chose them, else the windows are packed here into rows as wide as the longest one
+    (:class:`RowPacker`, longest first).
+    """
     kept = [w for w in items if w.input_ids.numel() > 0]
-    width = max((w.input_ids.numel() for w in kept), default=0)
-    input_ids = torch.full((len(kept), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(kept), width), dtype=torch.long)
-    for row, w in enumerate(kept):
-        input_ids[row, : w.input_ids.numel()] = w.input_ids
-        attention_mask[row, : w.input_ids.numel()] = 1
+    if pack and kept and all(w.row >= 0 for w in kept):
+        by_row: dict[int, list[int]] = {}
+        for i, w in enumerate(kept):
+            by_row.setdefault(w.row, []).append(i)
+        rows = list(by_row.values())
+    elif pack:
+        packer = RowPacker(max((w.input_ids.numel() for w in kept), default=0))
+        for i in sorted(range(len(kept)), key=lambda i: -kept[i].input_ids.numel()):  # stable
+            packer.add(i, kept[i].input_ids.numel())
+        rows = packer.rows
+    else:
+        rows = [[i] for i in range(len(kept))]
+    width = max((sum(kept[i].input_ids.numel() for i in row) for row in rows), default=0)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    segment = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            n = kept[i].input_ids.numel()
+            input_ids[r, at:at + n] = kept[i].input_ids
+            attention_mask[r, at:at + n] = 1
+            segment[r, at:at + n] = i
+            at += n
     return WindowBatch(input_ids, attention_mask,
                        torch.tensor([w.doc_index for w in kept], dtype=torch.long),
                        torch.tensor([w.window_start for w in kept], dtype=torch.long),
-                       len(items) - len(kept), torch.tensor([w.bos for w in kept], dtype=torch.bool))
+                       len(items) - len(kept), torch.tensor([w.bos for w in kept], dtype=torch.bool),
+                       segment if pack else None)
 
 
 @dataclass(frozen=True)
@@ -358,6 +471,11 @@ class LoaderConfig:
     with many others: a forward pass has a fixed cost (weights read, and cast under autocast), so
     32 windows of ~45 tokens cost about twice as much per token as 32 x 128. Token lengths are
     measured by tokenising each group once more (fast, batched)."""
+    pack_windows: bool = False
+    """Let short windows share a row (:class:`RowPacker`) instead of each padding its own; the
+    forward pass masks attention between them, so activations are unchanged and padding nearly
+    vanishes (with ``max_batch_tokens`` the budget counts packed rows). Needs a causal model with
+    rotary, ALiBi or learned absolute position embeddings."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Other ``torch.utils.data.DataLoader`` arguments, passed through."""
 
@@ -380,15 +498,18 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
     ``batch_size * group_batches``, each group sorted by length (longest first) and split into
     batches of ``batch_size`` windows (by character length, so nothing is tokenised twice) or, with
     ``max_batch_tokens``, filled up to that many padded token cells (by exact window length).
-    Lengths are read one group at a time, so a huge dataset is never scanned up front. The batch
-    list is a pure function of (indices, seed, epoch).
+    With ``pack`` and a token budget, each group is packed whole into rows as wide as its longest
+    window (:class:`RowPacker`) and cut into batches of ``max_batch_tokens // width`` rows; each
+    index then comes as a :class:`PackedIndex` naming its row. Lengths are read one group at a
+    time, so a huge dataset is never scanned up front. The batch list is a pure function of
+    (indices, seed, epoch).
     """
 
     def __init__(self, dataset: WindowedTextDataset, indices: Sequence[int], batch_size: int,
-                 group_batches: int, shuffle: bool, max_batch_tokens: int | None = None) -> None:
+                 group_batches: int, shuffle: bool, max_batch_tokens: int | None = None, pack: bool = False) -> None:
         self.dataset, self.indices = dataset, list(indices)
         self.batch_size, self.group = batch_size, batch_size * group_batches
-        self.shuffle, self.max_batch_tokens = shuffle, max_batch_tokens
+        self.shuffle, self.max_batch_tokens, self.pack = shuffle, max_batch_tokens, pack
         self._length: int | None = None
 
     def __len__(self) -> int:
@@ -399,7 +520,7 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
         return sum(-(-len(self.indices[s:s + self.group]) // self.batch_size)
                    for s in range(0, len(self.indices), self.group))
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[Any]]:
         order = self.indices
         if self.shuffle:
             rng = np.random.default_rng((self.dataset.seed, self.dataset.epoch))
@@ -413,9 +534,12 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
             else:
                 yield from self._token_batches(group)
 
-    def _token_batches(self, group: list[int]) -> Iterator[list[int]]:
+    def _token_batches(self, group: list[int]) -> Iterator[list[Any]]:
         lengths = dict(zip(group, self.dataset.window_lengths(group), strict=True))
         group = sorted(group, key=lambda i: -lengths[i])  # stable: ties keep document order
+        if self.pack:
+            yield from self._packed_batches(group, lengths)
+            return
         batch: list[int] = []
         for index in group:
             width = max(lengths[batch[0]] if batch else lengths[index], 1)  # the first window is the longest
@@ -425,6 +549,20 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
             batch.append(index)
         if batch:
             yield batch
+
+    def _packed_batches(self, group: list[int], lengths: dict[int, int]) -> Iterator[list[PackedIndex]]:
+        """The whole group packed into rows as wide as its longest window, then cut into batches of rows.
+
+        Packing the group at once pairs long windows with short ones across the length order.
+        """
+        assert self.max_batch_tokens is not None
+        packer = RowPacker(max(max((lengths[i] for i in group), default=1), 1))
+        for index in group:
+            packer.add(index, lengths[index])
+        per_batch = max(1, self.max_batch_tokens // packer.width)
+        for start in range(0, len(packer.rows), per_batch):
+            rows = packer.rows[start:start + per_batch]
+            yield [PackedIndex(index, row) for row, items in enumerate(rows) for index in items]
 
 
 class SkipBatches(torch.utils.data.Sampler):
@@ -449,7 +587,7 @@ def make_dataloader(dataset: WindowedTextDataset | IterableWindowedTextDataset,
     batches without tokenising them. A streaming dataset takes neither ``indices`` (it splits by
     rank itself) nor ``start_batch`` (skip batches while iterating).
     """
-    common = dict(collate_fn=PadCollate(pad_id_of(dataset.tokenizer)), num_workers=cfg.num_dataloader_workers,
+    common = dict(collate_fn=PadCollate(pad_id_of(dataset.tokenizer), cfg.pack_windows), num_workers=cfg.num_dataloader_workers,
                   pin_memory=cfg.pin_memory, persistent_workers=cfg.persistent_workers, **cfg.extra)
     if isinstance(dataset, IterableWindowedTextDataset):
         if indices is not None or start_batch:
@@ -460,7 +598,7 @@ def make_dataloader(dataset: WindowedTextDataset | IterableWindowedTextDataset,
     indices = range(len(dataset)) if indices is None else indices
     if cfg.group_by_length:
         batches: Any = LengthGroupedBatchSampler(dataset, indices, cfg.batch_size, cfg.length_group_batches,
-                                                 cfg.shuffle, cfg.max_batch_tokens)
+                                                 cfg.shuffle, cfg.max_batch_tokens, cfg.pack_windows)
         return DataLoader(dataset, batch_sampler=SkipBatches(batches, start_batch), **common)
     generator = torch.Generator().manual_seed(dataset.seed * 1_000_003 + dataset.epoch)
     source = torch.utils.data.Subset(dataset, list(indices))

@@ -113,6 +113,9 @@ class StoreConfig:
     """``safetensors`` (flat rows, memory-mappable) or ``npz`` (compressed padded chunks)."""
     group_by_length: bool = True
     """Batch documents of similar length together (less padding)."""
+    pack_windows: bool = False
+    """Let short windows share a row, kept apart by the attention mask (nearly no padding; same
+    activations). Safetensors shards only: an NPZ chunk keeps one window per row."""
     num_dataloader_workers: int = 0
     """Tokenising worker processes (0: in the main process)."""
     pin_memory: bool = False
@@ -131,6 +134,9 @@ class StoreConfig:
             raise ValueError(f"storage_dtype must be float32, float16 or bfloat16, got {self.storage_dtype!r}")
         if self.forward_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"forward_dtype must be float32, float16 or bfloat16, got {self.forward_dtype!r}")
+        if self.shard_format == "npz" and self.pack_windows:
+            raise ValueError("NPZ chunks keep one window per row, so they cannot hold packed rows; "
+                             "use shard_format='safetensors' or pack_windows=False")
         if self.shard_format == "npz" and self.storage_dtype == "bfloat16":
             raise ValueError("NPZ shards cannot hold bfloat16; use storage_dtype float16 or the safetensors format")
         if self.sample_limit is not None and self.sample_limit <= 0:
@@ -152,7 +158,8 @@ class StoreConfig:
     def loader(self) -> LoaderConfig:
         """The DataLoader knobs of this config."""
         return LoaderConfig(self.batch_size, self.num_dataloader_workers, self.pin_memory, self.persistent_workers,
-                            group_by_length=self.group_by_length, max_batch_tokens=self.batch_tokens)
+                            group_by_length=self.group_by_length, max_batch_tokens=self.batch_tokens,
+                            pack_windows=self.pack_windows)
 
 
 def resolve_hooks(model: HookedTransformer, layer_signature: str | int | Sequence[str | int]) -> list[str]:
@@ -316,6 +323,8 @@ def save(model: HookedTransformer, layer_signature: str | int | Sequence[str | i
                                                              if k not in ("policy", "pin_memory", "persistent_workers", "num_dataloader_workers")}}
     if streaming:
         identity["num_dataloader_workers"] = cfg.num_dataloader_workers
+    if not cfg.pack_windows:  # runs written before packing existed stay resumable
+        del identity["pack_windows"]
     header = {"model": model_summary(model), "hooks": hooks, "d_model": model.cfg.d_model, "tensor_keys": keys,
               "forward_dtype": cfg.forward_dtype, "storage_dtype": cfg.storage_dtype, "dataset": data_description,
               "tokenizer": {"name": getattr(tokenizer, "name_or_path", None), "vocab_size": len(tokenizer),
@@ -385,11 +394,12 @@ def _collect(model: HookedTransformer, hooks: list[str], texts: Any, cfg: StoreC
     for number, batch in tqdm(batches, total=total, initial=start, disable=not show_progress,
                               desc=f"activations {writer.run_dir.name}"):
         buffer.counts["batches"] += 1
-        buffer.counts["samples"] += batch.input_ids.shape[0] + batch.n_empty
+        buffer.counts["samples"] += batch.n_windows + batch.n_empty
         buffer.counts["empty_texts"] += batch.n_empty
         if batch.input_ids.numel() == 0:
             continue
-        keep = select_positions(policy.keep_mask(batch.input_ids, batch.attention_mask, tokenizer), cfg.positions)
+        keep = select_positions(policy.keep_mask(batch.input_ids, batch.attention_mask, tokenizer), cfg.positions,
+                                batch)
         acts = batch_activations(model, batch, hooks, policy, cfg.forward_dtype, cfg.positions, number)
         buffer.counts["tokens"] += acts.n_tokens_seen
         buffer.add(acts, batch, keep)

@@ -16,7 +16,7 @@ import torch
 
 from sae_core import store as store_module
 from sae_core.activations import TokenPolicy
-from sae_core.data import TextSourceConfig
+from sae_core.data import LoaderConfig, TextSourceConfig, WindowedTextDataset, make_dataloader
 from sae_core.store import (
     ActivationRun,
     ShardedRows,
@@ -395,12 +395,18 @@ def test_shard_writer_npz_chunks_for_two_pass_extraction(tmp_path):
 
 
 @pytest.mark.slow
-def test_stored_activations_equal_an_hf_forward_hook(smollm2, smollm2_hf, corpus_texts, tmp_path):
+@pytest.mark.parametrize("pack_windows", [False, True])
+def test_stored_activations_equal_an_hf_forward_hook(smollm2, smollm2_hf, corpus_texts, tmp_path, pack_windows):
     layer = 10
     hook = f"blocks.{layer}.hook_resid_post"
-    docs = list(corpus_texts[:8])
+    docs = list(corpus_texts[:6]) + sorted(corpus_texts[6:100], key=len)[:6]  # long ones, and short ones to pack
+    if pack_windows:  # short windows do share rows
+        rows = sum(b.input_ids.shape[0] for b in make_dataloader(
+            WindowedTextDataset(docs, smollm2.tokenizer, 64), LoaderConfig(batch_size=4, pack_windows=True)))
+        assert rows < len(docs)
     run = ActivationRun.open(tmp_path, save(smollm2, hook, docs, tmp_path, batch_size=4, shard_size=128,
-                                            max_text_length=64, forward_dtype="float32", progress=False))
+                                            max_text_length=64, forward_dtype="float32", progress=False,
+                                            pack_windows=pack_windows))
     acts, ids, doc_index, position = run.activations(), run.token_ids(), run.doc_index(), run.position()
     tok = smollm2.tokenizer
     special = set(tok.all_special_ids)

@@ -31,7 +31,8 @@ SAE_ID = "layer_12/width_16k/canonical"
 DATASET = {"source": "fortunes", "sample_limit": None, "seed": 0}
 # Activation collection: bf16 autocast is the fast path on GPUs and recent CPUs.
 EXTRACTION = {"max_text_length": 128, "batch_size": 32, "shard_size": 65536, "forward_dtype": "bfloat16",
-              "storage_dtype": "float32", "exclude_special_tokens": True, "sample_limit": None}
+              "storage_dtype": "float32", "exclude_special_tokens": True, "sample_limit": None,
+              "batch_tokens": 4096, "pack_windows": True}
 # Whitening statistics.
 WHITENING = {"method": "zca", "eps": 1e-4, "sample_limit": 20000}
 # A TopK SAE like the released ones.

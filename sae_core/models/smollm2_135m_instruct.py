@@ -34,7 +34,8 @@ EXTRACTION = {
     "storage_dtype": "float32",
     "exclude_special_tokens": True,  # BOS/EOS rows are dropped; pad rows always are
     "sample_limit": 2000,          # documents collected by the demo
-    "batch_tokens": 4096,          # pack short documents: up to this many tokens per forward pass
+    "batch_tokens": 4096,          # up to this many token cells per forward pass (32 x 128)
+    "pack_windows": True,          # short windows share a row, kept apart by the attention mask
 }
 
 # Welford whitening statistics.

@@ -34,7 +34,8 @@ HOOK_POINTS = ["blocks.1.hook_resid_post"]
 DATASET = {"source": "fortunes", "sample_limit": 200, "seed": 0}
 # Small windows and shards so tests exercise several shards.
 EXTRACTION = {"max_text_length": 32, "batch_size": 8, "shard_size": 256, "forward_dtype": "float32",
-              "storage_dtype": "float32", "exclude_special_tokens": True, "sample_limit": 64}
+              "storage_dtype": "float32", "exclude_special_tokens": True, "sample_limit": 64,
+              "pack_windows": True}
 # Whitening with a small regulariser.
 WHITENING = {"method": "zca", "eps": 1e-4, "sample_limit": 64}
 # A small SAE that trains in seconds.

@@ -66,7 +66,7 @@ def activation_rows(result: dict[str, Any]) -> list[str]:
                  ">= 0.95x", ratio.get("bp_over_a2p_same_batches", 0) >= 0.95),
             _row(f"… save without packing (each window its own row) vs SAELens, {precision}",
                  rate.get("bt_save_token_budget"), rate.get("c_saelens_cache_activations"),
-                 ratio.get("bt_over_c_saelens"), "", None),
+                 ratio.get("bt_over_c_saelens"), "reference", None),
             _row(f"context: SAELens cache runner / bare forward on packed 32x128, {precision}", None,
                  rate.get("c_saelens_cache_activations"),
                  _ratio(rate.get("c_saelens_cache_activations"), rate.get("a1_bare_forward_packed_32x128")),

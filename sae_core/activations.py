@@ -107,12 +107,13 @@ def _segment_hooks(model: HookedTransformer, segment: Int[Tensor, "batch pos"],
         raise NotImplementedError(
             f"packing windows needs a causal model with {' / '.join(PACKABLE_POSITIONS)} positions; this model "
             f"has {kind!r} positions and {model.cfg.attention_dir!r} attention. Set pack_windows=False.")
-    device = model.cfg.device
-    segment = segment.to(device)
     apart = (segment[:, :, None] != segment[:, None, :])[:, None]  # (batch, 1, query, key)
+    on_device: dict[torch.device, Tensor] = {}  # blocks may sit on several devices (n_devices > 1)
 
     def mask_scores(scores: Tensor, hook: Any) -> Tensor:
-        return scores.masked_fill_(apart, float("-inf"))
+        if scores.device not in on_device:
+            on_device[scores.device] = apart.to(scores.device)
+        return scores.masked_fill_(on_device[scores.device], float("-inf"))
 
     n_blocks = model.cfg.n_layers if stop is None else stop
     hooks: list[tuple[str, Any]] = [(f"blocks.{layer}.attn.hook_attn_scores", mask_scores)

@@ -19,8 +19,8 @@
   SmolLM2's PAD id is its EOS id.
 * Packing (``LoaderConfig.pack_windows``): short windows share a row instead of each padding its
   own. :class:`RowPacker` places windows longest first, each into the row with the most room
-  (rows as wide as the batch's longest window), and ``WindowBatch.segment`` records which window
-  every cell holds. The forward pass then masks attention between windows of a row
+  (rows as wide as the longest window of the length group, or of the batch), and
+  ``WindowBatch.segment`` records which window every cell holds. The forward pass then masks attention between windows of a row
   (:func:`sae_core.activations.run_to_hooks`), so each window's activations are those it has alone.
 
 BOS policy: ``prepend_bos=True`` puts the tokenizer's BOS at position 0 of every window (the
@@ -359,9 +359,9 @@ class RowPacker:
     """Windows into rows of ``width`` cells: each, longest first, goes to the row with the most room.
 
     Worst-fit decreasing: given windows sorted by decreasing length, a window joins the row with the
-    most room when it fits there, else opens a new row. The batch sampler (to fill a token budget)
-    and :func:`pad_collate` (to lay the batch out) run the same packer on the same order, so both
-    agree on the rows.
+    most room when it fits there, else opens a new row (a heap of rooms, so O(log rows) a window).
+    The token-budget batch sampler packs a whole length group this way and hands the rows to
+    :func:`pad_collate` (``Window.row``); other loaders pack each batch in the collate.
     """
 
     def __init__(self, width: int) -> None:

@@ -138,6 +138,9 @@ class ModelActivationSource:
             raise ValueError(f"rank {rank} of {world} has no training documents; give at least {world} documents")
         self.model, self.dataset, self.hooks = model, dataset, list(hooks)
         self.loader_config, self.policy, self.forward_dtype = loader or LoaderConfig(), policy, forward_dtype
+        if self.loader_config.pack_windows:
+            raise ValueError("training batches windows of one length (TokenBudgetBatchSampler), so rows have no "
+                             "room to share; pass a LoaderConfig with pack_windows=False")
         self.sampler = TokenBudgetBatchSampler(dataset, share, batch_tokens, group_documents)
 
     def loader(self, start_batch: int = 0) -> DataLoader:

@@ -181,3 +181,12 @@ def test_save_packed_equals_save_unpacked(tiny_model, corpus_texts, tmp_path):
         save(tiny_model, HOOKS, docs, tmp_path / "True", run_id=runs[True].run_id, pack_windows=False, **common)
     with pytest.raises(ValueError, match="NPZ chunks"):
         save(tiny_model, HOOKS, docs, tmp_path, shard_format="npz", pack_windows=True, **common)
+
+
+def test_training_source_refuses_packing(tiny_model, corpus_texts):
+    from sae_core.training_data import ModelActivationSource
+
+    dataset = WindowedTextDataset(corpus_texts[:20], tiny_model.tokenizer, 32)
+    with pytest.raises(ValueError, match="pack_windows=False"):
+        ModelActivationSource(tiny_model, dataset, HOOKS[:1], TokenPolicy(), "float32",
+                              loader=LoaderConfig(pack_windows=True))

@@ -8,7 +8,9 @@ Extraction (:func:`save`) runs the windowed loader, :func:`~sae_core.activations
 and the writer in one loop. Data parallel under ``torchrun``: rank ``r`` takes documents
 ``r::world_size``, writes ``shard-r<r>-*`` and ``meta.rank<r>.json``; after a barrier rank 0 merges
 them into ``meta.json``. Hand-written rather than SAELens's ``CacheActivationsRunner`` because that
-writes one HF arrow dataset per hook, packs documents together into contexts, and cannot resume.
+writes one HF arrow dataset per hook, runs documents together in shared contexts (each attends to
+the ones before it), and cannot resume. With ``pack_windows`` our windows share rows too, but
+masked apart, so every window's activations are the ones it has alone.
 
 The shard files and their writer live in :mod:`sae_core.shards`, reading runs back in
 :mod:`sae_core.runs`; their public names are re-exported here.
@@ -108,7 +110,8 @@ class StoreConfig:
     prepend_bos: bool = False
     """Put BOS at position 0 of every window (recorded in the metadata)."""
     positions: str | tuple[int, ...] = "all"
-    """Rows kept per window: ``"all"``, ``"last"`` (last kept token) or a tuple of window positions."""
+    """Rows kept per window: ``"all"``, ``"last"`` (last kept token) or a tuple of window positions
+    (negative ones count from the window's last token)."""
     shard_format: str = "safetensors"
     """``safetensors`` (flat rows, memory-mappable) or ``npz`` (compressed padded chunks)."""
     group_by_length: bool = True

@@ -190,3 +190,14 @@ def test_training_source_refuses_packing(tiny_model, corpus_texts):
     with pytest.raises(ValueError, match="pack_windows=False"):
         ModelActivationSource(tiny_model, dataset, HOOKS[:1], TokenPolicy(), "float32",
                               loader=LoaderConfig(pack_windows=True))
+
+
+def test_negative_positions_count_from_each_windows_end(tiny_model):
+    items = _windows(tiny_model, prepend_bos=False)
+    pad = pad_id_of(tiny_model.tokenizer)
+    want = sorted((w.doc_index, w.window_start + w.input_ids.numel() - offset)
+                  for w in items for offset in (1, 2) if w.input_ids.numel() >= offset)
+    for pack in (False, True):
+        got = batch_activations(tiny_model, pad_collate(items, pad, pack=pack), HOOKS[:1], KEEP_ALL_BUT_PAD,
+                                positions=[-1, -2])
+        assert sorted(_by_cell(got)) == want

@@ -201,3 +201,15 @@ def test_negative_positions_count_from_each_windows_end(tiny_model):
         got = batch_activations(tiny_model, pad_collate(items, pad, pack=pack), HOOKS[:1], KEEP_ALL_BUT_PAD,
                                 positions=[-1, -2])
         assert sorted(_by_cell(got)) == want
+
+
+def test_packed_batches_are_the_same_from_worker_processes(tiny_model, corpus_texts):
+    dataset = WindowedTextDataset(corpus_texts[:80], tiny_model.tokenizer, 64)
+    batches = {}
+    for workers in (0, 1):
+        cfg = LoaderConfig(batch_size=8, max_batch_tokens=8 * 64, pack_windows=True, num_dataloader_workers=workers)
+        batches[workers] = list(make_dataloader(dataset, cfg))
+    assert len(batches[0]) == len(batches[1])
+    for a, b in zip(batches[0], batches[1], strict=True):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.segment, b.segment)
+        assert torch.equal(a.doc_index, b.doc_index)

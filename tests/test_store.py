@@ -395,8 +395,9 @@ def test_shard_writer_npz_chunks_for_two_pass_extraction(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pack_windows", [False, True])
-def test_stored_activations_equal_an_hf_forward_hook(smollm2, smollm2_hf, corpus_texts, tmp_path, pack_windows):
+@pytest.mark.parametrize("pack_windows,compile_forward", [(False, False), (True, False), (True, True)])
+def test_stored_activations_equal_an_hf_forward_hook(smollm2, smollm2_hf, corpus_texts, tmp_path, pack_windows,
+                                                     compile_forward):
     layer = 10
     hook = f"blocks.{layer}.hook_resid_post"
     docs = list(corpus_texts[:6]) + sorted(corpus_texts[6:100], key=len)[:6]  # long ones, and short ones to pack
@@ -406,7 +407,11 @@ def test_stored_activations_equal_an_hf_forward_hook(smollm2, smollm2_hf, corpus
         assert rows < len(docs)
     run = ActivationRun.open(tmp_path, save(smollm2, hook, docs, tmp_path, batch_size=4, shard_size=128,
                                             max_text_length=64, forward_dtype="float32", progress=False,
-                                            pack_windows=pack_windows))
+                                            pack_windows=pack_windows, compile_forward=compile_forward))
+    if compile_forward:  # the compiled forward did run (it falls back to the eager one when it cannot)
+        from sae_core.activations import compiled_forward
+
+        assert compiled_forward(smollm2).compiled_calls > 0 and compiled_forward(smollm2).disabled is None
     acts, ids, doc_index, position = run.activations(), run.token_ids(), run.doc_index(), run.position()
     tok = smollm2.tokenizer
     special = set(tok.all_special_ids)

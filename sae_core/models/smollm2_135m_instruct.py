@@ -36,6 +36,8 @@ EXTRACTION = {
     "sample_limit": 2000,          # documents collected by the demo
     "batch_tokens": 4096,          # up to this many token cells per forward pass (32 x 128)
     "pack_windows": True,          # short windows share a row, kept apart by the attention mask
+    "compile_forward": False,      # True: torch.compile the forward, ~1.2x (fp32) / ~1.5x (bf16) faster
+                                   # after a one-off compile of ~1 min; worth it from ~0.5M tokens on
 }
 
 # Welford whitening statistics.

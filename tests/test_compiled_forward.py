@@ -1,0 +1,165 @@
+"""The ``torch.compile``d forward (``run_to_hooks(..., compile=True)``) against the eager TransformerLens forward."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from sae_core.activations import compiled_forward, run_to_hooks
+from sae_core.data import WindowedTextDataset, pad_collate, pad_id_of
+from sae_core.store import ActivationRun, save
+
+TEXTS = ["The cat sat on the mat and looked at the dog for a long while.", "Hi", "Sparse features.",
+         "One two three four five six seven eight nine ten eleven twelve thirteen", "A", "Yes, no, maybe.",
+         "Short", "The quick brown fox jumps over the lazy dog, twice and then once more."]
+HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+
+
+def _batches(model, texts=TEXTS, max_len=16):
+    dataset = WindowedTextDataset(texts, model.tokenizer, max_len, prepend_bos=True)
+    items = [dataset[i] for i in range(len(texts))]
+    pad = pad_id_of(model.tokenizer)
+    return pad_collate(items, pad), pad_collate(items, pad, pack=True)
+
+
+def _fresh_model(tokenizer, positions="rotary"):
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=64, n_ctx=128, act_fn="silu",
+                                  normalization_type="RMS", positional_embedding_type=positions,
+                                  d_vocab=len(tokenizer), seed=3)
+    model = HookedTransformer(cfg, tokenizer=tokenizer)
+    model.eval()
+    return model
+
+
+def _no_hooks_left(model):
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_compiled_equals_eager_plain_and_packed_over_varying_shapes(tiny_model):
+    compiled = compiled_forward(tiny_model)
+    calls = compiled.compiled_calls
+    short = _batches(tiny_model, TEXTS[:5], max_len=12)
+    long = _batches(tiny_model, TEXTS, max_len=16)
+    for batch in (*short, *long):  # two graphs (plain, packed); the second shapes reuse them
+        got = run_to_hooks(tiny_model, HOOKS, batch.input_ids, batch=batch, compile=True)
+        want = run_to_hooks(tiny_model, HOOKS, batch.input_ids, batch=batch)
+        for hook in HOOKS:
+            torch.testing.assert_close(got[hook], want[hook], rtol=0, atol=1e-5)
+    assert compiled.compiled_calls == calls + 4 and compiled.disabled is None
+    assert _no_hooks_left(tiny_model)
+
+
+def test_compiled_packed_rows_are_kept_apart(tiny_model):
+    """The window mask is a graph input: a packed batch's windows match their unpacked selves."""
+    plain, packed = _batches(tiny_model)
+    got = run_to_hooks(tiny_model, HOOKS[-1:], packed.input_ids, batch=packed, compile=True)[HOOKS[-1]]
+    want = run_to_hooks(tiny_model, HOOKS[-1:], plain.input_ids)[HOOKS[-1]]
+    offsets, windows = packed.cell_offsets(), packed.cell_windows()
+    real = packed.attention_mask.bool()
+    rows = [int(plain.doc_index.tolist().index(int(packed.doc_index[w]))) for w in windows[real].tolist()]
+    torch.testing.assert_close(got[real], want[rows, offsets[real]], rtol=0, atol=2e-5)
+    leaky = run_to_hooks(tiny_model, HOOKS[-1:], packed.input_ids, compile=True)[HOOKS[-1]]  # no mask
+    assert (leaky[real] - got[real]).abs().amax() > 1e-3
+
+
+def test_learned_positions_restart_in_compiled_packed_rows(tiny_model):
+    model = _fresh_model(tiny_model.tokenizer, positions="standard")
+    plain, packed = _batches(model)
+    got = run_to_hooks(model, HOOKS, packed.input_ids, batch=packed, compile=True)
+    want = run_to_hooks(model, HOOKS, packed.input_ids, batch=packed)
+    for hook in HOOKS:
+        torch.testing.assert_close(got[hook], want[hook], rtol=0, atol=1e-5)
+    assert compiled_forward(model).compiled_calls == 1
+
+
+def test_hook_sets_with_the_same_stop_layer_never_share_a_graph(tiny_model):
+    plain, _ = _batches(tiny_model)
+    outs = {}
+    for hooks in (["blocks.1.hook_mlp_out"], ["blocks.1.hook_resid_mid"], ["blocks.1.hook_mlp_out"]):
+        got = run_to_hooks(tiny_model, hooks, plain.input_ids, compile=True)
+        want = run_to_hooks(tiny_model, hooks, plain.input_ids)
+        torch.testing.assert_close(got[hooks[0]], want[hooks[0]], rtol=0, atol=1e-5)
+        outs[hooks[0]] = got[hooks[0]]
+    assert (outs["blocks.1.hook_mlp_out"] - outs["blocks.1.hook_resid_mid"]).abs().amax() > 1e-2
+
+
+def test_compiled_bfloat16_runs_under_autocast(tiny_model):
+    plain, _ = _batches(tiny_model)
+    hook = HOOKS[-1]
+    exact = run_to_hooks(tiny_model, [hook], plain.input_ids, "float32")[hook]
+    eager = run_to_hooks(tiny_model, [hook], plain.input_ids, "bfloat16")[hook]
+    got = run_to_hooks(tiny_model, [hook], plain.input_ids, "bfloat16", compile=True)[hook]
+    error, eager_error = (got.float() - exact).abs().amax(), (eager.float() - exact).abs().amax()
+    assert error > 1e-4  # bfloat16 did run: float32 would match to ~1e-6
+    assert error <= 2 * eager_error  # and no worse than the eager autocast forward
+
+
+def test_other_hooks_and_inference_mode_take_the_eager_forward(tiny_model):
+    plain, _ = _batches(tiny_model)
+    compiled = compiled_forward(tiny_model)
+    calls = compiled.compiled_calls
+
+    def ablate(tensor, hook):
+        return torch.zeros_like(tensor)
+
+    with tiny_model.hooks(fwd_hooks=[("blocks.0.hook_mlp_out", ablate)]):
+        got = run_to_hooks(tiny_model, HOOKS, plain.input_ids, compile=True)
+        want = run_to_hooks(tiny_model, HOOKS, plain.input_ids)
+    with torch.inference_mode():
+        inference = run_to_hooks(tiny_model, HOOKS, plain.input_ids, compile=True)
+    clean = run_to_hooks(tiny_model, HOOKS, plain.input_ids)
+    for hook in HOOKS:
+        assert torch.equal(got[hook], want[hook])  # the user's ablation took effect
+        assert torch.equal(inference[hook], clean[hook])
+    assert (got[HOOKS[-1]] - clean[HOOKS[-1]]).abs().amax() > 1e-3
+    assert compiled.compiled_calls == calls
+    assert _no_hooks_left(tiny_model)
+
+
+def test_a_failing_compiler_falls_back_to_the_eager_forward(tiny_model, caplog):
+    model = _fresh_model(tiny_model.tokenizer)
+    plain, packed = _batches(model)
+    attempts = []
+
+    def broken(*args):
+        attempts.append(args)
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+    compiled_forward(model).fn = broken
+    with caplog.at_level(logging.WARNING, logger="sae_core.activations"):
+        first = run_to_hooks(model, HOOKS, packed.input_ids, batch=packed, compile=True)
+        second = run_to_hooks(model, HOOKS, plain.input_ids, batch=plain, compile=True)
+    assert "C++ compiler" in caplog.text and "eager forward" in caplog.text
+    assert len(attempts) == 1 and "InvalidCxxCompiler" in compiled_forward(model).disabled
+    for batch, got in ((packed, first), (plain, second)):
+        want = run_to_hooks(model, HOOKS, batch.input_ids, batch=batch)
+        for hook in HOOKS:
+            assert torch.equal(got[hook], want[hook])
+    assert _no_hooks_left(model)
+
+
+def test_save_with_the_compiled_forward_stores_the_same_rows(tiny_model, corpus_texts, tmp_path):
+    docs = list(corpus_texts[:40])
+    common = dict(max_text_length=32, batch_size=8, batch_tokens=8 * 32, shard_size=200, progress=False,
+                  pack_windows=True)
+    runs = {flag: ActivationRun.open(tmp_path / str(flag), save(tiny_model, HOOKS, docs, tmp_path / str(flag),
+                                                                compile_forward=flag, **common))
+            for flag in (False, True)}
+    eager, compiled = runs[False], runs[True]
+    assert compiled.meta["config"]["compile_forward"] is True
+    for read in ("doc_index", "position", "token_ids"):
+        assert torch.equal(torch.as_tensor(getattr(compiled, read)()), torch.as_tensor(getattr(eager, read)()))
+    for hook in HOOKS:
+        torch.testing.assert_close(torch.as_tensor(compiled.activations(hook)[:]),
+                                   torch.as_tensor(eager.activations(hook)[:]), rtol=0, atol=2e-5)
+    for key in ("sample_count", "token_count", "batch_count"):
+        assert compiled.meta[key] == eager.meta[key]
+    # compile_forward is not part of a run's identity: the run resumes (here: is complete) either way
+    assert save(tiny_model, HOOKS, docs, tmp_path / "True", run_id=compiled.run_id, compile_forward=False,
+                **common) == compiled.run_id
+    with pytest.raises(ValueError, match="cannot resume"):
+        save(tiny_model, HOOKS, docs, tmp_path / "True", run_id=compiled.run_id, compile_forward=False,
+             **{**common, "pack_windows": False})

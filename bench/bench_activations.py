@@ -1,6 +1,6 @@
 """Activation extraction throughput: ``sae_core.store.save`` vs the bare forward and SAELens.
 
-    python -m bench.bench_activations            # full run (~25 min; run it on a quiet machine)
+    python -m bench.bench_activations            # full run (~27 min; run it on a quiet machine)
     python -m bench.bench_activations --quick    # smoke run (a few minutes), validates the pipeline
 
 Writes ``bench/results/bench_activations[_quick].json``. On SmolLM2-135M-Instruct (CPU), for each
@@ -31,9 +31,10 @@ are the first fortunes whose windows hold about as many tokens as SAELens proces
 same amount of real work.
 
 Three hooks (resid_post of blocks 4, 10, 16): one packed ``save`` run collecting all three in one
-forward (b3pc compiled, b3p eager) versus three single-hook SAELens runs. Ratios are what to read: the machine is shared.
-SAELens's cache runner costs little beyond its forward pass, so ``c / a1`` bounds what any
-extraction on the same TransformerLens forward can gain over it (reported as a ratio).
+forward (b3pc compiled, b3p eager) versus three single-hook SAELens runs. Ratios are what to
+read: the machine is shared. SAELens's cache runner costs little beyond its forward pass, so
+``c / a1`` bounds what an extraction on the same eager forward can gain over it (reported as a
+ratio); the compiled cases are how ``save`` gets past that bound.
 """
 
 from __future__ import annotations

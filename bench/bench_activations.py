@@ -100,12 +100,8 @@ def bare_forward(model: Any, batches: list[torch.Tensor], stop: int | None, prec
 
 def our_batches(model: Any, docs: list[str], batch_tokens: int | None,
                 pack: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The padded (or packed) batches ``save`` forwards for ``docs`` (same loader, same order)."""
-    from sae_core.data import LoaderConfig, WindowedTextDataset, make_dataloader
-
-    dataset = WindowedTextDataset(docs, model.tokenizer, CONTEXT, seed=0)
-    cfg = LoaderConfig(batch_size=BATCH, max_batch_tokens=batch_tokens, pack_windows=pack)
-    return [(b.input_ids, b.attention_mask) for b in make_dataloader(dataset, cfg)]
+    """The padded (or packed) batches ``save`` forwards for ``docs``, as (input_ids, attention_mask)."""
+    return [(b.input_ids, b.attention_mask) for b in window_batches(model, docs, batch_tokens, pack)]
 
 
 def run_save(model: Any, hooks: list[str], docs: list[str], precision: str, root: Path,
@@ -134,7 +130,7 @@ def compiled_forward_only(model: Any, batches: list[Any], hooks: list[str], prec
     return tokens
 
 
-def window_batches(model: Any, docs: list[str], batch_tokens: int, pack: bool) -> list[Any]:
+def window_batches(model: Any, docs: list[str], batch_tokens: int | None, pack: bool) -> list[Any]:
     """The ``WindowBatch``es ``save`` forwards for ``docs`` (same loader, same order)."""
     from sae_core.data import LoaderConfig, WindowedTextDataset, make_dataloader
 
@@ -185,6 +181,7 @@ def interleaved(cases: dict[str, Any], repeats: int, label: str) -> dict[str, An
 
 def bench_precision(model: Any, texts: list[str], corpus: Any, precision: str, n_tokens: int,
                     repeats: int, root: Path) -> dict[str, Any]:
+    from sae_core.activations import compiled_forward
     from sae_core.hooks import stop_layer_for
 
     tok = model.tokenizer
@@ -228,8 +225,6 @@ def bench_precision(model: Any, texts: list[str], corpus: Any, precision: str, n
         cases[name]()
         warmup[name] = round(time.perf_counter() - start, 1)
     result["compile_warmup_seconds"] = warmup
-    from sae_core.activations import compiled_forward
-
     compiled = compiled_forward(model)
     if compiled.disabled is not None or not compiled.compiled_calls:  # the compiled cases would time eager work
         raise RuntimeError(f"the compiled forward did not run: {compiled.disabled}")

@@ -113,21 +113,27 @@ PACKABLE_POSITIONS = ("rotary", "alibi", "standard", "shortformer")
 _LOGGED_BLOCKERS: set[str] = set()
 
 
-def _check_packable(model: HookedTransformer) -> str:
-    """The model's position type, if packed windows can be kept apart in it; else NotImplementedError."""
+def _packing_hooks(model: HookedTransformer, stop: int | None) -> tuple[list[str], bool]:
+    """The score hook points to mask in a packed batch, and whether positions must restart per window."""
     kind = model.cfg.positional_embedding_type
     if kind not in PACKABLE_POSITIONS or model.cfg.attention_dir != "causal":
         raise NotImplementedError(
             f"packing windows needs a causal model with {' / '.join(PACKABLE_POSITIONS)} positions; this model "
             f"has {kind!r} positions and {model.cfg.attention_dir!r} attention. Set pack_windows=False.")
-    return kind
+    n_blocks = model.cfg.n_layers if stop is None else stop
+    return [f"blocks.{layer}.attn.hook_attn_scores" for layer in range(n_blocks)], kind in ("standard", "shortformer")
+
+
+def _window_mask(segment: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch 1 pos pos"]:
+    """True where query and key cells belong to different windows of a packed row."""
+    return (segment[:, :, None] != segment[:, None, :])[:, None]
 
 
 def _segment_hooks(model: HookedTransformer, segment: Int[Tensor, "batch pos"],
                    offsets: Int[Tensor, "batch pos"], stop: int | None) -> list[tuple[str, Any]]:
     """Hooks keeping the windows of a packed batch apart (see the module docstring)."""
-    kind = _check_packable(model)
-    apart = (segment[:, :, None] != segment[:, None, :])[:, None]  # (batch, 1, query, key)
+    score_hooks, restart = _packing_hooks(model, stop)
+    apart = _window_mask(segment)
     on_device: dict[torch.device, Tensor] = {}  # blocks may sit on several devices (n_devices > 1)
 
     def mask_scores(scores: Tensor, hook: Any) -> Tensor:
@@ -135,10 +141,8 @@ def _segment_hooks(model: HookedTransformer, segment: Int[Tensor, "batch pos"],
             on_device[scores.device] = apart.to(scores.device)
         return scores.masked_fill_(on_device[scores.device], float("-inf"))
 
-    n_blocks = model.cfg.n_layers if stop is None else stop
-    hooks: list[tuple[str, Any]] = [(f"blocks.{layer}.attn.hook_attn_scores", mask_scores)
-                                    for layer in range(n_blocks)]
-    if kind in ("standard", "shortformer"):
+    hooks: list[tuple[str, Any]] = [(name, mask_scores) for name in score_hooks]
+    if restart:
         table = model.pos_embed.W_pos
         index = offsets.to(table.device)
 
@@ -199,11 +203,10 @@ class _CompiledForward:
         apart = pos_index = None
         if batch is not None and batch.segment is not None:
             # Always masked when packed, even if no row holds two windows: one graph, not two.
-            kind = _check_packable(model)
-            apart = (batch.segment[:, :, None] != batch.segment[:, None, :])[:, None].to(device)
-            n_blocks = model.cfg.n_layers if stop is None else stop
-            fwd_hooks += [(f"blocks.{layer}.attn.hook_attn_scores", self._mask) for layer in range(n_blocks)]
-            if kind in ("standard", "shortformer"):
+            score_hooks, restart = _packing_hooks(model, stop)
+            apart = _window_mask(batch.segment).to(device)
+            fwd_hooks += [(name, self._mask) for name in score_hooks]
+            if restart:
                 pos_index = batch.cell_offsets().to(device)
                 fwd_hooks.append(("hook_pos_embed", self._positions))
         fwd_hooks += [(name, self._capture) for name in hooks]

@@ -142,6 +142,9 @@ class StoreConfig:
             raise ValueError(f"storage_dtype must be float32, float16 or bfloat16, got {self.storage_dtype!r}")
         if self.forward_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"forward_dtype must be float32, float16 or bfloat16, got {self.forward_dtype!r}")
+        for flag in ("pack_windows", "compile_forward"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.shard_format == "npz" and self.pack_windows:
             raise ValueError("NPZ chunks keep one window per row, so they cannot hold packed rows; "
                              "use shard_format='safetensors' or pack_windows=False")

@@ -163,3 +163,12 @@ def test_save_with_the_compiled_forward_stores_the_same_rows(tiny_model, corpus_
     with pytest.raises(ValueError, match="cannot resume"):
         save(tiny_model, HOOKS, docs, tmp_path / "True", run_id=compiled.run_id, compile_forward=False,
              **{**common, "pack_windows": False})
+
+
+def test_compile_forward_must_be_a_bool():
+    from sae_core.store import StoreConfig
+
+    with pytest.raises(ValueError, match="compile_forward must be True or False, got 'yes'"):
+        StoreConfig(compile_forward="yes")
+    with pytest.raises(ValueError, match="pack_windows must be True or False"):
+        StoreConfig(pack_windows=1)

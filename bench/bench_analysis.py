@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import RESULTS_DIR, write_result
-from sae_core._io import read_json
+from sae_core.files import read_json
 
 REPO = Path(__file__).resolve().parent.parent
 D_IN = 576  # SmolLM2-135M's d_model

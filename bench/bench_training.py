@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from bench.common import RESULTS_DIR, load_smollm2, write_result
-from sae_core._io import read_json
+from sae_core.files import read_json
 
 HOOK = "blocks.10.hook_resid_post"
 MULTI_HOOKS = ("blocks.4.hook_resid_post", "blocks.10.hook_resid_post", "blocks.16.hook_resid_post")
@@ -52,12 +52,12 @@ STEP_REPEATS = 6  # timed SAE steps in the step-alone measurement
 
 
 def base_config(tokens: int) -> Any:
-    from sae_core.models import load_model_constants
-    from sae_core.training import TrainingConfig
+    from sae_core.models import load_run_config
 
-    constants = load_model_constants("smollm2_135m_instruct")
-    return TrainingConfig(**{"hook_points": (HOOK,), **constants.TRAINING, "total_training_tokens": tokens,
-                             "checkpoint_every_tokens": None})
+    # lr 4e-4: the learning rate the README table was measured at (the package default is now 4e-3).
+    run = load_run_config("smollm2_135m_instruct", [f"training.total_training_tokens={tokens}",
+                                                    "training.checkpoint_every_tokens=None", "optimizer.lr=4e-4"])
+    return run.training_for([HOOK])
 
 
 def quality(result: Any) -> dict[str, float]:
@@ -66,11 +66,10 @@ def quality(result: Any) -> dict[str, float]:
 
 
 def model_source(model: Any, texts: list[str], documents: list[int], cfg: Any) -> Any:
-    from sae_core.data import WindowedTextDataset
+    from sae_core.data import windowed_dataset
     from sae_core.training import model_source as source_of
 
-    dataset = WindowedTextDataset(texts, model.tokenizer, cfg.max_text_length, cfg.seed, cfg.prepend_bos)
-    return source_of(model, dataset, cfg, documents)
+    return source_of(model, windowed_dataset(texts, model.tokenizer, cfg.windows), cfg, documents)
 
 
 def serial_limit(model: Any, texts: list[str], documents: list[int], cfg: Any, tokens: int) -> dict[str, float]:
@@ -78,9 +77,9 @@ def serial_limit(model: Any, texts: list[str], documents: list[int], cfg: Any, t
     from sae_lens.saes.sae import TrainStepInput
 
     from sae_core.training import build_training_sae
-    from sae_core.training_state import SAEState
+    from sae_core.training.state import SAEState
 
-    cfg = dataclasses.replace(cfg, forward_dtype="bfloat16", sae_dtype="bfloat16")
+    cfg = dataclasses.replace(cfg, dtype="bfloat16", sae_dtype="bfloat16")
     rows, chunks = 0, []
     source = model_source(model, texts, documents, cfg)  # window lengths read before the clock starts
     start = time.perf_counter()
@@ -104,7 +103,7 @@ def serial_limit(model: Any, texts: list[str], documents: list[int], cfg: Any, t
 
     ours = timed(lambda b, i: state.step(b, i, log=False))
     peer = build_training_sae(cfg, x.shape[1], HOOK, cfg.seed)
-    optimizer = torch.optim.Adam(peer.parameters(), lr=cfg.lr)  # SAELens's trainer: default Adam
+    optimizer = torch.optim.Adam(peer.parameters(), lr=cfg.optimizer.lr)  # SAELens's trainer: default Adam
 
     def saelens_step(b: torch.Tensor, i: int) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -128,7 +127,7 @@ def serial_pairs(model: Any, texts: list[str], documents: list[int], base: Any, 
     tokens end to end, then measures forward-alone on the same rows and the step alone; the
     fraction is the median over pairs.
     """
-    cfg = dataclasses.replace(base, forward_dtype="bfloat16", sae_dtype="bfloat16", total_training_tokens=tokens)
+    cfg = dataclasses.replace(base, dtype="bfloat16", sae_dtype="bfloat16", total_training_tokens=tokens)
     pairs = []
     for repeat in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
@@ -156,23 +155,23 @@ def run_saelens(model: Any, texts: list[str], cfg: Any, hook: str, autocast: boo
     from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
 
-    steps, context = cfg.total_steps, cfg.max_text_length
+    steps, context = cfg.total_steps, cfg.windows.max_text_length
     # SAELens's mixing buffer holds n_batches_in_buffer contexts; it must hold a batch. It matches
     # our shuffle buffer when the budget is >= 8 buffers (full bench), else the smallest that works.
     mixing = cfg.shuffle_buffer_tokens if cfg.total_training_tokens >= 8 * cfg.shuffle_buffer_tokens else 0
     n_batches_in_buffer = max(32, 2 * cfg.train_batch_size_tokens // context, mixing // context)
     runner_cfg = LanguageModelSAERunnerConfig(
-        sae=TopKTrainingSAEConfig(d_in=model.cfg.d_model, d_sae=cfg.d_sae_for(model.cfg.d_model), k=cfg.k,
-                                  aux_loss_coefficient=cfg.aux_loss_coefficient, decoder_init_norm=cfg.decoder_init_norm,
-                                  rescale_acts_by_decoder_norm=cfg.rescale_acts_by_decoder_norm),
+        sae=TopKTrainingSAEConfig(d_in=model.cfg.d_model, d_sae=cfg.sae.d_sae_for(model.cfg.d_model), k=cfg.sae.k,
+                                  aux_loss_coefficient=cfg.sae.aux_loss_coefficient, decoder_init_norm=cfg.sae.decoder_init_norm,
+                                  rescale_acts_by_decoder_norm=cfg.sae.rescale_acts_by_decoder_norm),
         model_name=model.cfg.model_name, hook_name=hook, dataset_path="sae_core-bench", is_dataset_tokenized=False,
-        streaming=False, context_size=context, prepend_bos=cfg.prepend_bos,
-        exclude_special_tokens=cfg.exclude_special_tokens, training_tokens=cfg.total_training_tokens,
+        streaming=False, context_size=context, prepend_bos=cfg.windows.prepend_bos,
+        exclude_special_tokens=cfg.policy.exclude_special, training_tokens=cfg.total_training_tokens,
         train_batch_size_tokens=cfg.train_batch_size_tokens,
-        store_batch_size_prompts=cfg.forward_batch_tokens // context,  # the same tokens per forward pass
-        n_batches_in_buffer=n_batches_in_buffer, lr=cfg.lr, adam_beta1=cfg.adam_betas[0], adam_beta2=cfg.adam_betas[1],
-        lr_scheduler_name="constant", lr_warm_up_steps=round(cfg.lr_warm_up_fraction * steps),
-        lr_decay_steps=round(cfg.lr_decay_fraction * steps),
+        store_batch_size_prompts=cfg.loader.training_batch_tokens // context,  # the same tokens per forward pass
+        n_batches_in_buffer=n_batches_in_buffer, lr=cfg.optimizer.lr, adam_beta1=cfg.optimizer.adam_betas[0], adam_beta2=cfg.optimizer.adam_betas[1],
+        lr_scheduler_name="constant", lr_warm_up_steps=round(cfg.optimizer.lr_warm_up_fraction * steps),
+        lr_decay_steps=round(cfg.optimizer.lr_decay_fraction * steps),
         dead_feature_window=max(1, cfg.dead_window_tokens // cfg.train_batch_size_tokens),
         autocast=autocast, autocast_lm=autocast, device="cpu", dtype="float32", seed=cfg.seed,
         checkpoint_path=None, output_path=None, save_final_checkpoint=False, n_checkpoints=0,
@@ -199,7 +198,7 @@ def main() -> None:
                         help="only re-measure the serial limit, into the existing bench/results/training.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from sae_core.data import fortunes_corpus
+    from sae_core.texts import fortunes_corpus
     from sae_core.training import HeldOutEvaluator, split_documents, to_inference_sae
 
     tokens = args.tokens or (QUICK_TOKENS if args.quick else FULL_TOKENS)
@@ -218,7 +217,7 @@ def main() -> None:
         add_serial_limit(record, model, texts, train_docs, base, args)
         finish(record)
         return
-    evaluator = HeldOutEvaluator(model, texts, eval_docs, dataclasses.replace(base, forward_dtype="float32"))
+    evaluator = HeldOutEvaluator(model, texts, eval_docs, dataclasses.replace(base, dtype="float32"))
     record: dict[str, Any] = {"tokens_per_run": tokens, "quick": args.quick, "hook": HOOK,
                               "config": base.to_json()}
     record["end_to_end"] = {}
@@ -243,7 +242,7 @@ def main() -> None:
         add_serial_limit(record, model, texts, train_docs, base, args)
 
         if not args.skip_multi:
-            cfg = dataclasses.replace(base, hook_points=MULTI_HOOKS, forward_dtype="bfloat16", sae_dtype="bfloat16",
+            cfg = dataclasses.replace(base, hook_points=MULTI_HOOKS, dtype="bfloat16", sae_dtype="bfloat16",
                                       total_training_tokens=args.multi_tokens or tokens)
             print("three hooks: sae_core...", flush=True)
             _, ours_rate, ours_cpu = run_ours(model, texts, train_docs, cfg, Path(tmp) / "multi")

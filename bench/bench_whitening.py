@@ -23,7 +23,7 @@ import torch
 
 from bench.common import load_smollm2, write_result
 from sae_core.activations import run_to_hooks
-from sae_core.models import load_model_constants
+from sae_core.models import load_run_config
 from sae_core.whitening import IncrementalWhitener
 
 HOOK = "blocks.10.hook_resid_post"
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 repeats instead of 5")
     args = parser.parse_args()
     repeats = 2 if args.quick else 5
-    forward_dtype = load_model_constants("smollm2_135m_instruct").EXTRACTION["forward_dtype"]
+    forward_dtype = load_run_config("smollm2_135m_instruct").forward.dtype
 
     model = load_smollm2("float32")
     tokens = torch.randint(3, model.cfg.d_vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))

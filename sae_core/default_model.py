@@ -21,7 +21,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from sae_core._io import atomic_path, cache_dir, file_sha256, publish_dir
+from sae_core.files import atomic_path, cache_dir, file_sha256, publish_dir
 
 logger = logging.getLogger(__name__)
 

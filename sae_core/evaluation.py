@@ -47,7 +47,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -58,10 +58,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from sae_core._io import atomic_write_json, read_json
-from sae_core.activations import TokenPolicy, forward_context
+from sae_core.activations import forward_context
+from sae_core.config import TokenPolicy
 from sae_core.data import WindowBatch
+from sae_core.files import atomic_write_json, read_json
 from sae_core.hooks import validate_hook
+from sae_core.sae_folders import reconstruct
 
 logger = logging.getLogger(__name__)
 
@@ -162,28 +164,6 @@ class _ReconstructionTotals:
     @property
     def n_rows(self) -> int:
         return self.variance.num_samples
-
-
-class Reconstruction(NamedTuple):
-    """An SAE's latents (dense, SAE dtype and device) and reconstruction (``x``'s dtype and device)."""
-
-    latents: Float[Tensor, "rows d_sae"]
-    x_hat: Float[Tensor, "rows d"]
-
-
-def reconstruct(sae: Any, x: Float[Tensor, "rows d"], whitener: WhitenerLike | None = None) -> Reconstruction:
-    """Latents and reconstruction ``reverse(decode(encode(forward(x))))`` of rows ``x``."""
-    # Explicit move: the SAE may sit on another device or dtype than the model.
-    sae_in = x.to(device=sae.device, dtype=sae.dtype)
-    if whitener is not None:
-        sae_in = whitener.forward(sae_in)
-    latents = sae.encode(sae_in)
-    if latents.is_sparse:
-        latents = latents.to_dense()
-    out = sae.decode(latents)
-    if whitener is not None:
-        out = whitener.reverse(out)
-    return Reconstruction(latents, out.to(device=x.device, dtype=x.dtype))
 
 
 def _check_activation(act: Tensor, sae: Any, hook: str) -> None:

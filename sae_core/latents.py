@@ -43,7 +43,7 @@ import scipy.sparse as sp
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from sae_core._io import atomic_write_json, publish_dir, read_json
+from sae_core.files import atomic_write_json, publish_dir, read_json
 
 if TYPE_CHECKING:
     from torch import Tensor

@@ -23,9 +23,11 @@ constant file.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +38,8 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.pretrained import weight_conversions as wc
+
+from sae_core.files import cache_dir, publish_dir
 
 logger = logging.getLogger(__name__)
 
@@ -227,13 +231,29 @@ def _load_random(constants: ModuleType) -> HookedTransformer:
     return model
 
 
-def _tokenizer_folder(name: str) -> Path:
-    """A tokenizer for random models: ``"smollm2"`` (the offline default's) or a local folder."""
-    if name == "smollm2":
-        from sae_core.default_model import smollm2_hf_folder
+SHIPPED_TOKENIZERS = Path(__file__).parent / "models" / "tokenizers"
+"""Tokenizers in the repository (``tokenizer.json`` gzipped), so random models need no download."""
 
-        return smollm2_hf_folder()
-    return Path(name)
+
+def _tokenizer_folder(name: str) -> Path:
+    """A tokenizer for random models: a shipped one (``"smollm2"``, the offline default's) or a local folder.
+
+    A shipped tokenizer is unpacked once into the user cache (atomically) and read from there.
+    """
+    shipped = SHIPPED_TOKENIZERS / name
+    if not shipped.is_dir():
+        return Path(name)
+    folder = cache_dir() / "tokenizers" / name
+    if not (folder / "tokenizer.json").exists():
+        def build(tmp: Path) -> None:
+            for path in shipped.iterdir():
+                if path.suffix == ".gz":
+                    (tmp / path.stem).write_bytes(gzip.decompress(path.read_bytes()))
+                else:
+                    shutil.copyfile(path, tmp / path.name)
+
+        publish_dir(folder, build)
+    return folder
 
 
 SOURCES: dict[str, Callable[[ModuleType], HookedTransformer]] = {

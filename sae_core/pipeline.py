@@ -16,7 +16,10 @@ steering                :func:`steering_example`                    returned; fi
 figures + index         :func:`write_figures`                       ``figures/``, ``index.html``
 ======================  ==========================================  ====================================
 
-Nothing here is an algorithm: every stage is a composition of the modules that do the work.
+Every stage takes the run's :class:`~sae_core.config.RunConfig` (one constant file plus its
+command-line overrides, :func:`run_from_argv`) and writes the effective configuration as
+``run_config.json`` next to what it made. Nothing here is an algorithm: every stage is a
+composition of the modules that do the work.
 """
 
 from __future__ import annotations
@@ -26,15 +29,39 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
+
+from sae_core.config import RunConfig
+from sae_core.files import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RUN_ID = "main"
 """Run id of the activation run the scripts and the demo share (a second run resumes or reuses it)."""
+RUN_CONFIG_FILENAME = "run_config.json"
+"""The effective :class:`RunConfig`, written next to every artifact a stage makes."""
+
+
+def run_from_argv(argv: Sequence[str]) -> RunConfig:
+    """The run of a script's command line: ``[model] [section.key=value ...]``.
+
+    ``model`` is a constant-file name or a ``.py`` path (default ``smollm2_135m_instruct``); every
+    ``section.key=value`` overrides one knob, type-checked like the file itself
+    (``python -m scripts.train_sae smollm2_135m_instruct training.lr=4e-3 training.k=64``).
+    """
+    from sae_core.models import DEFAULT_MODEL, load_run_config
+
+    args = list(argv)
+    name = args.pop(0) if args and "=" not in args[0] else DEFAULT_MODEL
+    return load_run_config(name, args)
+
+
+def write_run_config(run: RunConfig, folder: Path) -> Path:
+    """``folder / run_config.json``: the effective configuration that made the folder's contents."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return atomic_write_json(folder / RUN_CONFIG_FILENAME, run.to_json())
 
 
 def output_dir(name: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> Path:
@@ -43,44 +70,47 @@ def output_dir(name: str | os.PathLike[str], root: str | os.PathLike[str] | None
     return root / Path(name).stem
 
 
-def load_texts_of(constants: ModuleType) -> list[str]:
-    """The texts of the constant file's ``DATASET``."""
-    from sae_core.data import TextSourceConfig, load_texts
+def load_model_of(run: RunConfig) -> Any:
+    """The run's ``HookedTransformer`` (on ``run.device``, in ``MODEL_LOAD_CONFIG['dtype']``)."""
+    from sae_core.model_loading import load_model
 
-    return load_texts(TextSourceConfig(**constants.DATASET))
-
-
-def training_config(constants: ModuleType, hooks: list[str] | tuple[str, ...] | None = None) -> Any:
-    """``TrainingConfig`` of the constant file (``HOOK_POINTS`` unless ``hooks`` is given)."""
-    from sae_core.training import TrainingConfig
-
-    return TrainingConfig(**{"hook_points": tuple(hooks or constants.HOOK_POINTS), **constants.TRAINING})
+    return load_model(run.constants if run.constants is not None else run.name)
 
 
-def collect_activations(model: Any, constants: ModuleType, texts: list[str], out: Path,
+def load_texts_of(run: RunConfig) -> list[str]:
+    """The texts of the run's ``DATASET``."""
+    from sae_core.texts import load_texts
+
+    return load_texts(run.dataset, run.windows.text_field)
+
+
+def collect_activations(model: Any, run: RunConfig, texts: list[str], out: Path,
                         run_id: str = DEFAULT_RUN_ID, hooks: list[str] | None = None) -> Any:
-    """Store activations of ``hooks`` (default ``HOOK_POINTS``) with ``EXTRACTION``; a finished run is
-    reused, an interrupted one resumes. Returns the :class:`~sae_core.store.ActivationRun`."""
-    from sae_core.store import ActivationRun, StoreConfig, save
+    """Store activations of ``hooks`` (default ``HOOK_POINTS``) with the run's ``STORE``; a finished run
+    is reused, an interrupted one resumes. Returns the :class:`~sae_core.store.ActivationRun`."""
+    from sae_core.store import ActivationRun, save
 
-    hooks = list(hooks or constants.HOOK_POINTS)
-    run_id = save(model, hooks, texts, out / "store", run_id=run_id, config=StoreConfig(**constants.EXTRACTION))
-    return ActivationRun.open(out / "store", run_id)
+    hooks = list(hooks or run.hook_points)
+    run_id = save(model, hooks, texts, out / "store", run_id=run_id, config=run.store)
+    stored = ActivationRun.open(out / "store", run_id)
+    write_run_config(run, stored.path)
+    return stored
 
 
-def fit_whitening(run: Any, constants: ModuleType, out: Path) -> dict[str, Any]:
-    """Welford statistics of every hook of a stored run, saved as a ``Whitener`` per hook (``WHITENING``
-    method and eps); an existing whitening file is read back instead."""
+def fit_whitening(stored: Any, run: RunConfig, out: Path) -> dict[str, Any]:
+    """Welford statistics of every hook of a stored run, saved as a ``Whitener`` per hook (``WHITENING``);
+    an existing whitening file is read back instead."""
     from sae_core.whitening import WHITENING_FILENAME, Whitener, statistics_from_run
 
     whiteners = {}
-    for hook in run.hooks:
+    for hook in stored.hooks:
         folder = out / "whitening" / hook
         if not (folder / WHITENING_FILENAME).exists():
-            statistics = statistics_from_run(run.path, hook)
-            statistics.to_whitener(method=constants.WHITENING["method"], eps=constants.WHITENING["eps"],
-                                   hook=hook).save(folder)
-        whiteners[hook] = Whitener.load(folder)
+            statistics = statistics_from_run(stored.path, hook)
+            knobs = run.whitening
+            statistics.to_whitener(method=knobs.method, eps=knobs.eps, shrinkage=knobs.shrinkage, hook=hook).save(folder)
+            write_run_config(run, folder)
+        whiteners[hook] = Whitener.load(folder, device=run.device)
     return whiteners
 
 
@@ -94,33 +124,35 @@ class SAEReport:
     curve: list[dict[str, Any]]
 
 
-def train_saes(model: Any, texts: list[str], constants: ModuleType, out: Path,
+def train_saes(model: Any, texts: list[str], run: RunConfig, out: Path,
                hooks: list[str] | None = None) -> dict[str, SAEReport]:
-    """Train one SAE per hook (all from one forward pass) with ``TRAINING`` and evaluate it on held-out
-    documents, unless every SAE already has its ``eval.json``; an interrupted run resumes."""
+    """Train one SAE per hook (all from one forward pass) with the run's training sections and evaluate
+    it on held-out documents, unless every SAE already has its ``eval.json``; an interrupted run resumes."""
     from sae_core.evaluation import read_curve, read_eval
     from sae_core.training import train_from_model
 
-    cfg = training_config(constants, hooks)
+    cfg = run.training_for(hooks)
     folders = {hook: out / "sae" / hook for hook in cfg.hook_points}
     if not all((folder / "eval.json").exists() for folder in folders.values()):
-        logger.info("training %s SAEs on %s (%s tokens)", cfg.architecture, cfg.hook_points,
+        logger.info("training %s SAEs on %s (%s tokens)", cfg.sae.architecture, cfg.hook_points,
                     f"{cfg.total_training_tokens:,}")
         train_from_model(model, texts, cfg, out / "sae")
+        for folder in folders.values():
+            write_run_config(run, folder)
     return {hook: SAEReport(hook, folder, read_eval(folder), read_curve(folder)) for hook, folder in folders.items()}
 
 
-def load_saes(model: Any, out: Path, hooks: list[str] | tuple[str, ...]) -> Any:
-    """An :class:`~sae_core.saes.SAEManager` holding the SAEs trained into ``out / "sae"``."""
+def load_saes(model: Any, run: RunConfig, out: Path, hooks: Sequence[str] | None = None) -> Any:
+    """An :class:`~sae_core.saes.SAEManager` holding the SAEs trained into ``out / "sae"``, on the run's device."""
     from sae_core.saes import SAEManager
 
     manager = SAEManager(model)
-    for hook in hooks:
+    for hook in hooks or run.hook_points:
         folder = out / "sae" / hook
         if not (folder / "cfg.json").exists():
             raise FileNotFoundError(f"no SAE for {hook} in {folder}; train one first "
                                     "(python -m scripts.train_sae)")
-        manager.load_from_disk(folder, hook)
+        manager.load_from_disk(folder, hook, device=run.device)
     return manager
 
 
@@ -139,12 +171,11 @@ class LatentAnalysis:
     paths: dict[str, Path] = field(default_factory=dict)
 
 
-def analyse(model: Any, manager: Any, texts: list[str], constants: ModuleType, out: Path, hook: str,
-            n_shown: int = 5) -> LatentAnalysis:
+def analyse(model: Any, manager: Any, texts: list[str], run: RunConfig, out: Path, hook: str) -> LatentAnalysis:
     """CSR latents over held-out documents, density, top examples, decoder similarity, co-occurrence
     and decoder nearest neighbours (``ANALYSIS`` knobs); every file already on disk is reused."""
-    from sae_core.activations import TokenPolicy, iter_activation_batches
-    from sae_core.data import LoaderConfig, WindowedTextDataset, make_dataloader
+    from sae_core.activations import iter_activation_batches
+    from sae_core.data import make_dataloader, windowed_dataset
     from sae_core.latents import LatentCSR, encode_to_csr, latent_density, top_activating_examples
     from sae_core.similarity import (
         compute_feature_cooccurrence,
@@ -154,35 +185,34 @@ def analyse(model: Any, manager: Any, texts: list[str], constants: ModuleType, o
     )
     from sae_core.training import split_documents
 
-    knobs, training = constants.ANALYSIS, training_config(constants, [hook])
+    knobs = run.analysis
     folder = out / "analysis" / hook
     csr_dir = folder / "latents"
     if not (csr_dir / "meta.json").exists():
-        _, held_out = split_documents(len(texts), min(knobs["n_eval_documents"], len(texts) // 2), training.seed)
-        dataset = WindowedTextDataset(texts, model.tokenizer, training.max_text_length, training.seed,
-                                      training.prepend_bos)
-        loader = make_dataloader(dataset, LoaderConfig(batch_size=constants.EXTRACTION["batch_size"]), sorted(held_out))
-        batches = iter_activation_batches(model, loader, [hook], TokenPolicy(), training.forward_dtype)
+        _, held_out = split_documents(len(texts), min(knobs.n_documents, len(texts) // 2), run.windows.seed)
+        loader = make_dataloader(windowed_dataset(texts, model.tokenizer, run.windows), run.loader, sorted(held_out))
+        batches = iter_activation_batches(model, loader, [hook], run.windows.policy, run.forward.dtype)
         encode_to_csr(model, lambda x: manager.encode(hook, x), batches, hook, csr_dir, overwrite=True)
+        write_run_config(run, folder)
     csr = LatentCSR.load(csr_dir)
     density = latent_density(csr)
     W_dec = manager[hook].sae.W_dec.detach().float().cpu().numpy()
-    chunk = knobs["chunk_size"]
     paths = {"csr": csr_dir,
-             "similarity": folder / f"similarity_{knobs['similarity_metric']}.npy",
-             "cooccurrence": folder / f"cooccurrence_{knobs['cooccurrence_metric']}.npy",
+             "similarity": folder / f"similarity_{knobs.similarity_metric}.npy",
+             "cooccurrence": folder / f"cooccurrence_{knobs.cooccurrence_metric}.npy",
              "neighbours": folder / "decoder_neighbours_indices.npy"}
     if not paths["similarity"].exists():
-        compute_feature_similarity(W_dec, knobs["similarity_metric"], chunk, out=folder)
+        compute_feature_similarity(W_dec, knobs.similarity_metric, knobs.similarity_chunk_size, out=folder)
     if not paths["cooccurrence"].exists():
-        compute_feature_cooccurrence(csr, knobs["cooccurrence_metric"], chunk, out=folder)
+        compute_feature_cooccurrence(csr, knobs.cooccurrence_metric, knobs.cooccurrence_chunk_size, out=folder)
     if not paths["neighbours"].exists():
-        top_k_neighbours(similarity_blocks(W_dec, "cosine", chunk), k=8, out=folder, name="decoder_neighbours")
+        top_k_neighbours(similarity_blocks(W_dec, "cosine", knobs.similarity_chunk_size), k=knobs.n_neighbours,
+                         out=folder, name="decoder_neighbours")
 
     max_activation = np.asarray(csr.to_scipy().max(axis=0).todense()).ravel()
     candidates = np.flatnonzero((density > 1e-3) & (density < 0.1))
-    shown = candidates[np.argsort(-max_activation[candidates])][:n_shown].tolist()
-    examples = top_activating_examples(csr, shown, k=knobs["top_k_examples"], context_window=knobs["context_window"])
+    shown = candidates[np.argsort(-max_activation[candidates])][:knobs.n_shown].tolist()
+    examples = top_activating_examples(csr, shown, k=knobs.top_k_examples, context_window=knobs.context_window)
     return LatentAnalysis(hook, folder, csr, density, W_dec, shown, examples, paths)
 
 
@@ -197,16 +227,25 @@ def mean_activation_norm(run: Any, hook: str, rows: int = 4096) -> float:
     return float(run.activations(hook)[: min(len(run), rows)].float().norm(dim=-1).mean())
 
 
-def steering_example(model: Any, manager: Any, constants: ModuleType, hook: str, feature: int,
+def steering_feature(run: RunConfig, analysis: LatentAnalysis) -> int:
+    """``STEERING['feature']`` when set (latent 0 included), else the first latent the analysis shows."""
+    if run.steering.feature is not None:
+        return run.steering.feature
+    if not analysis.shown:
+        raise ValueError(f"no latent of {analysis.hook} fires on 0.1%-10% of the analysed tokens; "
+                         "set STEERING['feature'] to the latent to steer with")
+    return analysis.shown[0]
+
+
+def steering_example(model: Any, manager: Any, run: RunConfig, hook: str, feature: int,
                      scale: float = 1.0) -> tuple[Any, Any]:
     """Generate ``STEERING['prompt']`` with and without latent ``feature``'s decoder direction added at
     ``STEERING['coefficient'] * scale``; returns ``(steer, comparison)``. Hooks are always removed."""
     from sae_core.steering import ModelSteering, Steer
 
-    knobs = constants.STEERING
-    steer = Steer(hook, feature, knobs["coefficient"] * scale)
-    comparison = ModelSteering(model, manager).compare([knobs["prompt"]], [steer],
-                                                       max_new_tokens=knobs["max_new_tokens"])
+    knobs = run.steering
+    steer = Steer(hook, feature, knobs.coefficient * scale)
+    comparison = ModelSteering(model, manager).compare([knobs.prompt], [steer], max_new_tokens=knobs.max_new_tokens)
     return steer, comparison
 
 
@@ -219,8 +258,7 @@ def write_figures(out: Path, title: str, *, analyses: Sequence[LatentAnalysis] =
     Figure files are named ``<hook>.<figure>.html``, so the figures of several hooks, and of several
     scripts run one after another, sit side by side.
     """
-    from sae_core import plots
-    from sae_core._io import atomic_write_text
+    from sae_core import pages, plots
 
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -238,7 +276,7 @@ def write_figures(out: Path, title: str, *, analyses: Sequence[LatentAnalysis] =
             "cooccurrence")
         add(hook, plots.latent_density_histogram(analysis.density), "density")
         if tokenizer is not None:
-            html = "".join(plots.top_examples_html(
+            html = "".join(pages.top_examples_html(
                 [{"tokens": ex.context_token_ids, "focus": ex.focus,
                   "values": [ex.value if i == ex.focus else 0.0 for i in range(len(ex.context_token_ids))]}
                  for ex in analysis.examples[latent]], tokenizer, latent) for latent in analysis.shown)
@@ -264,12 +302,12 @@ FIGURE_TITLES = {"similarity": "Decoder similarity", "cooccurrence": "Co-occurre
 def write_index(out: Path, title: str) -> Path:
     """``out / "index.html"`` linking every figure in ``out / "figures"`` and every artifact the stages
     have written so far (activation runs, whitening files, SAEs, CSR latents, memmaps)."""
-    from sae_core import plots
+    from sae_core import pages
 
     entries = []
     for path in sorted((out / "figures").glob("*.html")):
         hook, _, name = path.stem.rpartition(".")
-        entries.append(plots.IndexEntry(f"{FIGURE_TITLES.get(name, name)} ({hook})", str(path.relative_to(out))))
+        entries.append(pages.IndexEntry(f"{FIGURE_TITLES.get(name, name)} ({hook})", str(path.relative_to(out))))
     artifacts = [("Activation run", "store/activations/*/meta.json"), ("Whitening", "whitening/*/*.safetensors"),
                  ("SAE (SAELens format) + eval.json", "sae/*/cfg.json"), ("CSR latents", "analysis/*/latents"),
                  ("Similarity memmap", "analysis/*/similarity_*.npy"),
@@ -277,10 +315,11 @@ def write_index(out: Path, title: str) -> Path:
     for label, pattern in artifacts:
         for path in sorted(out.glob(pattern)):
             target = path if path.is_dir() or path.suffix == ".npy" else path.parent
-            entries.append(plots.IndexEntry(f"{label}: {target.relative_to(out)}", str(target.relative_to(out))))
-    return plots.index_html(entries, out / "index.html", title=title)
+            entries.append(pages.IndexEntry(f"{label}: {target.relative_to(out)}", str(target.relative_to(out))))
+    return pages.index_html(entries, out / "index.html", title=title)
 
 
-__all__ = ["DEFAULT_RUN_ID", "LatentAnalysis", "SAEReport", "analyse", "collect_activations", "fit_whitening",
-           "load_saes", "load_texts_of", "mean_activation_norm", "output_dir", "steering_example",
-           "top_tokens", "train_saes", "training_config", "write_figures", "write_index"]
+__all__ = ["DEFAULT_RUN_ID", "RUN_CONFIG_FILENAME", "LatentAnalysis", "SAEReport", "analyse", "collect_activations",
+           "fit_whitening", "load_model_of", "load_saes", "load_texts_of", "mean_activation_norm", "output_dir",
+           "run_from_argv", "steering_example", "steering_feature", "top_tokens", "train_saes", "write_figures",
+           "write_index", "write_run_config"]

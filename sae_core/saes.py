@@ -48,15 +48,16 @@ from typing import Any, NamedTuple
 import torch
 from jaxtyping import Bool, Float, Int
 from sae_lens import SAE
-from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from sae_core._io import publish_dir
-from sae_core.activations import TokenPolicy, run_to_hooks
+from sae_core.activations import run_to_hooks
+from sae_core.config import TokenPolicy
+from sae_core.files import publish_dir
 from sae_core.hooks import validate_hook
 from sae_core.model_loading import resolve_dtype
-from sae_core.whitening import WHITENING_FILENAME, Whitener
+from sae_core.sae_folders import decode, encode, load_sae_folder
+from sae_core.whitening import Whitener
 
 logger = logging.getLogger(__name__)
 
@@ -82,19 +83,6 @@ class SpliceRecord:
     """Latents of the last forward pass through each spliced hook point."""
 
     latents: dict[str, Float[Tensor, "... d_sae"]] = field(default_factory=dict)
-
-
-def load_whitener(folder: str | os.PathLike[str], d_in: int | None = None,
-                  device: str | torch.device = "cpu") -> Whitener | None:
-    """The whitening saved beside an SAE (``WHITENING_FILENAME``), or None if the folder has none."""
-    folder = Path(folder)
-    if not (folder / WHITENING_FILENAME).exists():
-        return None
-    return Whitener.load(folder, expected_d=d_in, device=device)
-
-
-def _dtype_name(dtype: str | torch.dtype | None) -> str | None:
-    return None if dtype is None else str(resolve_dtype(dtype)).removeprefix("torch.")
 
 
 def _hub_errors() -> tuple[type[BaseException], ...]:
@@ -159,27 +147,30 @@ class SAEManager:
         self._saes[hook] = entry
         return entry
 
+    def _device(self, device: str | torch.device | None) -> str:
+        """``device``, else the bound model's device (SAEs follow the model), else ``cpu``."""
+        if device is not None:
+            return str(device)
+        return str(self.model.cfg.device) if self.model is not None else "cpu"
+
     def load_from_disk(self, folder: str | os.PathLike[str], hook: str | None = None, *,
-                       device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> LoadedSAE:
+                       device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> LoadedSAE:
         """Load a SAELens-format SAE folder (and ``whitening.safetensors`` beside it, if present).
 
         ``hook`` defaults to the hook recorded in the SAE's config (``metadata.hook_name``);
-        ``dtype=None`` keeps the dtype the SAE was saved with.
+        ``device=None`` follows the bound model; ``dtype=None`` keeps the dtype the SAE was saved with.
         """
-        folder = Path(folder)
-        missing = [n for n in (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME) if not (folder / n).exists()]
-        if missing:
-            raise FileNotFoundError(f"{folder} is not an SAE folder: {', '.join(missing)} missing "
-                                    "(expected SAELens format, as written by SAE.save_model)")
-        sae = SAE.load_from_disk(folder, device=str(device), dtype=_dtype_name(dtype))
-        whitener = load_whitener(folder, sae.cfg.d_in, device)
+        sae, whitener = load_sae_folder(folder, self._device(device), dtype)
         return self.add(self._hook_for(sae, hook, str(folder)), sae, whitener, str(folder))
 
     def load_pretrained(self, release: str, sae_id: str, hook: str | None = None, *,
-                        device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32") -> LoadedSAE:
-        """Load a SAELens pretrained release (needs the Hugging Face hub or its local cache)."""
+                        device: str | torch.device | None = None, dtype: str | torch.dtype = "float32") -> LoadedSAE:
+        """Load a SAELens pretrained release (needs the Hugging Face hub or its local cache); ``device=None``
+        follows the bound model."""
+        device = self._device(device)
         try:
-            sae = SAE.from_pretrained(release, sae_id, device=str(device), dtype=_dtype_name(dtype) or "float32")
+            sae = SAE.from_pretrained(release, sae_id, device=str(device),
+                                      dtype=str(resolve_dtype(dtype)).removeprefix("torch."))
         except _hub_errors() as err:
             reason = ("offline (HF_HUB_OFFLINE=1)" if _hub_offline()
                       else f"unreachable ({type(err).__name__})")
@@ -225,16 +216,11 @@ class SAEManager:
         if activations.device.type != sae.device.type:
             raise ValueError(f"activations at {hook} are on {activations.device} but the SAE is on {sae.device}; "
                              "load the SAE with device= the model's device")
-        x = activations.to(sae.dtype)  # the one cast into the SAE's precision
-        if whitener is not None:
-            x = whitener.forward(x)
-        return sae.encode(x)
+        return encode(sae, whitener, activations)
 
     def decode(self, hook: str, latents: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
         """Model-space reconstruction of ``latents``: ``unwhiten(sae.decode(z))``, in the SAE's dtype."""
-        sae, whitener = self[hook].sae, self[hook].whitener
-        out = sae.decode(latents.to(sae.dtype))
-        return whitener.reverse(out) if whitener is not None else out
+        return decode(self[hook].sae, self[hook].whitener, latents)
 
     def reconstruct(self, hook: str, activations: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_in"]:
         """``decode(encode(x))`` in model space."""
@@ -345,5 +331,5 @@ class SAEAnalyzer:
         return FeatureAnalysis(text, list(strs), kept, per_hook)
 
 
-__all__ = ["STATEFUL_NORMALIZATIONS", "WHITENING_FILENAME", "FeatureAnalysis", "HubUnavailableError",
-           "LoadedSAE", "SAEAnalyzer", "SAEManager", "SpliceRecord", "TopLatents", "load_whitener"]
+__all__ = ["STATEFUL_NORMALIZATIONS", "FeatureAnalysis", "HubUnavailableError",
+           "LoadedSAE", "SAEAnalyzer", "SAEManager", "SpliceRecord", "TopLatents"]

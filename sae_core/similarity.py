@@ -28,7 +28,7 @@ Decisions:
   RSS (a naive memmap at 65,536 latents peaked at 16.8 GB). After each block,
   ``posix_fadvise(DONTNEED)`` starts write-back of that block and drops the previous one's (by then
   clean) pages, so the page cache held stays near two blocks. The file is written under a temporary
-  name and renamed when complete (``sae_core._io.atomic_path``).
+  name and renamed when complete (``sae_core.files.atomic_path``).
 - Co-occurrence transposes the CSR's binary firing pattern once (``scipy.sparse``: latents x
   rows) and counts each row block ``C[block] = X.T[block] @ X`` straight into a dense
   ``(chunk_size, n)`` array: for every (latent, row) where the latent fires, the latents of that
@@ -39,10 +39,9 @@ Decisions:
   float64.
 - Self-similarity does not exploit symmetry: it would halve the flops but scatter the mirrored
   writes across the whole file (small, unaligned writes after their pages were dropped).
-- Each stream reuses one output buffer, so a block is valid until the next is requested.
-- numpy only (no torch import): CPU BLAS runs the blocks. Top-k ranks only the entries above a
-  per-row threshold taken from a column sample (see ``_rows_top_k``), in row slices of ~64 MB of
-  index scratch; ``torch.topk`` was rejected because importing torch alone costs ~200 MB of RSS.
+- Each stream reuses one output buffer (a block is valid until the next is requested). numpy only
+  (no torch import: ~200 MB of RSS): CPU BLAS runs the blocks. Top-k ranks only the entries above a
+  per-row threshold from a column sample (``_rows_top_k``), in row slices of ~64 MB of index scratch.
 """
 
 from __future__ import annotations
@@ -58,22 +57,18 @@ import scipy.sparse as sp
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from sae_core._io import atomic_path
+from sae_core.files import atomic_path
 from sae_core.latents import LatentCSR, as_host_array, firing_counts
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: importing torch costs ~200 MB of RSS
     from torch import Tensor
-
 logger = logging.getLogger(__name__)
 
 SIMILARITY_METRICS = ("cosine", "dot", "neg_euclidean")
 COOCCURRENCE_METRICS = ("count", "correlation", "jaccard", "pmi")
-# Bytes of index scratch per top-k slice (int64 per matrix entry, worst case).
-TOPK_SCRATCH_BYTES = 64 << 20
-# Columns sampled per row to find a lower bound of its k-th largest entry.
-TOPK_SAMPLE_COLUMNS = 2048
-# Gathered (latent, co-firing latent) entries per np.bincount call while counting co-occurrence.
-COUNT_SCRATCH_ENTRIES = 1 << 23
+TOPK_SCRATCH_BYTES = 64 << 20  # index scratch per top-k slice (int64 per matrix entry, worst case)
+TOPK_SAMPLE_COLUMNS = 2048  # columns sampled per row to bound its k-th largest entry from below
+COUNT_SCRATCH_ENTRIES = 1 << 23  # gathered (latent, co-firing latent) entries per np.bincount call
 
 
 class Block(NamedTuple):

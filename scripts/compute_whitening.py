@@ -1,8 +1,8 @@
 """Welford whitening statistics of a model's hook points, from the stored activation run.
 
-    python -m scripts.compute_whitening [model_constants_name]     # default: smollm2_135m_instruct
+    python -m scripts.compute_whitening [model_constants_name] [section.key=value ...]
 
-Knobs: ``WHITENING`` (``method`` zca/pca, ``eps``) of ``sae_core/models/<name>.py``; the activations
+Knobs: ``WHITENING`` (``method`` zca/pca, ``eps``, ``shrinkage``) of ``sae_core/models/<name>.py``; the activations
 come from ``outputs/<model>/store/activations/main/`` (collected first when missing, as
 ``python -m scripts.extract_activations`` does). Output: ``outputs/<model>/whitening/<hook>/`` (a
 ``Whitener`` that ``TrainingConfig.whitening_path`` and ``SAEManager`` read) and the eigenvalue
@@ -14,19 +14,16 @@ import logging
 import sys
 
 from sae_core import pipeline
-from sae_core.model_loading import load_model
-from sae_core.models import DEFAULT_MODEL, load_model_constants
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-name = sys.argv[1] if len(sys.argv) > 1 else DEFAULT_MODEL
-constants = load_model_constants(name)
-out = pipeline.output_dir(name)
-model = load_model(constants)
+run_config = pipeline.run_from_argv(sys.argv[1:])
+out = pipeline.output_dir(run_config.name)
+model = pipeline.load_model_of(run_config)
 
-run = pipeline.collect_activations(model, constants, pipeline.load_texts_of(constants), out)
-whiteners = pipeline.fit_whitening(run, constants, out)
-index = pipeline.write_figures(out, f"sae_core: {constants.MODEL_NAME}", whiteners=whiteners)
+run = pipeline.collect_activations(model, run_config, pipeline.load_texts_of(run_config), out)
+whiteners = pipeline.fit_whitening(run, run_config, out)
+index = pipeline.write_figures(out, f"sae_core: {run_config.model_name}", whiteners=whiteners)
 
 for hook, whitener in whiteners.items():
     print(f"{hook}: {whitener}")

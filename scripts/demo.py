@@ -1,7 +1,7 @@
 """The whole pipeline on one model's constant file: collect -> whiten -> train -> evaluate -> analyse
 -> plot -> steer, ending with a summary and an index.html linking every figure and artifact.
 
-    python -m scripts.demo [model_constants_name]      # default: smollm2_135m_instruct (make demo)
+    python -m scripts.demo [model_constants_name] [section.key=value ...]   # make demo: smollm2_135m_instruct
 
 Everything is written under ``outputs/<model>/`` (``SAE_CORE_OUTPUTS`` moves ``outputs``), in the
 same places as the single-stage scripts (``extract_activations``, ``compute_whitening``,
@@ -13,49 +13,46 @@ import sys
 import time
 
 from sae_core import pipeline
-from sae_core._io import atomic_write_json
+from sae_core.files import atomic_write_json
 from sae_core.hooks import list_hook_points
-from sae_core.model_loading import load_model
-from sae_core.models import DEFAULT_MODEL, load_model_constants
 
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 began = time.perf_counter()
 
-name = sys.argv[1] if len(sys.argv) > 1 else DEFAULT_MODEL
-constants = load_model_constants(name)
-out = pipeline.output_dir(name)
-hooks = list(constants.HOOK_POINTS)
-print(f"sae_core demo: {constants.MODEL_NAME}, hook points {hooks}, output in {out}")
+run_config = pipeline.run_from_argv(sys.argv[1:])
+out = pipeline.output_dir(run_config.name)
+hooks = list(run_config.hook_points)
+print(f"sae_core demo: {run_config.model_name}, hook points {hooks}, output in {out}")
 
-model = load_model(constants)
+model = pipeline.load_model_of(run_config)
 print(f"{len(model.hook_dict)} hook points, e.g. {[h.name for h in list_hook_points(model, '*resid_post', seq_len=None)][:3]}")
-texts = pipeline.load_texts_of(constants)
+texts = pipeline.load_texts_of(run_config)
 
 print(f"[1/7] {len(texts):,} documents; collecting activations")
-run = pipeline.collect_activations(model, constants, texts, out)
+run = pipeline.collect_activations(model, run_config, texts, out)
 
 print(f"[2/7] whitening statistics over {len(run):,} stored rows")
-whiteners = pipeline.fit_whitening(run, constants, out)
+whiteners = pipeline.fit_whitening(run, run_config, out)
 
-print(f"[3/7] training {constants.TRAINING['architecture']} SAEs "
-      f"({constants.TRAINING['total_training_tokens']:,} tokens; reused when already trained)")
-trained = pipeline.train_saes(model, texts, constants, out)
-manager = pipeline.load_saes(model, out, hooks)
+print(f"[3/7] training {run_config.sae.architecture} SAEs "
+      f"({run_config.training.total_training_tokens:,} tokens; reused when already trained)")
+trained = pipeline.train_saes(model, texts, run_config, out)
+manager = pipeline.load_saes(model, run_config, out)
 for hook, sae in trained.items():
     print(f"[4/7] {hook}: explained variance {sae.eval.explained_variance:.3f}, L0 {sae.eval.l0:.1f}, "
           f"CE-loss recovered {sae.eval.ce_recovered:.3f}")
 
 print("[5/7] analysing latents")
-analyses = [pipeline.analyse(model, manager, texts, constants, out, hook) for hook in hooks]
+analyses = [pipeline.analyse(model, manager, texts, run_config, out, hook) for hook in hooks]
 
 print("[6/7] steering")
 first = analyses[0]
-feature = constants.STEERING.get("feature") or (first.shown[0] if first.shown else 0)
-steering = pipeline.steering_example(model, manager, constants, first.hook, feature,
+feature = pipeline.steering_feature(run_config, first)
+steering = pipeline.steering_example(model, manager, run_config, first.hook, feature,
                                      scale=pipeline.mean_activation_norm(run, first.hook))
 
 print("[7/7] figures")
-index = pipeline.write_figures(out, f"sae_core demo: {constants.MODEL_NAME}", analyses=analyses,
+index = pipeline.write_figures(out, f"sae_core demo: {run_config.model_name}", analyses=analyses,
                                tokenizer=model.tokenizer, trained=list(trained.values()), whiteners=whiteners,
                                steering=steering)
 
@@ -63,7 +60,7 @@ result = trained[first.hook].eval
 top_tokens = pipeline.top_tokens(first, model.tokenizer)
 steer, comparison = steering
 summary = {
-    "model": constants.MODEL_NAME, "hook": first.hook, "stored_rows": len(run), "d_sae": int(first.W_dec.shape[0]),
+    "model": run_config.model_name, "hook": first.hook, "stored_rows": len(run), "d_sae": int(first.W_dec.shape[0]),
     "explained_variance": result.explained_variance, "l0": result.l0, "dead_fraction": result.dead_fraction,
     "ce_loss_recovered": result.ce_recovered, "kl": result.kl_spliced,
     "top_latents": {int(k): v for k, v in top_tokens.items()},

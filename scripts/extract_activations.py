@@ -1,10 +1,11 @@
 """Collect activations at a model's hook points into the activation store.
 
-    python -m scripts.extract_activations [model_constants_name]   # default: smollm2_135m_instruct
+    python -m scripts.extract_activations [model_constants_name] [section.key=value ...]
     torchrun --nproc-per-node 2 -m scripts.extract_activations     # data-parallel: rank-tagged shards
 
-Knobs: ``HOOK_POINTS``, ``DATASET`` and ``EXTRACTION`` (``sae_core.store.StoreConfig`` fields) of
-``sae_core/models/<name>.py``. Output: ``outputs/<model>/store/activations/main/`` (shards +
+The model defaults to ``smollm2_135m_instruct``; overrides such as ``windows.max_text_length=64``
+change one knob for this run. Knobs: ``HOOK_POINTS``, ``DATASET``, ``WINDOWS``, ``LOADER``,
+``FORWARD`` and ``STORE`` of ``sae_core/models/<name>.py``. Output: ``outputs/<model>/store/activations/main/`` (shards +
 ``meta.json``); running it again resumes an interrupted run and reuses a finished one.
 """
 
@@ -12,20 +13,17 @@ import logging
 import sys
 
 from sae_core import pipeline
-from sae_core.model_loading import load_model
-from sae_core.models import DEFAULT_MODEL, load_model_constants
 from sae_core.training import init_distributed
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-name = sys.argv[1] if len(sys.argv) > 1 else DEFAULT_MODEL
-constants = load_model_constants(name)
+run_config = pipeline.run_from_argv(sys.argv[1:])
 rank, world = init_distributed()
-out = pipeline.output_dir(name)
-model = load_model(constants)
-texts = pipeline.load_texts_of(constants)
+out = pipeline.output_dir(run_config.name)
+model = pipeline.load_model_of(run_config)
+texts = pipeline.load_texts_of(run_config)
 
-run = pipeline.collect_activations(model, constants, texts, out)
+run = pipeline.collect_activations(model, run_config, texts, out)
 
 if rank == 0:
     meta = run.meta

@@ -7,16 +7,15 @@ import pytest
 import torch
 
 from sae_core.activations import (
-    KEEP_ALL_BUT_PAD,
     ActivationCapture,
-    TokenPolicy,
     batch_activations,
     forward_context,
     iter_activation_batches,
     run_to_hooks,
     select_positions,
 )
-from sae_core.data import LoaderConfig, WindowedTextDataset, make_dataloader, pad_collate, pad_id_of
+from sae_core.config import KEEP_ALL_BUT_PAD, LoaderConfig, TokenPolicy
+from sae_core.data import WindowedTextDataset, make_dataloader, pad_collate, pad_id_of
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.0.attn.hook_z", "blocks.1.hook_resid_post"]
 TEXTS = ["The cat sat on the mat and looked at the dog.", "Hi", "Sparse features are monosemantic, sometimes.",

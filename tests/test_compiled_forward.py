@@ -166,7 +166,7 @@ def test_save_with_the_compiled_forward_stores_the_same_rows(tiny_model, corpus_
 
 
 def test_compile_forward_must_be_a_bool():
-    from sae_core.store import StoreConfig
+    from sae_core.config import StoreConfig
 
     with pytest.raises(ValueError, match="compile_forward must be True or False, got 'yes'"):
         StoreConfig(compile_forward="yes")

@@ -14,20 +14,16 @@ import numpy as np
 import pytest
 import torch
 
+from sae_core.config import LoaderConfig, TextSourceConfig
 from sae_core.data import (
     IterableWindowedTextDataset,
-    LoaderConfig,
-    TextSourceConfig,
     Window,
     WindowedTextDataset,
-    fortunes_corpus,
-    limit_texts,
-    load_texts,
     make_dataloader,
     pad_collate,
     pad_id_of,
-    random_sample,
 )
+from sae_core.texts import fortunes_corpus, limit_texts, load_texts, random_sample
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. " * 6,
@@ -87,10 +83,10 @@ def test_local_files_of_every_format(tmp_path):
     pd.DataFrame({"body": docs}).to_csv(tmp_path / "a.csv", index=False)
     pd.DataFrame({"body": docs}).to_parquet(tmp_path / "a.parquet")
     for name, field in [("a.txt", "text"), ("a.jsonl", "body"), ("a.csv", "body"), ("a.parquet", "body")]:
-        texts = load_texts(TextSourceConfig(source="files", paths=(str(tmp_path / name),), text_field=field))
+        texts = load_texts(TextSourceConfig(source="files", paths=(str(tmp_path / name),)), field)
         assert [row[field] for row in texts] == docs, name
     with pytest.raises(KeyError, match="body"):
-        load_texts(TextSourceConfig(source="files", paths=(str(tmp_path / "a.txt"),), text_field="body"))
+        load_texts(TextSourceConfig(source="files", paths=(str(tmp_path / "a.txt"),)), "body")
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         load_texts(TextSourceConfig(source="files", paths=(str(tmp_path / "missing.txt"),)))
 
@@ -273,7 +269,7 @@ def test_token_budget_batches(tokenizer):
     lengths = np.random.default_rng(1).integers(0, 90, size=120)
     texts = [("word " * int(n)).strip() for n in lengths]
     dataset = WindowedTextDataset(texts, tokenizer, max_text_length=64, seed=0)
-    cfg = LoaderConfig(batch_size=8, max_batch_tokens=256, length_group_batches=4)
+    cfg = LoaderConfig(batch_size=8, batch_tokens=256, length_group_batches=4)
     batches = list(make_dataloader(dataset, cfg))
     windows = [min(len(_ids(tokenizer, t)), 64) for t in texts]  # independent length count
     assert sorted(i for b in batches for i in b.doc_index.tolist()) == [i for i, n in enumerate(windows) if n]
@@ -286,5 +282,5 @@ def test_token_budget_batches(tokenizer):
     assert again == [b.doc_index.tolist() for b in batches] and len(loader) == len(batches)
     skipped = [b.doc_index.tolist() for b in make_dataloader(dataset, cfg, start_batch=3)]
     assert skipped == again[3:]
-    with pytest.raises(ValueError, match="max_batch_tokens"):
-        LoaderConfig(max_batch_tokens=256, group_by_length=False)
+    with pytest.raises(ValueError, match="batch_tokens"):
+        LoaderConfig(batch_tokens=256, group_by_length=False)

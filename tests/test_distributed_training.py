@@ -1,6 +1,6 @@
 """Data-parallel SAE training: 2 gloo ranks on CPU match one process trained on the same rows.
 
-The rows come from a :class:`~sae_core.training_data.TensorChunkSource` of half-batch chunks with
+The rows come from a :class:`~sae_core.training.sources.TensorChunkSource` of half-batch chunks with
 shuffling off: one process trains on batches ``[c0 | c1], [c2 | c3], ...``; rank 0 reads the even
 chunks and rank 1 the odd ones, so each step the two ranks together hold exactly the single
 process's batch, and the averaged gradients equal the full-batch gradient up to float32 summation
@@ -17,8 +17,9 @@ import torch
 import torch.multiprocessing as mp
 from sae_lens import SAE
 
-from sae_core.training import TrainingConfig, train_saes
-from sae_core.training_data import TensorChunkSource
+from sae_core.config import TrainingConfig, build_flat
+from sae_core.training import train_saes
+from sae_core.training.sources import TensorChunkSource
 
 pytestmark = pytest.mark.dist
 
@@ -34,7 +35,7 @@ def _chunks() -> list[torch.Tensor]:
 
 
 def _cfg() -> TrainingConfig:
-    return TrainingConfig(hook_points=(HOOK,), d_sae=48, k=4, lr=5e-3, total_training_tokens=BATCH * 6,
+    return build_flat(TrainingConfig, "training", hook_points=(HOOK,), d_sae=48, k=4, lr=5e-3, total_training_tokens=BATCH * 6,
                           train_batch_size_tokens=BATCH, shuffle_buffer_tokens=0, checkpoint_every_tokens=None,
                           log_every_steps=1, dead_window_tokens=BATCH * 2, sae_dtype="float32")
 

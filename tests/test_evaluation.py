@@ -11,8 +11,8 @@ import torch
 from sae_lens import StandardSAE, StandardSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
 from scipy.special import log_softmax
 
-from sae_core.activations import KEEP_ALL_BUT_PAD, TokenPolicy
-from sae_core.data import LoaderConfig, Window, WindowedTextDataset, make_dataloader, pad_collate
+from sae_core.config import KEEP_ALL_BUT_PAD, LoaderConfig, TokenPolicy
+from sae_core.data import Window, WindowedTextDataset, make_dataloader, pad_collate
 from sae_core.evaluation import (
     CURVE_FILENAME,
     EVAL_FILENAME,

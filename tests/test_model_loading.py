@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sae_core.config.run import MODEL_NAMES
 from sae_core.model_loading import FAMILIES, load_hf_folder, load_model, resolve_dtype
-from sae_core.models import REQUIRED, check_constants, known_models, load_model_constants
+from sae_core.models import check_constants, known_models, load_model_constants
 
 
 def _tiny_hf(arch: str):
@@ -62,7 +63,7 @@ def test_unknown_architecture_names_known_ones(tmp_path, tiny_model):
 @pytest.mark.parametrize("name", known_models())
 def test_every_constant_file_defines_required_names(name):
     module = load_model_constants(name)
-    for key, kind in REQUIRED.items():
+    for key, kind in MODEL_NAMES.items():
         assert isinstance(getattr(module, key), kind), key
     assert module.MODEL_LOAD_CONFIG.get("device"), "MODEL_LOAD_CONFIG needs a device"
     resolve_dtype(module.MODEL_LOAD_CONFIG.get("dtype", "float32"))
@@ -77,9 +78,9 @@ def test_unknown_model_lists_known_ones():
 def test_constant_file_with_missing_name_is_rejected(tmp_path):
     path = tmp_path / "mine.py"
     path.write_text("MODEL_NAME = 'x'\nMODEL_SOURCE = 3\n")
-    with pytest.raises(TypeError, match="MODEL_SOURCE should be"):
+    with pytest.raises(ValueError, match="MODEL_SOURCE should be str"):
         load_model_constants(str(path))
-    with pytest.raises(TypeError, match="HOOK_POINTS is missing"):
+    with pytest.raises(ValueError, match="HOOK_POINTS is missing"):
         check_constants(load_model_constants.__globals__["importlib"].import_module("sae_core.models"))
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from sae_core.activations import KEEP_ALL_BUT_PAD, TokenPolicy, batch_activations, run_to_hooks
+from sae_core.activations import batch_activations, run_to_hooks
+from sae_core.config import KEEP_ALL_BUT_PAD, LoaderConfig, TokenPolicy
 from sae_core.data import (
-    LoaderConfig,
     RowPacker,
     WindowedTextDataset,
     make_dataloader,
@@ -145,7 +145,7 @@ def test_token_budget_counts_packed_rows(tiny_model, corpus_texts):
     stats = {}
     for pack in (False, True):
         cells, docs = 0, []
-        for batch in make_dataloader(dataset, LoaderConfig(batch_size=16, max_batch_tokens=budget, pack_windows=pack)):
+        for batch in make_dataloader(dataset, LoaderConfig(batch_size=16, batch_tokens=budget, pack_windows=pack)):
             assert batch.input_ids.numel() <= budget or batch.n_windows == 1
             cells += batch.input_ids.numel()
             docs += batch.doc_index.tolist()
@@ -184,7 +184,7 @@ def test_save_packed_equals_save_unpacked(tiny_model, corpus_texts, tmp_path):
 
 
 def test_training_source_refuses_packing(tiny_model, corpus_texts):
-    from sae_core.training_data import ModelActivationSource
+    from sae_core.training.sources import ModelActivationSource
 
     dataset = WindowedTextDataset(corpus_texts[:20], tiny_model.tokenizer, 32)
     with pytest.raises(ValueError, match="pack_windows=False"):
@@ -207,7 +207,7 @@ def test_packed_batches_are_the_same_from_worker_processes(tiny_model, corpus_te
     dataset = WindowedTextDataset(corpus_texts[:80], tiny_model.tokenizer, 64)
     batches = {}
     for workers in (0, 1):
-        cfg = LoaderConfig(batch_size=8, max_batch_tokens=8 * 64, pack_windows=True, num_dataloader_workers=workers)
+        cfg = LoaderConfig(batch_size=8, batch_tokens=8 * 64, pack_windows=True, num_dataloader_workers=workers)
         batches[workers] = list(make_dataloader(dataset, cfg))
     assert len(batches[0]) == len(batches[1])
     for a, b in zip(batches[0], batches[1], strict=True):

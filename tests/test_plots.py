@@ -12,7 +12,7 @@ import pytest
 from scipy.cluster.hierarchy import leaves_list, linkage
 from scipy.spatial.distance import pdist, squareform
 
-from sae_core import plots
+from sae_core import pages, plots
 
 
 def _cosine_matrix(n: int, d: int = 16, seed: int = 0) -> np.ndarray:
@@ -191,7 +191,7 @@ def test_top_examples_html_escapes_and_scales():
     rng = np.random.default_rng(1)
     examples = [{"tokens": list(rng.integers(0, 5, size=8)), "values": rng.random(8) * 3,
                  "focus": 5} for _ in range(3)]
-    text = plots.top_examples_html(examples, lambda t: vocab[int(t)], latent_id=42)
+    text = pages.top_examples_html(examples, lambda t: vocab[int(t)], latent_id=42)
     assert "<script>" not in text and "&lt;script&gt;" in text
     parser = _SpanParser()
     parser.feed(text)
@@ -212,13 +212,13 @@ def test_top_examples_html_tokenizer_and_context():
             return "".join(f"<{i}>" for i in ids)
 
     example = {"tokens": list(range(20)), "values": np.arange(20.0), "focus": 10}
-    text = plots.top_examples_html([example], Tok(), latent_id=1, context=2, standalone=True)
+    text = pages.top_examples_html([example], Tok(), latent_id=1, context=2, standalone=True)
     parser = _SpanParser()
     parser.feed(text)
     assert [s[1] for s in parser.spans] == [f"<{i}>" for i in range(8, 13)]
     assert text.startswith("<!DOCTYPE html>")
     with pytest.raises(ValueError, match="align"):
-        plots.top_examples_html([{"tokens": [1, 2], "values": [1.0], "focus": 0}], None, 0)
+        pages.top_examples_html([{"tokens": [1, 2], "values": [1.0], "focus": 0}], None, 0)
 
 
 def test_steering_comparison_table():
@@ -256,15 +256,15 @@ def test_save_figure_inline_js_and_index(tmp_path: Path):
 
     (tmp_path / "eval.json").write_text("{}")
     entries = [("Spectrum <eig>", "figs/spectrum.html", "covariance & floor"),
-               plots.IndexEntry("Eval", "eval.json")]
-    index = plots.index_html(entries, tmp_path / "index.html")
+               pages.IndexEntry("Eval", "eval.json")]
+    index = pages.index_html(entries, tmp_path / "index.html")
     body = index.read_text(encoding="utf-8")
     hrefs = re.findall(r'href="([^"]+)"', body)
     assert hrefs == ["figs/spectrum.html", "eval.json"]
     assert all((tmp_path / h).exists() for h in hrefs)
     assert "Spectrum &lt;eig&gt;" in body and "covariance &amp; floor" in body
     with pytest.raises(ValueError, match="relative"):
-        plots.index_html([("x", str(tmp_path / "eval.json"), "")], tmp_path / "index.html")
+        pages.index_html([("x", str(tmp_path / "eval.json"), "")], tmp_path / "index.html")
 
 
 def test_save_png_without_kaleido_is_a_clear_error(tmp_path: Path):

@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from sae_core import store as store_module
-from sae_core.activations import TokenPolicy
-from sae_core.data import LoaderConfig, TextSourceConfig, WindowedTextDataset, make_dataloader
+from sae_core import files as store_files
+from sae_core.config import LoaderConfig, StoreConfig, TextSourceConfig, TokenPolicy
+from sae_core.data import WindowedTextDataset, make_dataloader
 from sae_core.store import (
     ActivationRun,
     ShardedRows,
     ShardWriter,
-    StoreConfig,
     list_runs,
     load_shard,
     save,
@@ -286,11 +285,12 @@ CHILD = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
     from sae_core import store
-    from sae_core.data import fortunes_corpus
+    from sae_core.texts import fortunes_corpus
+    from sae_core.store import shards
     from sae_core.model_loading import load_model
 
     out, signal_file = Path(sys.argv[1]), Path(sys.argv[2])
-    real = store._WRITERS["safetensors"]
+    real = shards.WRITERS["safetensors"]
     calls = [0]
 
     def slow_write(tensors, path):
@@ -303,7 +303,7 @@ CHILD = textwrap.dedent("""
             time.sleep(600)
         return real(tensors, path)
 
-    store._WRITERS["safetensors"] = slow_write
+    shards.WRITERS["safetensors"] = slow_write
     model = load_model("tiny_random")
     store.save(model, "blocks.1.hook_resid_post", fortunes_corpus()[:40], out, run_id="killed",
                batch_size=4, shard_size=64, max_text_length=24, progress=False)
@@ -390,7 +390,7 @@ def test_shard_writer_npz_chunks_for_two_pass_extraction(tmp_path):
     again.finish(note="done")
     with pytest.raises(RuntimeError, match="complete"):
         again.write(chunks[0], batches_end=4)
-    assert store_module.read_json(tmp_path / "chunks" / "meta.json")["note"] == "done"
+    assert store_files.read_json(tmp_path / "chunks" / "meta.json")["note"] == "done"
     assert not (tmp_path / "chunks" / ".writer-r0.lock").exists()
 
 
@@ -442,7 +442,7 @@ def test_stored_activations_equal_an_hf_forward_hook(smollm2, smollm2_hf, corpus
 def test_shard_writer_safetensors_blocks_read_back_with_safetensors(tmp_path):
     from safetensors import safe_open
 
-    from sae_core.store import _memmap_tensors
+    from sae_core.store import memmap_tensors
 
     blocks = [torch.randn(3, 5), torch.randn(0, 5), torch.randn(4, 5)]
     ids = [torch.arange(3), torch.arange(0), torch.arange(4)]
@@ -455,7 +455,7 @@ def test_shard_writer_safetensors_blocks_read_back_with_safetensors(tmp_path):
         assert torch.equal(fh.get_tensor("ids"), torch.cat(ids))
         assert fh.get_tensor("flag").tolist() == [True]
     assert record.rows == 7 and record.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
-    mapped, view = _memmap_tensors(path)["acts"]
+    mapped, view = memmap_tensors(path)["acts"]
     assert isinstance(mapped, np.memmap) and view == torch.bfloat16
     assert torch.equal(ShardedRows([mapped], [7], view)[:], torch.cat(blocks).to(torch.bfloat16))
 
@@ -468,7 +468,7 @@ def test_token_budget_batches_hold_the_same_rows_and_resume(tiny_model, texts, c
         texts = texts[:20] + sorted(corpus_texts, key=len)[:20]
         rows = sum(b.input_ids.shape[0] for b in make_dataloader(
             WindowedTextDataset(texts, tiny_model.tokenizer, 48),
-            LoaderConfig(batch_size=4, max_batch_tokens=192, pack_windows=True)))
+            LoaderConfig(batch_size=4, batch_tokens=192, pack_windows=True)))
         assert rows < len(texts)
     by_windows = ActivationRun.open(tmp_path, save(tiny_model, HOOK, texts, tmp_path, **small))
     budget = {**small, "batch_tokens": 4 * small["max_text_length"], "pack_windows": pack}

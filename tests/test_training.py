@@ -15,11 +15,10 @@ from sae_lens import SAE
 from sae_lens.saes.sae import TrainStepInput
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
-from sae_core import training_state
+from sae_core.config import TrainingConfig, build_flat
 from sae_core.data import WindowedTextDataset, make_dataloader
-from sae_core.sparse_topk import topk_training_step
+from sae_core.sae_folders import write_sae_folder
 from sae_core.training import (
-    TrainingConfig,
     build_training_sae,
     hook_widths,
     model_source,
@@ -27,9 +26,10 @@ from sae_core.training import (
     to_inference_sae,
     train_from_activations,
     train_saes,
-    write_sae_folder,
 )
-from sae_core.training_data import BlockShuffler, TensorChunkSource
+from sae_core.training import state as training_state
+from sae_core.training.sources import BlockShuffler, TensorChunkSource
+from sae_core.training.sparse_topk import topk_training_step
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -107,7 +107,7 @@ def _small_cfg(**overrides) -> TrainingConfig:
     base = dict(hook_points=(HOOK,), d_sae=64, k=4, lr=1e-2, total_training_tokens=256 * 40,
                 train_batch_size_tokens=256, shuffle_buffer_tokens=1024, checkpoint_every_tokens=None,
                 log_every_steps=1, lr_decay_fraction=0.0, dead_window_tokens=2048)
-    return TrainingConfig(**{**base, **overrides})
+    return build_flat(TrainingConfig, "training", **{**base, **overrides})
 
 
 ARCHITECTURES = [("topk", {}), ("topk", {"fast_topk": False}), ("batchtopk", {}),
@@ -196,20 +196,20 @@ def test_config_rejects_bad_values():
 def _model_cfg(**overrides) -> TrainingConfig:
     base = dict(hook_points=(HOOK,), d_sae=64, k=4, lr=1e-3, total_training_tokens=128 * 8,
                 train_batch_size_tokens=128, shuffle_buffer_tokens=256, max_text_length=32,
-                forward_batch_tokens=256, eval_documents=8, forward_dtype="float32",
+                batch_tokens=256, held_out_documents=8, dtype="float32",
                 checkpoint_every_tokens=256, log_every_steps=1, dead_window_tokens=256)
-    return TrainingConfig(**{**base, **overrides})
+    return build_flat(TrainingConfig, "training", **{**base, **overrides})
 
 
 def _model_source(model, texts, cfg):
-    train_docs, _ = split_documents(len(texts), cfg.eval_documents, cfg.seed)
-    dataset = WindowedTextDataset(texts, model.tokenizer, cfg.max_text_length, cfg.seed, cfg.prepend_bos)
+    train_docs, _ = split_documents(len(texts), cfg.evaluation.held_out_documents, cfg.seed)
+    dataset = WindowedTextDataset(texts, model.tokenizer, cfg.windows.max_text_length, cfg.seed, cfg.windows.prepend_bos)
     return model_source(model, dataset, cfg, train_docs), dataset, train_docs
 
 
 def test_pad_and_special_rows_never_reach_the_sae(tiny_model, corpus_texts, tmp_path, monkeypatch):
     texts = corpus_texts[:64]
-    cfg = _model_cfg(sae_dtype="float32", total_training_tokens=128 * 4, forward_batch_tokens=1024)  # pads exist
+    cfg = _model_cfg(sae_dtype="float32", total_training_tokens=128 * 4, batch_tokens=1024)  # pads exist
     fed = []
     original = training_state.topk_training_step
 
@@ -318,9 +318,9 @@ def test_saved_sae_reloads_with_identical_encodings(tiny_model, corpus_texts, tm
     # TopK keeps exactly k latents: min(k, #positive pre-activations), from a numpy reference
     W_enc, b_enc, b_dec = (loaded.state_dict()[n].numpy() for n in ("W_enc", "b_enc", "b_dec"))
     pre = (x.numpy() - b_dec) @ W_enc + b_enc
-    top = np.sort(pre, axis=1)[:, -cfg.k:]
+    top = np.sort(pre, axis=1)[:, -cfg.sae.k:]
     np.testing.assert_array_equal((latents != 0).sum(-1).numpy(), (top > 0).sum(-1))
-    assert ((latents != 0).sum(-1) == cfg.k).float().mean() > 0.9
+    assert ((latents != 0).sum(-1) == cfg.sae.k).float().mean() > 0.9
 
 
 # --- integration: SmolLM2 ---------------------------------------------------------------------------
@@ -332,12 +332,12 @@ def _explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 @pytest.mark.slow
 def test_smollm2_sae_beats_baselines(smollm2, tmp_path):
-    from sae_core.data import fortunes_corpus
+    from sae_core.texts import fortunes_corpus
 
     hook, k = "blocks.10.hook_resid_post", 32
     texts = fortunes_corpus()[:3000]
-    cfg = TrainingConfig(hook_points=(hook,), d_sae=4608, k=k, lr=4e-3, total_training_tokens=49_152,
-                         train_batch_size_tokens=2048, shuffle_buffer_tokens=16_384, eval_documents=64,
+    cfg = build_flat(TrainingConfig, "training", hook_points=(hook,), d_sae=4608, k=k, lr=4e-3, total_training_tokens=49_152,
+                         train_batch_size_tokens=2048, shuffle_buffer_tokens=16_384, held_out_documents=64,
                          checkpoint_every_tokens=None, log_every_steps=4)
     source = _model_source(smollm2, texts, cfg)[0]
     run = train_saes(cfg, source, hook_widths(smollm2, [hook]), tmp_path)
@@ -345,12 +345,12 @@ def test_smollm2_sae_beats_baselines(smollm2, tmp_path):
 
     # Held-out rows, and references computed here: an untrained SAE (same init, decoder bias at
     # the held-out mean) and the best rank-k linear reconstruction (PCA fitted on the held-out rows).
-    _, eval_docs = split_documents(len(texts), cfg.eval_documents, cfg.seed)
-    dataset = WindowedTextDataset(texts, smollm2.tokenizer, cfg.max_text_length, cfg.seed, cfg.prepend_bos)
+    _, eval_docs = split_documents(len(texts), cfg.evaluation.held_out_documents, cfg.seed)
+    dataset = WindowedTextDataset(texts, smollm2.tokenizer, cfg.windows.max_text_length, cfg.seed, cfg.windows.prepend_bos)
     from sae_core.activations import batch_activations
 
-    x = torch.cat([batch_activations(smollm2, b, [hook], cfg.token_policy(), "float32").acts[hook]
-                   for b in make_dataloader(dataset, cfg.loader_config(), eval_docs)])
+    x = torch.cat([batch_activations(smollm2, b, [hook], cfg.policy, "float32").acts[hook]
+                   for b in make_dataloader(dataset, cfg.loader, eval_docs)])
     trained = run.saes[hook].sae
     with torch.no_grad():
         ev_trained = _explained_variance(x, trained.decode(trained.encode(x)))

@@ -448,8 +448,10 @@ def test_statistics_of_two_halves_agree_within_sampling_error(smollm2):
     it below 3 (non-stationarity across documents or a wrong accumulator would exceed it) and above
     1/3 (identical or over-smoothed halves would fall below).
     """
-    from sae_core.activations import TokenPolicy, iter_activation_batches
-    from sae_core.data import LoaderConfig, WindowedTextDataset, fortunes_corpus, make_dataloader
+    from sae_core.activations import iter_activation_batches
+    from sae_core.config import LoaderConfig, TokenPolicy
+    from sae_core.data import WindowedTextDataset, make_dataloader
+    from sae_core.texts import fortunes_corpus
 
     hook = "blocks.10.hook_resid_post"
     dataset = WindowedTextDataset(fortunes_corpus()[:1000], smollm2.tokenizer, 128, seed=0, prepend_bos=True)

@@ -1,9 +1,11 @@
 """Per-model constant files: one plain, commented Python module per model.
 
-Users edit these files (not a CLI). Each module defines the UPPER_CASE names in ``REQUIRED``;
-stage configs read their section (``EXTRACTION``, ``TRAINING``, ...) as keyword overrides of the
-stage's dataclass defaults. A model is selected by its exact module name, or by the path of a
-``.py`` file of the user's own; an unknown name raises with the list of known ones.
+Users edit these files (not a CLI). Each module defines ``MODEL_NAME``, ``MODEL_SOURCE``,
+``MODEL_LOAD_CONFIG`` and ``HOOK_POINTS``, and the sections (``WINDOWS``, ``SAE``, ``TRAINING``, ...;
+:data:`sae_core.config.run.SECTIONS`) whose knobs differ from the defaults. Loading a file builds and
+validates its :class:`~sae_core.config.RunConfig`, so a misspelt key fails here. A model is selected by
+its exact module name, or by the path of a ``.py`` file of the user's own; an unknown name raises
+with the list of known ones.
 """
 
 from __future__ import annotations
@@ -11,23 +13,13 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import pkgutil
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-DEFAULT_MODEL = "smollm2_135m_instruct"
+from sae_core.config import RunConfig
 
-REQUIRED: dict[str, type | tuple[type, ...]] = {
-    "MODEL_NAME": str,            # name for logs and metadata (TransformerLens name for that source)
-    "MODEL_SOURCE": str,          # key of sae_core.model_loading.SOURCES
-    "MODEL_LOAD_CONFIG": dict,    # device / dtype / n_devices / processing flags / HF kwargs
-    "HOOK_POINTS": list,          # default hook points for extraction and training
-    "DATASET": dict,              # text source: sae_core.data.TextSourceConfig fields
-    "EXTRACTION": dict,           # sae_core.activations / store knobs
-    "WHITENING": dict,            # sae_core.whitening knobs
-    "TRAINING": dict,             # sae_core.training.TrainingConfig fields
-    "ANALYSIS": dict,             # sae_core analysis knobs
-    "STEERING": dict,             # sae_core.steering example knobs
-}
+DEFAULT_MODEL = "smollm2_135m_instruct"
 
 
 def known_models() -> list[str]:
@@ -55,12 +47,10 @@ def load_model_constants(name: str = DEFAULT_MODEL) -> ModuleType:
 
 
 def check_constants(module: ModuleType) -> None:
-    """Raise if a constant file lacks a required name or gives it the wrong type."""
-    problems = []
-    for key, kind in REQUIRED.items():
-        if not hasattr(module, key):
-            problems.append(f"{key} is missing")
-        elif not isinstance(getattr(module, key), kind):
-            problems.append(f"{key} should be {kind}, got {type(getattr(module, key)).__name__}")
-    if problems:
-        raise TypeError(f"constant file {module.__name__}: " + "; ".join(problems))
+    """Raise if a constant file lacks a required name, misspells a section or key, or mistypes a value."""
+    RunConfig.from_constants(module)
+
+
+def load_run_config(name: str = DEFAULT_MODEL, overrides: Sequence[str] = ()) -> RunConfig:
+    """The validated :class:`~sae_core.config.RunConfig` of a constant file, with ``section.key=value`` overrides."""
+    return RunConfig.from_constants(load_model_constants(name), overrides)

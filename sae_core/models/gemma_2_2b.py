@@ -23,23 +23,23 @@ MODEL_LOAD_CONFIG = {
 # A middle layer's residual stream.
 HOOK_POINTS = ["blocks.12.hook_resid_post"]
 
-# Pretrained SAELens release and SAE id for HOOK_POINTS[0] (None: train your own).
+# Pretrained SAELens release and SAE id per layer ({layer} is filled in; None: train your own).
 SAE_RELEASE = "gemma-scope-2b-pt-res-canonical"
-SAE_ID = "layer_12/width_16k/canonical"
+SAE_ID_TEMPLATE = "layer_{layer}/width_16k/canonical"
 
-# The offline corpus; swap in {"source": "hf", "name": "...", "split": "train", "text_field": "text"}.
-DATASET = {"source": "fortunes", "sample_limit": None, "seed": 0}
-# Activation collection: bf16 autocast is the fast path on GPUs and recent CPUs.
-EXTRACTION = {"max_text_length": 128, "batch_size": 32, "shard_size": 65536, "forward_dtype": "bfloat16",
-              "storage_dtype": "float32", "exclude_special_tokens": True, "sample_limit": None,
-              "batch_tokens": 4096, "pack_windows": True}
-# Whitening statistics.
-WHITENING = {"method": "zca", "eps": 1e-4, "sample_limit": 20000}
+# The offline corpus; swap in {"source": "hf", "name": "...", "split": "train"} (the column: WINDOWS["text_field"]).
+DATASET = {}
+# bf16 autocast is the fast path on GPUs and recent CPUs.
+FORWARD = {"dtype": "bfloat16"}
+# Token-budget batches of packed windows: short documents share rows, nearly no padding.
+LOADER = {"batch_tokens": 4096, "pack_windows": True}
 # A TopK SAE like the released ones.
-TRAINING = {"architecture": "topk", "d_sae": 16384, "k": 82, "lr": 2e-4, "total_training_tokens": 50_000_000,
-            "train_batch_size_tokens": 4096, "max_text_length": 128, "forward_dtype": "bfloat16", "seed": 0}
-# Feature analysis.
-ANALYSIS = {"n_eval_documents": 5000, "top_k_examples": 20, "context_window": 8, "similarity_metric": "cosine",
-            "cooccurrence_metric": "jaccard", "chunk_size": 1024}
-# A steering example.
-STEERING = {"prompt": "The weather today is", "coefficient": 8.0, "max_new_tokens": 30}
+SAE = {"d_sae": 16384, "k": 82}
+# Long hub runs: SAELens's learning rate for 50M tokens.
+OPTIMIZER = {"lr": 2e-4}
+# A hub-scale budget.
+TRAINING = {"total_training_tokens": 50_000_000}
+# More held-out documents for analysis.
+ANALYSIS = {"n_documents": 5000, "top_k_examples": 20}
+# A stronger push than the small default.
+STEERING = {"coefficient": 8.0, "max_new_tokens": 30}

@@ -1,6 +1,7 @@
 """A tiny randomly initialised model for fast unit tests: 2 layers, d_model 32, SmolLM2's tokenizer.
 
-No weights are downloaded beyond the default model's tokenizer (fetched once with it).
+The tokenizer ships in the repository (``sae_core/models/tokenizers/smollm2``), so nothing is
+downloaded. Only what differs from the section defaults is stated.
 """
 
 MODEL_NAME = "tiny-random"
@@ -22,6 +23,7 @@ RANDOM_CONFIG = {
     "gated_mlp": True,
     "seed": 0,
 }
+# float32 on CPU: tests compare against float32 references.
 MODEL_LOAD_CONFIG = {
     "device": "cpu",
     "dtype": "float32",
@@ -30,19 +32,22 @@ MODEL_LOAD_CONFIG = {
 # The last block's residual stream.
 HOOK_POINTS = ["blocks.1.hook_resid_post"]
 
-# An in-memory list of texts is supplied by the tests; the fortunes corpus is the fallback.
-DATASET = {"source": "fortunes", "sample_limit": 200, "seed": 0}
-# Small windows and shards so tests exercise several shards.
-EXTRACTION = {"max_text_length": 32, "batch_size": 8, "shard_size": 256, "forward_dtype": "float32",
-              "storage_dtype": "float32", "exclude_special_tokens": True, "sample_limit": 64,
-              "pack_windows": True}
-# Whitening with a small regulariser.
-WHITENING = {"method": "zca", "eps": 1e-4, "sample_limit": 64}
+# Tests pass their own texts; the fortunes are the fallback, a slice of them.
+DATASET = {"sample_limit": 200}
+# Short windows so a handful of documents make several batches.
+WINDOWS = {"max_text_length": 32}
+# Small batches, packed as in the default model's file.
+LOADER = {"batch_size": 8, "pack_windows": True}
+# Small shards so tests exercise several of them.
+STORE = {"shard_size": 256, "sample_limit": 64}
 # A small SAE that trains in seconds.
-TRAINING = {"architecture": "topk", "d_sae": 64, "k": 4, "lr": 1e-3, "total_training_tokens": 4096,
-            "train_batch_size_tokens": 256, "max_text_length": 32, "forward_dtype": "float32", "seed": 0}
-# Analysis on a handful of documents.
-ANALYSIS = {"n_eval_documents": 32, "top_k_examples": 5, "context_window": 4, "similarity_metric": "cosine",
-            "cooccurrence_metric": "jaccard", "chunk_size": 16}
+SAE = {"d_sae": 64, "k": 4}
+# A gentler rate for the tiny random model.
+OPTIMIZER = {"lr": 1e-3}
+# One small budget.
+TRAINING = {"total_training_tokens": 4096, "train_batch_size_tokens": 256}
+# Analysis on a handful of documents, small blocks.
+ANALYSIS = {"n_documents": 32, "top_k_examples": 5, "context_window": 4, "similarity_chunk_size": 16,
+            "cooccurrence_chunk_size": 16}
 # Steering smoke settings.
-STEERING = {"prompt": "Hello", "coefficient": 4.0, "max_new_tokens": 5, "feature": None}
+STEERING = {"prompt": "Hello", "coefficient": 4.0, "max_new_tokens": 5}

@@ -39,12 +39,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sae_core._io import (
-    _json_default,
+from sae_core.files import (
     atomic_path,
     atomic_write_json,
     ensure_writable_dir,
     file_sha256,
+    json_default,
     read_json,
 )
 from sae_core.model_loading import resolve_dtype
@@ -56,7 +56,7 @@ ACTIVATIONS_DIR = "activations"
 SHARD_FORMATS = {"safetensors": ".safetensors", "npz": ".npz"}
 FORMAT_VERSION = 1
 # safetensors dtype tags -> numpy dtypes for memory mapping (bf16 is mapped as uint16, viewed by torch).
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
+ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
               "I32": np.int32, "I16": np.int16, "U8": np.uint8, "I8": np.int8, "BOOL": np.bool_}
 
 
@@ -140,7 +140,7 @@ def _write_npz(tensors: Mapping[str, list[Tensor]], path: Path) -> str:
     return file_sha256(path)
 
 
-_WRITERS = {"safetensors": _write_safetensors, "npz": _write_npz}
+WRITERS = {"safetensors": _write_safetensors, "npz": _write_npz}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -151,7 +151,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _safetensors_layout(path: Path) -> tuple[int, dict[str, Any]]:
+def safetensors_layout(path: Path) -> tuple[int, dict[str, Any]]:
     """(data offset, header) of a safetensors file; raises naming the file if it is truncated."""
     size = path.stat().st_size
     try:
@@ -178,7 +178,7 @@ def check_shard(path: Path, record: ShardRecord | None = None, full: bool = Fals
         raise ValueError(f"shard {path} is truncated or corrupted: {path.stat().st_size} bytes, "
                          f"{record.nbytes} recorded; delete the run or restore the file")
     if path.suffix == ".safetensors":
-        _safetensors_layout(path)
+        safetensors_layout(path)
     if full and record is not None and file_sha256(path) != record.sha256:
         raise ValueError(f"shard {path} is corrupted: its SHA-256 differs from the one recorded when it was written")
 
@@ -224,7 +224,7 @@ class ShardWriter:
         self.prefix = "shard-" if world_size == 1 else f"shard-r{rank}-"
         self.progress_path = self.run_dir / (META_FILENAME if world_size == 1 else f"meta.rank{rank}.json")
         self.identity = json.loads(json.dumps({**identity, "shard_format": shard_format, "world_size": world_size},
-                                              default=_json_default))
+                                              default=json_default))
         self._lock_path = self.run_dir / f".writer-r{rank}.lock"
         self._take_lock()
         self.resumed = self.progress_path.exists()
@@ -317,7 +317,7 @@ class ShardWriter:
     @property
     def progress(self) -> dict[str, Any]:
         """A copy of the progress file's content."""
-        return json.loads(json.dumps(self._progress, default=_json_default))
+        return json.loads(json.dumps(self._progress, default=json_default))
 
     def totals(self) -> dict[str, int]:
         """Rows and every counter summed over the completed shards."""
@@ -347,7 +347,7 @@ class ShardWriter:
         index = len(self._shards)
         path = self.run_dir / f"{self.prefix}{index:05d}{SHARD_FORMATS[self.shard_format]}"
         with atomic_path(path) as tmp:
-            digest = _WRITERS[self.shard_format](data, tmp)
+            digest = WRITERS[self.shard_format](data, tmp)
         _fsync_dir(self.run_dir)
         n_rows = rows if rows is not None else (sum(len(b) for b in next(iter(data.values()))) if data else 0)
         record = ShardRecord(index, path.name, self.rank, int(n_rows), int(batches_end),

@@ -49,8 +49,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
@@ -60,54 +59,10 @@ from transformer_lens.utilities.tokenize_utils import get_attention_mask
 
 from sae_core.hooks import hook_layer, resolve_hook
 from sae_core.saes import SAEManager
+from sae_core.steering.hooks import Layout, SteeringHooks
+from sae_core.steering.registry import Steer, SteeringHandle, SteerMode, SteerRegistry
 
 logger = logging.getLogger(__name__)
-
-MODES = ("add", "clamp", "scale", "ablate")
-POSITION_KEYWORDS = ("all", "prompt", "generated")
-SteerMode = Literal["add", "clamp", "scale", "ablate"]
-
-
-@dataclass(frozen=True)
-class Steer:
-    """One intervention on one latent at one hook point."""
-
-    hook: str
-    """Hook point name (resolved from a layer index by :meth:`ModelSteering.steer`)."""
-    feature: int
-    """Latent index in the SAE at ``hook``."""
-    coefficient: float = 0.0
-    """add: multiple of the decoder direction; clamp: the latent's value; scale: factor; ablate: unused."""
-    mode: SteerMode = "add"
-    positions: str | tuple[int, ...] = "all"
-    """``"all"``, ``"prompt"``, ``"generated"`` or absolute positions (0 = first prompt token)."""
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if isinstance(self.positions, str):
-            if self.positions not in POSITION_KEYWORDS:
-                raise ValueError(f"positions must be one of {POSITION_KEYWORDS} or a list of ints, "
-                                 f"got {self.positions!r}")
-        else:
-            positions = tuple(int(p) for p in self.positions)
-            if not positions or min(positions) < 0:
-                raise ValueError(f"positions must be a non-empty list of absolute positions >= 0, got "
-                                 f"{self.positions!r}")
-            object.__setattr__(self, "positions", positions)
-        if self.feature < 0:
-            raise ValueError(f"feature must be a latent index >= 0, got {self.feature}")
-
-
-@dataclass
-class _Layout:
-    """Where each row's real tokens sit during one generation (absent: a plain forward, no padding)."""
-
-    n_pad: Tensor  # (batch,) left pads per row
-    prompt_len: Tensor  # (batch,) prompt tokens per row
-    use_cache: bool
-    seen: dict[str, int] = field(default_factory=dict)  # columns each hook has seen (KV cache)
-    capture: dict[str, list[tuple[int, Tensor, Tensor]]] | None = None  # hook -> (offset, before, after)
 
 
 class SteeringCapture(NamedTuple):
@@ -142,34 +97,15 @@ class SteeringComparison(NamedTuple):
     after: SteeredGeneration
 
 
-class SteeringHandle:
-    """Active steers; a context manager that removes them on exit (also after an exception)."""
-
-    def __init__(self, owner: ModelSteering, steers: tuple[Steer, ...]) -> None:
-        self.owner = owner
-        self.steers = steers
-
-    def remove(self) -> None:
-        """Remove these steers (and the hook of any hook point left without steers)."""
-        self.owner._remove(self)
-
-    def __enter__(self) -> SteeringHandle:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-
 class ModelSteering:
-    """Steer a model along SAE latents held by an :class:`SAEManager`."""
+    """Steer a model along SAE latents held by an :class:`SAEManager`: the registry of steers, the
+    hooks that apply them, and generation with them."""
 
     def __init__(self, model: HookedTransformer, manager: SAEManager) -> None:
         self.model = model
         self.manager = manager
-        self._handles: list[SteeringHandle] = []
-        self._installed: dict[str, Any] = {}  # hook name -> our hook function
-        self._directions: dict[tuple[str, int, int, int], Tensor] = {}
-        self._layout: _Layout | None = None
+        self.registry = SteerRegistry(on_change=lambda: self.hooks.sync())
+        self.hooks = SteeringHooks(model, manager, self.registry)
 
     # --- registering steers ----------------------------------------------------------------------
     def steer(self, hook_or_layer: str | int, feature_idx: int, coefficient: float,
@@ -181,125 +117,32 @@ class ModelSteering:
 
     def apply(self, steers: Sequence[Steer]) -> SteeringHandle:
         """Start several steers at once (any hooks, any latents); returns their handle."""
-        steers = tuple(steers)
         for s in steers:
             self.manager[s.hook]  # noqa: B018 - raises with the loaded hooks if missing
-            self._direction(s.hook, s.feature)  # validates the index and the SAE's decode
-        self._check_conflicts([*self.active_steers, *steers])
-        handle = SteeringHandle(self, steers)
-        self._handles.append(handle)
-        self._sync_hooks()
-        return handle
+            self.hooks.direction(s.hook, s.feature)  # validates the index and the SAE's decode
+        return self.registry.add(steers)
 
     @property
     def active_steers(self) -> list[Steer]:
         """Steers currently applied, in registration order."""
-        return [s for handle in self._handles for s in handle.steers]
+        return self.registry.active
 
     def clear_steering(self) -> None:
         """Remove every steer and every hook this object added."""
-        self._handles.clear()
-        self._sync_hooks()
-
-    def _remove(self, handle: SteeringHandle) -> None:
-        self._handles = [h for h in self._handles if h is not handle]
-        self._sync_hooks()
+        self.registry.clear()
 
     def _resolve(self, hook_or_layer: str | int) -> str:
+        """A hook name, or a layer index (negative counts from the end) -> the loaded SAE's hook there."""
         if isinstance(hook_or_layer, int):
-            layer = hook_or_layer % self.model.cfg.n_layers
+            n_layers = self.model.cfg.n_layers
+            if not -n_layers <= hook_or_layer < n_layers:
+                raise IndexError(f"layer {hook_or_layer} is out of range for a model with {n_layers} layers; "
+                                 f"use 0..{n_layers - 1} (or -{n_layers}..-1 from the end), or a hook name")
+            layer = hook_or_layer % n_layers
             loaded = [h for h in self.manager.hooks if hook_layer(h) == layer]
             if len(loaded) == 1:
                 return loaded[0]
         return resolve_hook(self.model, hook_or_layer)
-
-    @staticmethod
-    def _check_conflicts(steers: Sequence[Steer]) -> None:
-        seen: set[tuple[str, int]] = set()
-        for s in steers:
-            if s.mode == "add":
-                continue
-            if (s.hook, s.feature) in seen:
-                raise ValueError(f"latent {s.feature} at {s.hook} is clamped / scaled / ablated twice; "
-                                 "remove the other steer first (two values for one latent conflict)")
-            seen.add((s.hook, s.feature))
-
-    def _direction(self, hook: str, feature: int) -> Tensor:
-        entry = self.manager[hook]
-        key = (hook, feature, id(entry.sae), id(entry.whitener))  # a replaced SAE gets new directions
-        if key not in self._directions:
-            self._directions[key] = self.manager.decoder_directions(hook, [feature])[0]
-        return self._directions[key]
-
-    def _sync_hooks(self) -> None:
-        """Install one hook per hook point that has steers; remove ours from the others."""
-        wanted = {s.hook for s in self.active_steers}
-        for name in list(self._installed):
-            if name not in wanted:
-                fn = self._installed.pop(name)
-                point = self.model.hook_dict[name]
-                for lens in [h for h in point.fwd_hooks if h.user_hook is fn]:
-                    lens.hook.remove()
-                    point.fwd_hooks.remove(lens)
-        for name in wanted - set(self._installed):
-            def fn(activation: Tensor, hook: Any) -> Tensor:
-                return self._steer_activation(activation, hook.name)
-
-            self.model.add_hook(name, fn)
-            self._installed[name] = fn
-
-    # --- the hook --------------------------------------------------------------------------------
-    def _positions(self, name: str, batch: int, n: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        """Absolute positions (batch, n), real-token mask and prompt mask of the columns this call sees."""
-        layout = self._layout
-        if layout is None:  # a plain forward: columns are positions, every token is a prompt token
-            pos = torch.arange(n, device=device).expand(batch, n)
-            ones = torch.ones(batch, n, dtype=torch.bool, device=device)
-            return pos, ones, ones
-        offset = layout.seen.get(name, 0) if layout.use_cache else 0
-        layout.seen[name] = offset + n
-        cols = torch.arange(offset, offset + n, device=device)
-        pos = cols[None, :] - layout.n_pad.to(device)[:, None]  # (batch, n)
-        return pos, pos >= 0, pos < layout.prompt_len.to(device)[:, None]
-
-    def _steer_activation(self, x: Float[Tensor, "batch pos d"], name: str) -> Tensor:
-        steers = [s for s in self.active_steers if s.hook == name]
-        if not steers:
-            return x
-        if x.ndim != 3:
-            raise NotImplementedError(f"steering at {name} needs (batch, pos, d) activations, got shape "
-                                      f"{tuple(x.shape)}; per-head hooks are not supported")
-        batch, n, _ = x.shape
-        pos, real, prompt = self._positions(name, batch, n, x.device)
-        z = self.manager.encode(name, x) if any(s.mode != "add" for s in steers) else None
-        delta: Tensor | None = None
-        for s in steers:
-            if s.positions == "all":
-                mask = real
-            elif s.positions == "prompt":
-                mask = real & prompt
-            elif s.positions == "generated":
-                mask = real & ~prompt
-            else:
-                mask = real & torch.isin(pos, torch.tensor(s.positions, device=x.device))
-            direction = self._direction(name, s.feature)
-            if s.mode == "add":
-                amount = torch.full((batch, n), float(s.coefficient), dtype=direction.dtype, device=x.device)
-            else:
-                current = z[..., s.feature]  # type: ignore[index]
-                target = {"clamp": torch.full_like(current, float(s.coefficient)),
-                          "scale": current * s.coefficient,
-                          "ablate": torch.zeros_like(current)}[s.mode]
-                amount = target - current  # decode(z') - decode(z) = (z'_i - z_i) d_i
-            # where, not multiply: pad rows may hold non-finite values and must stay untouched
-            term = torch.where(mask[..., None], amount[..., None] * direction, 0.0)
-            delta = term if delta is None else delta + term
-        out = x + delta.to(x.dtype)  # type: ignore[union-attr]  # back to the model's dtype
-        layout = self._layout
-        if layout is not None and layout.capture is not None:
-            offset = layout.seen[name] - n if layout.use_cache else 0
-            layout.capture.setdefault(name, []).append((offset, x.detach().clone(), out.detach().clone()))
-        return out
 
     # --- generation ------------------------------------------------------------------------------
     def generate_with_steering(self, prompts: str | Sequence[str], steers: Sequence[Steer] | None = None, *,
@@ -324,7 +167,7 @@ class ModelSteering:
                       prepend_bos=bos, verbose=verbose, **generation_kwargs)
         handle = self.apply(steers) if steers else None
         try:
-            with _seeded(seed):
+            with seeded(seed):
                 groups = [rows] if batched and self._batchable(rows, bos) else [[r] for r in rows]
                 if len(groups) > 1 and batched and len(rows) > 1:
                     logger.warning("pad id %s may be read as a prompt's first token; generating one prompt "
@@ -333,11 +176,11 @@ class ModelSteering:
         finally:
             if handle is not None:
                 handle.remove()
-        return _merge(parts, capture)
+        return merge_generations(parts, capture)
 
     def compare(self, prompts: str | Sequence[str], steers: Sequence[Steer], **kwargs: Any) -> SteeringComparison:
         """Generate ``prompts`` without, then with ``steers`` (same settings; pass ``seed`` when sampling)."""
-        if self._handles:
+        if self.registry.handles:
             raise RuntimeError("steers are active, so 'before' would be steered too; close their "
                                "contexts or call clear_steering() first")
         before = self.generate_with_steering(prompts, **kwargs)
@@ -363,13 +206,13 @@ class ModelSteering:
     def _generate_group(self, rows: list[Tensor], capture: bool, kwargs: dict[str, Any]) -> SteeredGeneration:
         tokens, n_pad = self._left_pad(rows)
         prompt_len = torch.tensor([len(r) for r in rows])
-        self._layout = _Layout(n_pad, prompt_len, bool(kwargs["use_past_kv_cache"]),
+        self.hooks.layout = Layout(n_pad, prompt_len, bool(kwargs["use_past_kv_cache"]),
                                capture={} if capture else None)
         try:
             out = self.model.generate(tokens, return_type="tokens", padding_side="left", **kwargs)
-            layout = self._layout
+            layout = self.hooks.layout
         finally:
-            self._layout = None
+            self.hooks.layout = None
         seqs = [self._trim(out[i, int(n_pad[i]):], len(rows[i]), kwargs) for i in range(len(rows))]
         tok = self.model.tokenizer
         texts = [tok.decode(s, skip_special_tokens=True) for s in seqs]
@@ -387,7 +230,7 @@ class ModelSteering:
         hits = torch.isin(seq[prompt_len:], stops).nonzero()
         return seq[:prompt_len + int(hits[0, 0]) + 1] if len(hits) else seq
 
-    def _assemble(self, layout: _Layout, n_pad: Tensor, lengths: list[int]) -> dict[str, SteeringCapture]:
+    def _assemble(self, layout: Layout, n_pad: Tensor, lengths: list[int]) -> dict[str, SteeringCapture]:
         """Stitch the per-call chunks into per-prompt (pos, d) tensors and encode them."""
         result = {}
         for name, chunks in (layout.capture or {}).items():
@@ -408,7 +251,7 @@ class ModelSteering:
 
 
 @contextlib.contextmanager
-def _seeded(seed: int | None) -> Iterator[None]:
+def seeded(seed: int | None) -> Iterator[None]:
     """Seed torch's RNG for the block and restore the caller's RNG state afterwards."""
     if seed is None:
         yield
@@ -418,7 +261,7 @@ def _seeded(seed: int | None) -> Iterator[None]:
         yield
 
 
-def _merge(parts: list[SteeredGeneration], capture: bool) -> SteeredGeneration:
+def merge_generations(parts: list[SteeredGeneration], capture: bool) -> SteeredGeneration:
     """Concatenate per-group generations (one group when batched, one per prompt otherwise)."""
     if len(parts) == 1:
         return parts[0]
@@ -433,5 +276,4 @@ def _merge(parts: list[SteeredGeneration], capture: bool) -> SteeredGeneration:
                                for f in ("texts", "completions", "tokens", "prompt_lengths")), captured)
 
 
-__all__ = ["MODES", "ModelSteering", "Steer", "SteeredGeneration", "SteeringCapture", "SteeringComparison",
-           "SteeringHandle"]
+__all__ = ["ModelSteering", "SteeredGeneration", "SteeringCapture", "SteeringComparison"]

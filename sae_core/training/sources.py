@@ -43,8 +43,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from transformer_lens import HookedTransformer
 
-from sae_core.activations import TokenPolicy, batch_activations, run_to_hooks
-from sae_core.data import LoaderConfig, PadCollate, SkipBatches, WindowedTextDataset, pad_id_of
+from sae_core.activations import batch_activations, run_to_hooks
+from sae_core.config import LoaderConfig, TokenPolicy
+from sae_core.data import PadCollate, SkipBatches, WindowedTextDataset, pad_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -138,9 +139,6 @@ class ModelActivationSource:
             raise ValueError(f"rank {rank} of {world} has no training documents; give at least {world} documents")
         self.model, self.dataset, self.hooks = model, dataset, list(hooks)
         self.loader_config, self.policy, self.forward_dtype = loader or LoaderConfig(), policy, forward_dtype
-        if self.loader_config.pack_windows:
-            raise ValueError("training batches windows of one length (TokenBudgetBatchSampler), so rows have no "
-                             "room to share; pass a LoaderConfig with pack_windows=False")
         self.sampler = TokenBudgetBatchSampler(dataset, share, batch_tokens, group_documents)
 
     def loader(self, start_batch: int = 0) -> DataLoader:

@@ -16,27 +16,31 @@ worker process) costs only torch and safetensors.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
-from sae_core._io import file_sha256, read_json
-from sae_core.data import (
+from sae_core.config import (
+    ForwardConfig,
     LoaderConfig,
-    WindowBatch,
-    WindowedTextDataset,
-    limit_texts,
-    make_dataloader,
+    RunConfig,
+    TokenPolicy,
+    WhiteningConfig,
+    WindowConfig,
 )
-from sae_core.whitening import (
-    METHODS,
+from sae_core.data import WindowBatch, make_dataloader, pad_id_of, windowed_dataset
+from sae_core.files import file_sha256, read_json
+from sae_core.model_loading import resolve_dtype
+from sae_core.store import ShardBuffer, ShardWriter
+from sae_core.texts import limit_texts
+from sae_core.whitening.statistics import (
     STATS_JSON,
     WHITENED_RUN,
     WHITENING_FILENAME,
@@ -44,18 +48,23 @@ from sae_core.whitening import (
     Whitener,
 )
 
-if TYPE_CHECKING:
-    from sae_core.activations import TokenPolicy
-
 logger = logging.getLogger(__name__)
 
 
 TOKEN_NAMES = ("bos", "eos", "pad", "special")
+DOCUMENT_NAMES = {"batch_size": "loader", "max_length": "windows", "dtype": "forward", "prepend_bos": "windows",
+                  "seed": "windows", "method": "whitening", "eps": "whitening", "shrinkage": "whitening"}
+"""The design document's names (``003``) and the section each one sets; ``num_samples`` and
+``exclude_tokens`` are translated too (:meth:`ExtractionConfig.document`)."""
 
 
 @dataclass(frozen=True)
 class ExtractionConfig:
-    """Two-pass whitened extraction: statistics (pass one), then whitened chunks (pass two)."""
+    """Two-pass whitened extraction: statistics (pass one), then whitened chunks (pass two).
+
+    Windows, loader, forward and whitening are the run's sections (``RunConfig``), so the whitened
+    rows are those the store and training see. :meth:`document` takes the design document's names.
+    """
 
     model: Any = field(repr=False)
     """A ``HookedTransformer`` or a constant-file name (``"smollm2_135m_instruct"``)."""
@@ -67,78 +76,75 @@ class ExtractionConfig:
     """Layer whose ``hook_resid_post`` is read (-1: last); ignored when ``hook_point`` is set."""
     hook_point: str | None = None
     """Exact hook point name; overrides ``layer_index``."""
-    batch_size: int = 32
-    """Windows per forward pass."""
-    max_length: int = 128
-    """Tokens per window (a random window of longer documents)."""
-    num_samples: int | None = None
+    windows: WindowConfig = field(default_factory=WindowConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    forward: ForwardConfig = field(default_factory=ForwardConfig)
+    whitening: WhiteningConfig = field(default_factory=WhiteningConfig)
+    sample_limit: int | None = None
     """Documents used (the first ones); None: all."""
     chunk_size: int = 16384
     """Pass two flushes a chunk once it holds this many kept rows (at the end of a batch)."""
     device: str | None = None
     """Device of the statistics; None: the model's device."""
-    dtype: str = "float32"
-    """Forward dtype (bfloat16 / float16 run under autocast)."""
     storage_dtype: str = "float32"
     """Dtype of the stored whitened activations: float32 or float16."""
-    exclude_tokens: tuple[str | int, ...] = ("bos", "pad")
-    """Rows left out of the statistics: ``bos``, ``eos``, ``pad``, ``special`` or token ids. Pad rows
-    are always excluded (``pad`` must be listed)."""
-    prepend_bos: bool = True
-    """Put BOS at position 0 of every window: the attention-sink row is then BOS, which is excluded."""
-    method: str = "zca"
-    """``zca`` or ``pca``."""
-    eps: float = 1e-4
-    """Regulariser added to the covariance eigenvalues."""
-    shrinkage: float = 0.0
-    """Shrinkage of the covariance toward a scaled identity (0..1)."""
-    seed: int = 0
-    """Seed of the random windows."""
     checkpoint_batches: int = 50
     """Pass one saves its statistics every this many batches (an interrupted pass resumes there)."""
 
     def __post_init__(self) -> None:
-        if self.batch_size <= 0 or self.max_length < 2 or self.chunk_size <= 0 or self.checkpoint_batches <= 0:
-            raise ValueError("batch_size, chunk_size and checkpoint_batches must be positive and max_length >= 2; "
-                             f"got {self.batch_size}, {self.chunk_size}, {self.checkpoint_batches}, {self.max_length}")
-        if self.num_samples is not None and self.num_samples <= 0:
-            raise ValueError(f"num_samples must be positive or None, got {self.num_samples}")
-        unknown = [t for t in self.exclude_tokens if not isinstance(t, int) and t not in TOKEN_NAMES]
-        if unknown:
-            raise ValueError(f"unknown exclude_tokens {unknown}; use {TOKEN_NAMES} or integer token ids")
-        if "pad" not in self.exclude_tokens:
-            raise ValueError("pad rows hold no token and are always excluded; keep 'pad' in exclude_tokens")
-        if self.method not in METHODS:
-            raise ValueError(f"unknown whitening method {self.method!r}; use one of {METHODS}")
-        if self.eps < 0 or not 0.0 <= self.shrinkage <= 1.0:
-            raise ValueError(f"need eps >= 0 and 0 <= shrinkage <= 1, got {self.eps}, {self.shrinkage}")
+        if self.chunk_size <= 0 or self.checkpoint_batches <= 0:
+            raise ValueError("chunk_size and checkpoint_batches must be positive; "
+                             f"got {self.chunk_size}, {self.checkpoint_batches}")
+        if self.sample_limit is not None and self.sample_limit <= 0:
+            raise ValueError(f"sample_limit must be positive or None, got {self.sample_limit}")
         if self.storage_dtype not in ("float32", "float16"):
             raise ValueError(f"storage_dtype must be float32 or float16, got {self.storage_dtype!r}")
-        from sae_core.model_loading import resolve_dtype
 
-        resolve_dtype(self.dtype)
-        object.__setattr__(self, "exclude_tokens", tuple(self.exclude_tokens))
+    @classmethod
+    def document(cls, model: Any, output_dir: str | os.PathLike[str], *, num_samples: int | None = None,
+                 exclude_tokens: Sequence[str | int] = ("bos", "pad"), **values: Any) -> ExtractionConfig:
+        """The config under the design document's names: ``batch_size``, ``max_length``,
+        ``num_samples`` (our ``sample_limit``), ``dtype`` (``forward.dtype``), ``exclude_tokens``
+        (a :class:`TokenPolicy`), ``prepend_bos``, ``seed``, ``method``, ``eps``, ``shrinkage``; other
+        keywords are this class's own fields."""
+        sections: dict[str, dict[str, Any]] = {name: {} for name in ("windows", "loader", "forward", "whitening")}
+        own = {k: v for k, v in values.items() if k not in DOCUMENT_NAMES}
+        for key, value in values.items():
+            if key in DOCUMENT_NAMES:
+                ours = {"max_length": "max_text_length"}.get(key, key)
+                sections[DOCUMENT_NAMES[key]][ours] = value
+        sections["windows"]["policy"] = policy_of(exclude_tokens)
+        return cls(model, output_dir, windows=WindowConfig(**sections["windows"]),
+                   loader=LoaderConfig(**sections["loader"]), forward=ForwardConfig(**sections["forward"]),
+                   whitening=WhiteningConfig(**sections["whitening"]), sample_limit=num_samples, **own)
+
+    @classmethod
+    def from_run_config(cls, run: RunConfig, output_dir: str | os.PathLike[str], **overrides: Any) -> ExtractionConfig:
+        """The run's sections and first hook point (``RunConfig``); ``overrides`` are this class's fields."""
+        fields = {"hook_point": run.hook_points[0], "windows": run.windows,
+                  "loader": dataclasses.replace(run.loader, pack_windows=False), "forward": run.forward,
+                  "whitening": run.whitening, "device": run.device}
+        return cls(run.name, output_dir, **{**fields, **overrides})
 
     @classmethod
     def from_constants(cls, name: str, output_dir: str | os.PathLike[str], **overrides: Any) -> ExtractionConfig:
-        """Defaults from a constant file: ``HOOK_POINTS[0]``, ``EXTRACTION`` and ``WHITENING``."""
-        from sae_core.models import load_model_constants
+        """:meth:`from_run_config` of a constant file by name."""
+        from sae_core.models import load_run_config
 
-        c = load_model_constants(name)
-        fields = {"model": name, "output_dir": output_dir, "hook_point": c.HOOK_POINTS[0],
-                  "batch_size": c.EXTRACTION.get("batch_size", 32), "max_length": c.EXTRACTION.get("max_text_length", 128),
-                  "dtype": c.EXTRACTION.get("forward_dtype", "float32"), "method": c.WHITENING.get("method", "zca"),
-                  "eps": c.WHITENING.get("eps", 1e-4), "shrinkage": c.WHITENING.get("shrinkage", 0.0),
-                  "num_samples": c.WHITENING.get("sample_limit")}
-        return cls(**{**fields, **overrides})
+        return cls.from_run_config(load_run_config(name), output_dir, **overrides)
 
-    def token_policy(self) -> TokenPolicy:
-        """The :class:`TokenPolicy` of ``exclude_tokens``."""
-        from sae_core.activations import TokenPolicy
 
-        return TokenPolicy(exclude_bos="bos" in self.exclude_tokens, exclude_eos="eos" in self.exclude_tokens,
-                           exclude_special="special" in self.exclude_tokens,
-                           exclude_token_ids=tuple(t for t in self.exclude_tokens if isinstance(t, int)))
+def policy_of(exclude_tokens: Sequence[str | int]) -> TokenPolicy:
+    """The :class:`TokenPolicy` of the design document's ``exclude_tokens`` (``bos``, ``eos``, ``pad``,
+    ``special`` or token ids; pad rows are always excluded, so ``pad`` must be listed)."""
+    unknown = [t for t in exclude_tokens if not isinstance(t, int) and t not in TOKEN_NAMES]
+    if unknown:
+        raise ValueError(f"unknown exclude_tokens {unknown}; use {TOKEN_NAMES} or integer token ids")
+    if "pad" not in exclude_tokens:
+        raise ValueError("pad rows hold no token and are always excluded; keep 'pad' in exclude_tokens")
+    return TokenPolicy(exclude_bos="bos" in exclude_tokens, exclude_eos="eos" in exclude_tokens,
+                       exclude_special="special" in exclude_tokens,
+                       exclude_token_ids=tuple(t for t in exclude_tokens if isinstance(t, int)))
 
 
 class PassOneResult(NamedTuple):
@@ -179,9 +185,9 @@ class ActivationExtractor:
 
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self.tokenizer = tokenizer
-        self.texts = limit_texts(texts, config.num_samples)
-        self.dataset = WindowedTextDataset(self.texts, tokenizer, config.max_length, config.seed, config.prepend_bos)
-        self.policy = config.token_policy()
+        self.texts = limit_texts(texts, config.sample_limit)
+        self.dataset = windowed_dataset(self.texts, tokenizer, config.windows)
+        self.policy = config.windows.policy
         self.device = torch.device(config.device) if config.device else torch.device(self.model.cfg.device)
         self.output_dir = Path(config.output_dir)
 
@@ -189,12 +195,12 @@ class ActivationExtractor:
         """What a resumed pass must share with the interrupted one."""
         c = self.config
         return {"model": self.model.cfg.model_name, "hook": self.hook, "n_documents": len(self.dataset),
-                "batch_size": c.batch_size, "max_length": c.max_length, "seed": c.seed,
-                "prepend_bos": c.prepend_bos, "forward_dtype": c.dtype,
+                "batch_size": c.loader.batch_size, "max_length": c.windows.max_text_length, "seed": c.windows.seed,
+                "prepend_bos": c.windows.prepend_bos, "forward_dtype": c.forward.dtype,
                 "token_policy": self.policy.to_json(self.tokenizer)}
 
     def _batches(self, start_batch: int) -> Iterator[WindowBatch]:
-        loader = make_dataloader(self.dataset, LoaderConfig(batch_size=self.config.batch_size), start_batch=start_batch)
+        loader = make_dataloader(self.dataset, self.config.loader, start_batch=start_batch)
         yield from tqdm(loader, desc=f"batches from {start_batch}", leave=False)
 
     def _activations(self, start_batch: int, policy: TokenPolicy) -> Iterator[tuple[int, WindowBatch, Any]]:
@@ -208,7 +214,7 @@ class ActivationExtractor:
                 state["done"], state["batch"] = state["done"] + 1, batch
                 yield batch
 
-        for acts in iter_activation_batches(self.model, counted(), [self.hook], policy, self.config.dtype):
+        for acts in iter_activation_batches(self.model, counted(), [self.hook], policy, self.config.forward.dtype):
             yield state["done"], state["batch"], acts
 
     def _load_progress(self) -> tuple[IncrementalWhitener, dict[str, Any]] | None:
@@ -244,7 +250,8 @@ class ActivationExtractor:
         return PassOneResult(stats, self._publish(stats), done, progress is not None)
 
     def _publish(self, stats: IncrementalWhitener) -> Whitener:
-        whitener = stats.to_whitener(self.config.method, self.config.eps, self.config.shrinkage, self.hook)
+        whitener = stats.to_whitener(self.config.whitening.method, self.config.whitening.eps,
+                                       self.config.whitening.shrinkage, self.hook)
         whitener.save(self.output_dir)
         return whitener
 
@@ -254,8 +261,6 @@ class ActivationExtractor:
         The chunks follow the activation store's padded format, so ``sae_core.store.ActivationRun``
         reads the ``whitened/`` run like any other.
         """
-        from sae_core.store import ShardWriter
-
         meta_path = self.output_dir / STATS_JSON
         if not meta_path.exists() or not read_json(meta_path).get("complete"):
             raise FileNotFoundError(f"no complete whitening statistics in {self.output_dir}; run "
@@ -277,42 +282,28 @@ class ActivationExtractor:
         return PassTwoResult(writer.run_dir, len(writer.shards), totals.get("windows", 0), totals["rows"])
 
     def _write_chunks(self, writer: Any, whitener: Whitener) -> None:
-        buffer: list[dict[str, Tensor]] = []
-        done = writer.batches_done
+        """The store's padded chunks (:class:`~sae_core.store.ShardBuffer`) of whitened kept rows."""
+        buffer = ShardBuffer([self.hook], {self.hook: "activations"}, padded=True,
+                             storage=resolve_dtype(self.config.storage_dtype))
+        pad_id, done = pad_id_of(self.tokenizer), writer.batches_done
         for done, batch, acts in self._activations(writer.batches_done, self.policy):
             keep = self.policy.keep_mask(batch.input_ids, batch.attention_mask, self.tokenizer)  # (batch, pos)
-            padded = torch.zeros(*keep.shape, whitener.d, dtype=torch.float32)  # (batch, pos, d)
-            padded[keep] = whitener.forward(acts.acts[self.hook].float()).cpu()
-            buffer.append({"activations": padded, "attention_mask": keep.to(torch.uint8),
-                           "token_ids": batch.input_ids, "doc_index": batch.doc_index,
-                           "position": batch.token_positions()})
-            if sum(int(b["attention_mask"].sum()) for b in buffer) >= self.config.chunk_size:
-                self._flush(writer, buffer, done)
-                buffer = []
-        if buffer:
-            self._flush(writer, buffer, done)
-
-    def _flush(self, writer: Any, buffer: list[dict[str, Tensor]], batches_end: int) -> None:
-        """Concatenate the buffered batches, padded on the right to the widest (token ids with PAD)."""
-        from sae_core.data import pad_id_of
-
-        width = max(b["token_ids"].shape[1] for b in buffer)
-        chunk = {}
-        for key in buffer[0]:
-            value = pad_id_of(self.tokenizer) if key == "token_ids" else 0
-            chunk[key] = torch.cat([b[key] if b[key].dim() == 1 else torch.nn.functional.pad(
-                b[key], (0, 0) * (b[key].dim() - 2) + (0, width - b[key].shape[1]), value=value) for b in buffer])
-        writer.write(chunk, batches_end, counts={"windows": chunk["token_ids"].shape[0]},
-                     rows=int(chunk["attention_mask"].sum()))
+            buffer.add(acts._replace(acts={self.hook: whitener.forward(acts.acts[self.hook].float())}), batch, keep)
+            buffer.counts["windows"] = buffer.counts.get("windows", 0) + int(batch.input_ids.shape[0])
+            if buffer.rows >= self.config.chunk_size:
+                writer.write(buffer.tensors(pad_id), done, counts=buffer.counts, rows=buffer.rows)
+                buffer.reset()
+        if buffer.rows:
+            writer.write(buffer.tensors(pad_id), done, counts=buffer.counts, rows=buffer.rows)
 
 
 def _json_roundtrip(obj: Any) -> Any:
     """``obj`` as it reads back from JSON (tuples become lists), for comparisons with stored metadata."""
     import json
 
-    from sae_core._io import _json_default
+    from sae_core.files import json_default
 
-    return json.loads(json.dumps(obj, default=_json_default))
+    return json.loads(json.dumps(obj, default=json_default))
 
 
 __all__ = ["ActivationExtractor", "ExtractionConfig", "PassOneResult", "PassTwoResult"]

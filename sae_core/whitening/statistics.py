@@ -29,7 +29,7 @@ variant (``save_torch``) holds only tensors and plain scalars, loadable with ``w
 one can be resumed or merged later.
 
 Two-pass extraction of whitened chunks from text (:class:`ActivationExtractor`) lives in
-:mod:`sae_core.whitened_extraction`; its names are also importable from here. Pass one can read
+:mod:`sae_core.whitening.extraction`; its names are also importable from here. Pass one can read
 an existing activation run instead (:func:`statistics_from_run`).
 """
 
@@ -41,7 +41,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float
@@ -50,10 +50,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sae_core._io import atomic_path, atomic_write_json, read_json
-
-if TYPE_CHECKING:
-    pass
+from sae_core.files import atomic_path, atomic_write_json, read_json
+from sae_core.store import ActivationRun
 
 logger = logging.getLogger(__name__)
 
@@ -386,8 +384,6 @@ def statistics_from_run(run_dir: str | os.PathLike[str], hook: str | None = None
     Reads the run shard by shard with ``ActivationRun.iter_shards`` (row shards and padded NPZ
     chunks alike hold only the rows the run's token policy kept), so memory stays one shard.
     """
-    from sae_core.store import ActivationRun
-
     run = ActivationRun(run_dir)
     hook = hook or (run.hooks[0] if len(run.hooks) == 1 else None)
     if hook not in run.hooks:
@@ -401,18 +397,6 @@ def statistics_from_run(run_dir: str | os.PathLike[str], hook: str | None = None
         stats.update(x)
     assert stats is not None
     return stats
-
-
-_EXTRACTION_NAMES = ("ActivationExtractor", "ExtractionConfig", "PassOneResult", "PassTwoResult")
-
-
-def __getattr__(name: str) -> Any:
-    """The two-pass extraction names, imported on first use (that module imports this one)."""
-    if name in _EXTRACTION_NAMES:
-        from sae_core import whitened_extraction
-
-        return getattr(whitened_extraction, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["IncrementalWhitener", "Whitener", "spectrum_summary", "statistics_from_run"]

@@ -24,7 +24,7 @@ import logging
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from sae_lens import SAE
@@ -37,14 +37,12 @@ from sae_lens.training.optim import CoefficientScheduler, get_lr_scheduler
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from sae_core._io import atomic_path, atomic_write_json, read_json
 from sae_core.activations import forward_context
+from sae_core.config import TrainingConfig
+from sae_core.files import atomic_path, atomic_write_json, read_json
 from sae_core.model_loading import resolve_dtype
-from sae_core.sparse_topk import topk_training_step
-from sae_core.training_data import BlockShuffler, rank_and_world
-
-if TYPE_CHECKING:
-    from sae_core.training import TrainingConfig
+from sae_core.training.sources import BlockShuffler, rank_and_world
+from sae_core.training.sparse_topk import topk_training_step
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +50,7 @@ LATEST_FILENAME = "latest.json"
 STATE_FILENAME = "state.json"
 # Fields that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = frozenset({"checkpoint_every_tokens", "eval_every_tokens", "log_every_steps",
-                               "num_dataloader_workers", "pin_memory", "persistent_workers"})
+                               "num_dataloader_workers", "pin_memory", "persistent_workers", "compile", "extra"})
 
 SAE_CLASSES = {"topk": (TopKTrainingSAE, TopKTrainingSAEConfig),
                "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig),
@@ -63,20 +61,20 @@ SAE_CLASSES = {"topk": (TopKTrainingSAE, TopKTrainingSAEConfig),
 def build_training_sae(cfg: TrainingConfig, d_in: int, hook: str, seed: int,
                        metadata: Mapping[str, Any] | None = None) -> TrainingSAE:
     """A fresh SAELens training SAE for ``hook`` (float32 master weights, seeded init)."""
-    sae_class, cfg_class = SAE_CLASSES[cfg.architecture]
-    warm_up = round(cfg.sparsity_warm_up_fraction * cfg.total_steps)
+    sae_class, cfg_class = SAE_CLASSES[cfg.sae.architecture]
+    warm_up = round(cfg.optimizer.sparsity_warm_up_fraction * cfg.total_steps)
     extra: dict[str, Any] = {
-        "topk": dict(k=cfg.k, aux_loss_coefficient=cfg.aux_loss_coefficient,
-                     rescale_acts_by_decoder_norm=cfg.rescale_acts_by_decoder_norm),
-        "batchtopk": dict(k=cfg.k, aux_loss_coefficient=cfg.aux_loss_coefficient,
-                          rescale_acts_by_decoder_norm=cfg.rescale_acts_by_decoder_norm),
-        "jumprelu": dict(l0_coefficient=cfg.l0_coefficient, l0_warm_up_steps=warm_up,
-                         jumprelu_init_threshold=cfg.jumprelu_init_threshold,
-                         jumprelu_bandwidth=cfg.jumprelu_bandwidth),
-        "standard": dict(l1_coefficient=cfg.l1_coefficient, l1_warm_up_steps=warm_up),
-    }[cfg.architecture]
-    sae_cfg = cfg_class(d_in=d_in, d_sae=cfg.d_sae_for(d_in), dtype="float32", device=cfg.device,
-                        decoder_init_norm=cfg.decoder_init_norm,
+        "topk": dict(k=cfg.sae.k, aux_loss_coefficient=cfg.sae.aux_loss_coefficient,
+                     rescale_acts_by_decoder_norm=cfg.sae.rescale_acts_by_decoder_norm),
+        "batchtopk": dict(k=cfg.sae.k, aux_loss_coefficient=cfg.sae.aux_loss_coefficient,
+                          rescale_acts_by_decoder_norm=cfg.sae.rescale_acts_by_decoder_norm),
+        "jumprelu": dict(l0_coefficient=cfg.sae.l0_coefficient, l0_warm_up_steps=warm_up,
+                         jumprelu_init_threshold=cfg.sae.jumprelu_init_threshold,
+                         jumprelu_bandwidth=cfg.sae.jumprelu_bandwidth),
+        "standard": dict(l1_coefficient=cfg.sae.l1_coefficient, l1_warm_up_steps=warm_up),
+    }[cfg.sae.architecture]
+    sae_cfg = cfg_class(d_in=d_in, d_sae=cfg.sae.d_sae_for(d_in), dtype="float32", device=cfg.device,
+                        decoder_init_norm=cfg.sae.decoder_init_norm,
                         metadata=SAEMetadata(hook_name=hook, **dict(metadata or {})), **extra)
     with torch.random.fork_rng():  # seeded init without touching the caller's RNG
         torch.manual_seed(seed)
@@ -105,20 +103,20 @@ class SAEState:
 
     def __init__(self, hook: str, sae: TrainingSAE, cfg: TrainingConfig) -> None:
         self.hook, self.sae, self.cfg = hook, sae, cfg
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.optimizer.lr, betas=cfg.optimizer.adam_betas,
                                           fused=torch.device(cfg.device).type in ("cpu", "cuda"))
         steps = cfg.total_steps
         self.scheduler = get_lr_scheduler(
-            cfg.lr_scheduler, self.optimizer, training_steps=steps, lr=cfg.lr,
-            warm_up_steps=round(cfg.lr_warm_up_fraction * steps), decay_steps=round(cfg.lr_decay_fraction * steps),
-            lr_end=cfg.lr if cfg.lr_scheduler == "constant" else cfg.lr / 10, num_cycles=1)
+            cfg.optimizer.lr_scheduler, self.optimizer, training_steps=steps, lr=cfg.optimizer.lr,
+            warm_up_steps=round(cfg.optimizer.lr_warm_up_fraction * steps), decay_steps=round(cfg.optimizer.lr_decay_fraction * steps),
+            lr_end=cfg.optimizer.lr if cfg.optimizer.lr_scheduler == "constant" else cfg.optimizer.lr / 10, num_cycles=1)
         self.coefficients = {name: CoefficientScheduler(getattr(c, "warm_up_steps", 0), getattr(c, "value", c))
                              for name, c in sae.get_coefficients().items()}
         device = torch.device(cfg.device)
         self.since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=device)  # tokens since each latent fired
         self.input_sum = torch.zeros(sae.cfg.d_in, dtype=torch.float64, device=device)  # for the mean-ablation baseline
         self.rows_seen = 0  # this rank's rows
-        self.sparse = cfg.architecture == "topk" and cfg.fast_topk
+        self.sparse = cfg.sae.architecture == "topk" and cfg.sae.fast_topk
 
     def dead_mask(self) -> Tensor:
         """Latents that have not fired for ``dead_window_tokens`` tokens."""
@@ -130,7 +128,7 @@ class SAEState:
 
     def _forward(self, x: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Loss, reconstruction, firing mask (d_sae,) and number of active (row, latent) pairs."""
-        dtype = resolve_dtype(self.cfg.sae_dtype)
+        dtype = resolve_dtype(self.cfg.optimizer.sae_dtype)
         if self.sparse:
             out = topk_training_step(self.sae, x, self.dead_mask(), dtype)
             active = out.acts > 0
@@ -154,8 +152,8 @@ class SAEState:
         if world > 1:
             all_reduce_mean_grads(params, world)
             torch.distributed.all_reduce(fired, op=torch.distributed.ReduceOp.MAX)
-        if self.cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        if self.cfg.optimizer.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.optimizer.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -275,15 +273,26 @@ def save_checkpoint(directory: Path, step: int, tokens: int, states: list[SAESta
 
 
 def _check_compatible(saved: dict[str, Any], config: dict[str, Any], world: int, folder: Path) -> None:
-    config = json.loads(json.dumps(config))  # tuples as lists, as they were saved
-    changed = sorted(k for k in set(saved["config"]) | set(config)
-                     if k not in RESUMABLE_CHANGES and saved["config"].get(k) != config.get(k))
+    old, new = _flat(saved["config"]), _flat(json.loads(json.dumps(config)))  # tuples as lists, as saved
+    changed = sorted(k for k in set(old) | set(new)
+                     if k.rsplit(".", 1)[-1] not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
     if changed:
         raise ValueError(f"the checkpoint in {folder} was written with a different config ({', '.join(changed)}); "
                          "restore those settings to resume, or delete the checkpoint folder to start over")
     if saved["world_size"] != world:
         raise ValueError(f"the checkpoint in {folder} was written by {saved['world_size']} ranks, this run has "
                          f"{world}; resume with the same number of processes")
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config sections as dotted keys (``optimizer.lr``), so a change is named by its path."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and key != "extra":
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def load_checkpoint(directory: Path, states: list[SAEState], shuffler: BlockShuffler,

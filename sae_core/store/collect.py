@@ -12,8 +12,8 @@ writes one HF arrow dataset per hook, runs documents together in shared contexts
 the ones before it), and cannot resume. With ``pack_windows`` our windows share rows too, but
 masked apart, so every window's activations are the ones it has alone.
 
-The shard files and their writer live in :mod:`sae_core.shards`, reading runs back in
-:mod:`sae_core.runs`; their public names are re-exported here.
+The shard files and their writer live in :mod:`sae_core.store.shards`, reading runs back in
+:mod:`sae_core.store.runs`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,141 +37,27 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from sae_core._io import (
+from sae_core.activations import ActivationBatch, batch_activations, select_positions
+from sae_core.config import StoreConfig, TextSourceConfig, to_json, with_overrides
+from sae_core.data import (
+    WindowBatch,
+    WindowedTextDataset,
+    make_dataloader,
+    pad_id_of,
+    windowed_dataset,
+)
+from sae_core.files import (
     atomic_write_json,
     cache_dir,
     ensure_writable_dir,
     read_json,
 )
-from sae_core.activations import ActivationBatch, TokenPolicy, batch_activations, select_positions
-from sae_core.data import (
-    IterableWindowedTextDataset,
-    LoaderConfig,
-    TextSourceConfig,
-    WindowBatch,
-    WindowedTextDataset,
-    limit_texts,
-    load_texts,
-    make_dataloader,
-    pad_id_of,
-)
 from sae_core.hooks import resolve_hook
 from sae_core.model_loading import model_summary, resolve_dtype
-from sae_core.runs import (  # noqa: F401  (re-exported: the store's reading API)
-    ActivationRun,
-    RowOrigin,
-    RunSummary,
-    ShardedRows,
-    ShardRows,
-    _memmap_tensors,
-    list_runs,
-)
-from sae_core.shards import (  # noqa: F401  (re-exported: the store's shard API)
-    _WRITERS,
-    ACTIVATIONS_DIR,
-    FORMAT_VERSION,
-    META_FILENAME,
-    SHARD_FORMATS,
-    ShardRecord,
-    ShardWriter,
-    check_shard,
-    load_shard,
-)
+from sae_core.store.shards import ACTIVATIONS_DIR, META_FILENAME, ShardWriter
+from sae_core.texts import limit_texts, load_texts
 
 logger = logging.getLogger(__name__)
-
-@dataclass(frozen=True)
-class StoreConfig:
-    """How activations are collected and stored. Field values are a constant file's ``EXTRACTION`` section."""
-
-    max_text_length: int = 128
-    """Tokens per random window of a long document."""
-    batch_size: int = 32
-    """Windows per forward pass."""
-    batch_tokens: int | None = None
-    """Fill each forward pass up to this many padded token cells instead (e.g. 32 * 128): short
-    documents then share a pass with many others, which costs less per token."""
-    shard_size: int = 65536
-    """Rows per shard: a shard is flushed at the first batch boundary where it holds at least this many."""
-    forward_dtype: str = "float32"
-    """Precision of the forward pass: float32, or bfloat16 / float16 under autocast."""
-    storage_dtype: str = "float32"
-    """Dtype of the stored activations (float32, float16, bfloat16)."""
-    exclude_special_tokens: bool = True
-    """Drop BOS / EOS / special-token rows (pad rows are always dropped). ``policy`` overrides it."""
-    policy: TokenPolicy | None = None
-    """A full token policy (default: from ``exclude_special_tokens``)."""
-    sample_limit: int | None = None
-    """Collect at most this many documents (None: all)."""
-    random_sample: bool = False
-    """Draw ``sample_limit`` documents at random (seeded) instead of the first ones."""
-    seed: int = 0
-    """Seed of windows, sampling and batch order."""
-    prepend_bos: bool = False
-    """Put BOS at position 0 of every window (recorded in the metadata)."""
-    positions: str | tuple[int, ...] = "all"
-    """Rows kept per window: ``"all"``, ``"last"`` (last kept token) or a tuple of window positions
-    (negative ones count from the window's last token)."""
-    shard_format: str = "safetensors"
-    """``safetensors`` (flat rows, memory-mappable) or ``npz`` (compressed padded chunks)."""
-    group_by_length: bool = True
-    """Batch documents of similar length together (less padding)."""
-    pack_windows: bool = False
-    """Let short windows share a row, kept apart by the attention mask (nearly no padding; same
-    activations). Safetensors shards only: an NPZ chunk keeps one window per row."""
-    compile_forward: bool = False
-    """Run the forward through ``torch.compile`` (same hook points and activations up to float
-    rounding; ~1.2x faster in float32 and ~1.5x in bfloat16 on CPU after a one-off compile of
-    about a minute, so worth it from ~0.5M tokens on). Falls back to the eager
-    forward when it cannot compile (see :mod:`sae_core.activations`)."""
-    num_dataloader_workers: int = 0
-    """Tokenising worker processes (0: in the main process)."""
-    pin_memory: bool = False
-    """Pin batches in page-locked memory."""
-    persistent_workers: bool = False
-    """Keep workers alive between epochs."""
-    text_field: str = "text"
-    """Column holding the text in HF datasets."""
-
-    def __post_init__(self) -> None:
-        if self.batch_size <= 0 or self.shard_size <= 0:
-            raise ValueError(f"batch_size and shard_size must be positive, got {self.batch_size} and {self.shard_size}")
-        if self.shard_format not in SHARD_FORMATS:
-            raise ValueError(f"unknown shard_format {self.shard_format!r}; use one of {sorted(SHARD_FORMATS)}")
-        if self.storage_dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"storage_dtype must be float32, float16 or bfloat16, got {self.storage_dtype!r}")
-        if self.forward_dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"forward_dtype must be float32, float16 or bfloat16, got {self.forward_dtype!r}")
-        for flag in ("pack_windows", "compile_forward"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
-        if self.shard_format == "npz" and self.pack_windows:
-            raise ValueError("NPZ chunks keep one window per row, so they cannot hold packed rows; "
-                             "use shard_format='safetensors' or pack_windows=False")
-        if self.shard_format == "npz" and self.storage_dtype == "bfloat16":
-            raise ValueError("NPZ shards cannot hold bfloat16; use storage_dtype float16 or the safetensors format")
-        if self.sample_limit is not None and self.sample_limit <= 0:
-            raise ValueError(f"sample_limit must be positive or None, got {self.sample_limit}")
-        if isinstance(self.positions, str):
-            if self.positions not in ("all", "last"):
-                raise ValueError(f"positions must be 'all', 'last' or a tuple of ints, got {self.positions!r}")
-        else:
-            object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
-        self.loader()
-
-    def token_policy(self) -> TokenPolicy:
-        """The rows this run drops: ``policy``, else BOS / EOS / special tokens per ``exclude_special_tokens``."""
-        if self.policy is not None:
-            return self.policy
-        flag = self.exclude_special_tokens
-        return TokenPolicy(exclude_bos=flag, exclude_eos=flag, exclude_special=flag)
-
-    def loader(self) -> LoaderConfig:
-        """The DataLoader knobs of this config."""
-        return LoaderConfig(self.batch_size, self.num_dataloader_workers, self.pin_memory, self.persistent_workers,
-                            group_by_length=self.group_by_length, max_batch_tokens=self.batch_tokens,
-                            pack_windows=self.pack_windows)
-
 
 def resolve_hooks(model: HookedTransformer, layer_signature: str | int | Sequence[str | int]) -> list[str]:
     """Hook names from a name, a layer index (its resid_post) or a list of them; order kept, duplicates dropped."""
@@ -187,14 +73,15 @@ def _texts_of(dataset: Any, cfg: StoreConfig) -> tuple[Any, dict[str, Any]]:
         dataset = TextSourceConfig()
     if isinstance(dataset, TextSourceConfig):
         description: dict[str, Any] = {k: v for k, v in asdict(dataset).items() if k != "texts"}
-        texts = load_texts(dataset)
+        texts = load_texts(dataset, cfg.windows.text_field)
     elif isinstance(dataset, str):
         raise TypeError("pass TextSourceConfig(source='hf', name=...) for a dataset name, or a list of texts")
     else:
         description, texts = {"source": type(dataset).__name__}, dataset
-    texts = limit_texts(list(texts) if isinstance(texts, tuple) else texts, cfg.sample_limit, cfg.random_sample, cfg.seed)
+    texts = limit_texts(list(texts) if isinstance(texts, tuple) else texts, cfg.sample_limit, cfg.random_sample,
+                        cfg.windows.seed)
     if hasattr(texts, "__len__"):
-        description.update(n_documents=len(texts), sha256=_content_digest(texts, cfg.text_field))
+        description.update(n_documents=len(texts), sha256=_content_digest(texts, cfg.windows.text_field))
     else:
         description.update(streaming=True, info=str(getattr(texts, "info", None) and texts.info.dataset_name))
     if hasattr(texts, "__len__") and len(texts) == 0:
@@ -231,8 +118,9 @@ def _agree_run_id(run_id: str | None, world_size: int) -> str:
     return run_id
 
 
-class _Buffer:
-    """Rows waiting for the next shard, with the counters they cover."""
+class ShardBuffer:
+    """Rows waiting for the next shard, with the counters they cover: flat rows, or (``padded``) whole
+    windows with ``attention_mask`` marking the kept rows (the NPZ chunk layout)."""
 
     def __init__(self, hooks: list[str], keys: dict[str, str], padded: bool, storage: torch.dtype) -> None:
         self.hooks, self.keys, self.padded, self.storage = hooks, keys, padded, storage
@@ -302,21 +190,18 @@ def _merge_ranks(run_dir: Path, world_size: int) -> dict[str, Any]:
 
 def save(model: HookedTransformer, layer_signature: str | int | Sequence[str | int], dataset: Any = None,
          store: str | os.PathLike[str] | None = None, *, run_id: str | None = None,
-         sample_limit: int | None = None, batch_size: int | None = None, shard_size: int | None = None,
          config: StoreConfig | None = None, progress: bool = True, **overrides: Any) -> str:
     """Collect activations at one or more hook points over a text source and store them; returns the run id.
 
-    ``dataset``: a :class:`~sae_core.data.TextSourceConfig` (default: the fortunes corpus), a list
-    of strings or an HF (streaming) dataset. Settings come from ``config`` (an
-    :class:`StoreConfig`, e.g. ``StoreConfig(**constants.EXTRACTION)``), overridden by
-    ``sample_limit`` / ``batch_size`` / ``shard_size`` and any other ``StoreConfig`` field
-    given by keyword. With an existing ``run_id`` the run resumes after its last complete shard.
+    ``dataset``: a :class:`~sae_core.config.TextSourceConfig` (default: the fortunes corpus), a list
+    of strings or an HF (streaming) dataset. Settings come from ``config`` (a run's
+    ``RunConfig.store``), overridden by any knob of it given by keyword, flat
+    (``sample_limit=1000, batch_size=4, max_text_length=64``: each goes to the section that owns it).
+    With an existing ``run_id`` the run resumes after its last complete shard.
     Under ``torchrun`` (an initialised process group) each rank collects documents
     ``rank::world_size`` into rank-tagged shards and rank 0 merges the metadata.
     """
-    named = {k: v for k, v in (("sample_limit", sample_limit), ("batch_size", batch_size),
-                               ("shard_size", shard_size)) if v is not None}
-    cfg = replace(config or StoreConfig(), **named, **overrides)
+    cfg = with_overrides(config or StoreConfig(), "save", **overrides)
     hooks = resolve_hooks(model, layer_signature)
     texts, data_description = _texts_of(dataset, cfg)
     rank, world_size = _distributed()
@@ -324,29 +209,23 @@ def save(model: HookedTransformer, layer_signature: str | int | Sequence[str | i
     ensure_writable_dir(store / ACTIVATIONS_DIR)
     run_id = _agree_run_id(run_id, world_size)
     run_dir = store / ACTIVATIONS_DIR / run_id
-    policy, tokenizer = cfg.token_policy(), model.tokenizer
+    policy, tokenizer = cfg.windows.policy, model.tokenizer
     streaming = not hasattr(texts, "__len__")
     keys = {h: h for h in hooks} if cfg.shard_format == "safetensors" else (
         {hooks[0]: "activations"} if len(hooks) == 1 else {h: f"activations.{h}" for h in hooks})
     identity = {"model": model.cfg.model_name, "d_model": model.cfg.d_model, "n_layers": model.cfg.n_layers,
                 "hooks": hooks, "tokenizer": getattr(tokenizer, "name_or_path", None), "dataset": data_description,
-                "token_policy": policy.to_json(tokenizer), **{k: v for k, v in asdict(cfg).items()
-                                                             if k not in ("policy", "pin_memory", "persistent_workers", "num_dataloader_workers",
-                                                                          "compile_forward")}}
-    if streaming:
-        identity["num_dataloader_workers"] = cfg.num_dataloader_workers
-    if not cfg.pack_windows:  # runs written before packing existed stay resumable
-        del identity["pack_windows"]
+                "token_policy": policy.to_json(tokenizer), **_identity_knobs(cfg, streaming)}
     header = {"model": model_summary(model), "hooks": hooks, "d_model": model.cfg.d_model, "tensor_keys": keys,
-              "forward_dtype": cfg.forward_dtype, "storage_dtype": cfg.storage_dtype, "dataset": data_description,
+              "forward_dtype": cfg.forward.dtype, "storage_dtype": cfg.storage_dtype, "dataset": data_description,
               "tokenizer": {"name": getattr(tokenizer, "name_or_path", None), "vocab_size": len(tokenizer),
                             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                             "pad_token_id": pad_id_of(tokenizer)},
               "token_policy": policy.to_json(tokenizer),
-              "bos_policy": {"prepend_bos": cfg.prepend_bos, "bos_token_id": tokenizer.bos_token_id,
+              "bos_policy": {"prepend_bos": cfg.windows.prepend_bos, "bos_token_id": tokenizer.bos_token_id,
                              "bos_in_middle_of_window": False},
               "masking": "rows with attention_mask 0 (pad) always dropped; special tokens per token_policy",
-              "seed": cfg.seed, "config": asdict(cfg), "package_version": _package_version(),
+              "seed": cfg.windows.seed, "config": to_json(cfg), "package_version": _package_version(),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if rank == 0 and world_size > 1:
         _check_world(run_dir, world_size)
@@ -368,6 +247,16 @@ def save(model: HookedTransformer, layer_signature: str | int | Sequence[str | i
     return run_id
 
 
+def _identity_knobs(cfg: StoreConfig, streaming: bool) -> dict[str, Any]:
+    """The settings that change what a run stores (workers and pinning only matter when streaming)."""
+    loader = to_json(cfg.loader)
+    for key in ("pin_memory", "persistent_workers", "extra") + (() if streaming else ("num_dataloader_workers",)):
+        loader.pop(key)
+    windows = {k: v for k, v in to_json(cfg.windows).items() if k != "policy"}  # the policy is recorded resolved
+    return {"windows": windows, "loader": loader, "forward_dtype": cfg.forward.dtype,
+            **{k: v for k, v in to_json(cfg).items() if k not in ("windows", "loader", "forward")}}
+
+
 def _check_world(run_dir: Path, world_size: int) -> None:
     if (run_dir / META_FILENAME).exists():
         old = read_json(run_dir / META_FILENAME).get("world_size", 1)
@@ -386,21 +275,18 @@ def _package_version() -> str | None:
 def _collect(model: HookedTransformer, hooks: list[str], texts: Any, cfg: StoreConfig, writer: ShardWriter,
              keys: dict[str, str], rank: int, world_size: int, show_progress: bool) -> None:
     """The extraction loop: batches -> kept rows -> shards, resuming after ``writer.batches_done``."""
-    tokenizer, policy = model.tokenizer, cfg.token_policy()
+    tokenizer, policy = model.tokenizer, cfg.windows.policy
     start = writer.batches_done
-    if hasattr(texts, "__len__"):
-        windows: Any = WindowedTextDataset(texts, tokenizer, cfg.max_text_length, cfg.seed, cfg.prepend_bos,
-                                           cfg.text_field)
+    windows = windowed_dataset(texts, tokenizer, cfg.windows, rank, world_size)
+    if isinstance(windows, WindowedTextDataset):
         share = range(rank, len(texts), world_size) if world_size > 1 else None
-        loader = make_dataloader(windows, cfg.loader(), share, start_batch=start)
+        loader = make_dataloader(windows, cfg.loader, share, start_batch=start)
         batches: Any = enumerate(loader, start=start)
-        total = None if cfg.batch_tokens else start + len(loader)  # a token budget knows no length up front
+        total = None if cfg.loader.batch_tokens else start + len(loader)  # a token budget knows no length up front
     else:
-        windows = IterableWindowedTextDataset(texts, tokenizer, cfg.max_text_length, cfg.seed, cfg.prepend_bos,
-                                              cfg.text_field, rank, world_size)
-        batches = itertools.islice(enumerate(make_dataloader(windows, cfg.loader())), start, None)
+        batches = itertools.islice(enumerate(make_dataloader(windows, cfg.loader)), start, None)
         total = None
-    buffer = _Buffer(hooks, keys, cfg.shard_format == "npz", resolve_dtype(cfg.storage_dtype))
+    buffer = ShardBuffer(hooks, keys, cfg.shard_format == "npz", resolve_dtype(cfg.storage_dtype))
     pad_id = pad_id_of(tokenizer)
     number = start - 1
     for number, batch in tqdm(batches, total=total, initial=start, disable=not show_progress,
@@ -412,8 +298,8 @@ def _collect(model: HookedTransformer, hooks: list[str], texts: Any, cfg: StoreC
             continue
         keep = select_positions(policy.keep_mask(batch.input_ids, batch.attention_mask, tokenizer), cfg.positions,
                                 batch)
-        acts = batch_activations(model, batch, hooks, policy, cfg.forward_dtype, cfg.positions, number,
-                                 cfg.compile_forward)
+        acts = batch_activations(model, batch, hooks, policy, cfg.forward.dtype, cfg.positions, number,
+                                 cfg.forward.compile)
         buffer.counts["tokens"] += acts.n_tokens_seen
         buffer.add(acts, batch, keep)
         if buffer.rows >= cfg.shard_size:

@@ -10,11 +10,11 @@ warm-up (``CoefficientScheduler``), its dead-latent rule (no firing for a window
 the JumpReLU pre-activation loss, and its gradient clipping at 1.0.
 
 One step, per hook point, on a batch of ``train_batch_size_tokens`` rows: the TopK family
-(``fast_topk``) goes through :func:`sae_core.sparse_topk.topk_training_step` (same loss, sparse
+(``fast_topk``) goes through :func:`sae_core.training.sparse_topk.topk_training_step` (same loss, sparse
 backward); the other architectures through SAELens's ``training_forward_pass`` under autocast at
 ``sae_dtype``. Master weights, gradients and Adam state are float32 (``fused`` Adam: ~10x less
 optimiser time on CPU than the default for-each Adam). Several hook points share one forward pass
-(one :class:`~sae_core.training_data.ModelActivationSource` chunk holds every hook's rows), one SAE
+(one :class:`~sae_core.training.sources.ModelActivationSource` chunk holds every hook's rows), one SAE
 and optimiser each. Decoder norms are left to each architecture: TopK ranks by
 ``h * ||W_dec||`` (``rescale_acts_by_decoder_norm``), Standard / JumpReLU weight their penalties by
 the norms, so no renormalisation step is needed. The decoder bias starts at the mean of the first
@@ -30,7 +30,7 @@ reduced too. Explicit rather than ``DistributedDataParallel``: DDP only reduces 
 
 Checkpoints (``checkpoint_dir``, safetensors + JSON, no pickles): SAE parameters and buffers, Adam
 state, LR and coefficient schedules, dead-latent counters, the training curve and, per rank, the
-shuffle buffer (:class:`~sae_core.training_data.BlockShuffler`) with its source position and
+shuffle buffer (:class:`~sae_core.training.sources.BlockShuffler`) with its source position and
 generator. Periodic checkpoints wait for a shuffle-block boundary (the buffer is then small); one
 is also written at the end. ``latest.json`` names the newest complete one and is replaced only
 after every rank has written its part; older ones are deleted. A resumed run replays exactly what
@@ -41,39 +41,33 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from sae_lens import SAE
-from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from sae_core._io import atomic_write_json
-from sae_core.activations import TokenPolicy
-from sae_core.data import LoaderConfig, WindowedTextDataset, make_dataloader
+from sae_core.config import TrainingConfig, to_json
+from sae_core.data import WindowedTextDataset, make_dataloader, windowed_dataset
 from sae_core.evaluation import EvalResult, append_curve, evaluate_sae, write_curve, write_eval
-from sae_core.model_loading import resolve_dtype
-from sae_core.training_data import (
+from sae_core.files import atomic_write_json
+from sae_core.sae_folders import load_sae_folder, write_sae_folder
+from sae_core.training.sources import (
     ActivationSource,
     BlockShuffler,
     Chunk,
     ModelActivationSource,
     TensorChunkSource,
     hook_widths,
-    init_distributed,
     rank_and_world,
     split_documents,
 )
-from sae_core.training_state import (
-    SAE_CLASSES,
+from sae_core.training.state import (
     SAEState,
     StepStats,
     build_training_sae,
@@ -81,172 +75,15 @@ from sae_core.training_state import (
     save_checkpoint,
     to_inference_sae,
 )
+from sae_core.whitening import Whitener
 
-__all__ = ["HeldOutEvaluator", "TrainedSAE", "TrainingConfig", "TrainingRun", "build_training_sae",
-           "checkpoint_dir_for", "hook_widths", "init_distributed", "model_source", "split_documents",
-           "to_inference_sae", "train_from_activations", "train_from_model", "train_saes", "write_sae_folder"]
+__all__ = ["HeldOutEvaluator", "TrainedSAE", "TrainingRun", "checkpoint_dir_for", "model_source",
+           "train_from_activations", "train_from_model", "train_saes"]
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILENAME = "training_config.json"
 CHECKPOINTS_DIRNAME = "checkpoints"
-
-
-@dataclass(frozen=True)
-class TrainingConfig:
-    """Every knob of a training run. A constant file's ``TRAINING`` dict gives these fields."""
-
-    hook_points: tuple[str, ...] = ()
-    """Hook points to train on, one SAE each, all from one forward pass."""
-    architecture: str = "topk"
-    """``topk``, ``batchtopk``, ``jumprelu`` or ``standard`` (ReLU + L1): SAELens training classes."""
-    d_sae: int | None = None
-    """Latents per SAE; or give ``expansion_factor`` (d_sae = factor * d_in)."""
-    expansion_factor: float | None = None
-    """d_sae as a multiple of the hook's width (when ``d_sae`` is None)."""
-    k: int = 32
-    """Active latents per token (TopK) or on average over the batch (BatchTopK)."""
-    aux_loss_coefficient: float = 1.0
-    """Weight of the AuxK loss (dead latents reconstruct the residual), TopK family."""
-    rescale_acts_by_decoder_norm: bool = True
-    """TopK family: rank latents by ``h * ||W_dec||`` (SAELens's default; decoder norms may drift)."""
-    l1_coefficient: float = 5.0
-    """Standard SAE: weight of the L1 penalty on ``acts * ||W_dec||``."""
-    l0_coefficient: float = 1.0
-    """JumpReLU: weight of the (straight-through) L0 penalty."""
-    jumprelu_init_threshold: float = 0.01
-    """JumpReLU: initial threshold."""
-    jumprelu_bandwidth: float = 0.05
-    """JumpReLU: straight-through estimator bandwidth."""
-    sparsity_warm_up_fraction: float = 0.0
-    """Fraction of the steps over which the L1 / L0 coefficient ramps up from 0."""
-    decoder_init_norm: float | None = 0.1
-    """Initial decoder row norm (SAELens's heuristic init); None keeps Kaiming-uniform rows."""
-    b_dec_init: str = "mean"
-    """``mean``: decoder bias starts at the first batch's mean; ``zeros``: SAELens's start."""
-    lr: float = 4e-3
-    """Adam learning rate. High for the short CPU budgets this targets (<= a few M tokens: on SmolLM2
-    at 300k tokens, 4e-3 reaches explained variance 0.79 where 4e-4 reaches 0.54); SAELens's 3e-4
-    suits runs of 100M+ tokens."""
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    """Adam betas."""
-    lr_scheduler: str = "constant"
-    """``constant`` or ``cosineannealing`` (to lr / 10) between warm-up and decay."""
-    lr_warm_up_fraction: float = 0.0
-    """Fraction of the steps with a linear warm-up."""
-    lr_decay_fraction: float = 0.2
-    """Fraction of the steps, at the end, with a linear decay to 0."""
-    max_grad_norm: float | None = 1.0
-    """Clip the gradient norm (per SAE) to this; None: no clipping."""
-    total_training_tokens: int = 300_000
-    """Tokens (kept activation rows) to train on; steps = total // batch."""
-    train_batch_size_tokens: int = 4096
-    """Rows per SAE step, over all ranks."""
-    max_text_length: int = 128
-    """Tokens per window of a long document."""
-    prepend_bos: bool = True
-    """Put BOS first in every window (its row is dropped by the token policy)."""
-    exclude_special_tokens: bool = True
-    """Drop BOS / EOS / other special-token rows (pad rows are always dropped)."""
-    forward_batch_tokens: int = 4096
-    """Tokens per training forward pass (windows of one length, padding included)."""
-    length_group_documents: int = 8192
-    """Documents sorted by token length together when batching: more wastes less on padding (2% at
-    8192 on the default corpus, 6% at 2048); 1: no sorting."""
-    forward_batch_size: int = 32
-    """Windows per forward pass of the evaluation."""
-    num_dataloader_workers: int = 0
-    """Tokenising worker processes (0: tokenise in the training process)."""
-    pin_memory: bool = False
-    """Pin loader batches in page-locked memory (GPU runs)."""
-    persistent_workers: bool = False
-    """Keep loader workers alive between epochs."""
-    shuffle_buffer_tokens: int = 65_536
-    """Rows shuffled together (a multiple of the batch); 0: no shuffling."""
-    forward_dtype: str = "bfloat16"
-    """Precision of the model forward pass (autocast for bfloat16 / float16)."""
-    sae_dtype: str = "bfloat16"
-    """Precision of the SAE step's matmuls (autocast); weights and Adam stay float32."""
-    fast_topk: bool = True
-    """TopK: use the sparse step (:mod:`sae_core.sparse_topk`) instead of SAELens's dense one."""
-    dead_window_tokens: int = 100_000
-    """A latent that has not fired for this many tokens is dead (AuxK, dead fraction)."""
-    seed: int = 0
-    """Seed of the SAE init, window draws, document order and shuffling."""
-    checkpoint_every_tokens: int | None = 131_072
-    """Checkpoint at the first shuffle-block boundary after every so many tokens (None: end only)."""
-    eval_every_tokens: int | None = None
-    """Evaluate on held-out windows every so many tokens (None: at the end only)."""
-    eval_documents: int = 64
-    """Documents held out from training for evaluation (each costs ~4 full forward passes)."""
-    log_every_steps: int = 5
-    """Steps between training-curve points (and progress-bar updates)."""
-    whitening_path: str | None = None
-    """Train on whitened activations (``sae_core.whitening.Whitener.load`` path); single hook only."""
-    device: str = "cpu"
-    """Device of the SAEs (the model keeps its own)."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "hook_points", tuple(self.hook_points))
-        object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
-        problems = []
-        if not self.hook_points:
-            problems.append("hook_points is empty: name at least one hook point")
-        if self.architecture not in SAE_CLASSES:
-            problems.append(f"unknown architecture {self.architecture!r}; use one of {sorted(SAE_CLASSES)}")
-        if (self.d_sae is None) == (self.expansion_factor is None):
-            problems.append("give exactly one of d_sae and expansion_factor")
-        if self.train_batch_size_tokens <= 0 or self.total_training_tokens < self.train_batch_size_tokens:
-            problems.append(f"total_training_tokens ({self.total_training_tokens}) must be at least one batch "
-                            f"(train_batch_size_tokens={self.train_batch_size_tokens} > 0)")
-        if self.shuffle_buffer_tokens % self.train_batch_size_tokens:
-            problems.append(f"shuffle_buffer_tokens ({self.shuffle_buffer_tokens}) must be a multiple of "
-                            f"train_batch_size_tokens ({self.train_batch_size_tokens}) (or 0)")
-        if min(self.k, self.lr, self.forward_batch_size, self.forward_batch_tokens, self.length_group_documents,
-               self.log_every_steps) <= 0:
-            problems.append("k, lr, forward_batch_size / _tokens, length_group_documents, log_every_steps must be positive")
-        for name in ("lr_warm_up_fraction", "lr_decay_fraction", "sparsity_warm_up_fraction"):
-            if not 0 <= getattr(self, name) <= 1:
-                problems.append(f"{name} must be in [0, 1]")
-        if self.lr_warm_up_fraction + self.lr_decay_fraction > 1:
-            problems.append("lr_warm_up_fraction + lr_decay_fraction must not exceed 1")
-        if self.lr_scheduler not in ("constant", "cosineannealing"):
-            problems.append(f"lr_scheduler must be 'constant' or 'cosineannealing', got {self.lr_scheduler!r}")
-        if self.b_dec_init not in ("mean", "zeros"):
-            problems.append(f"b_dec_init must be 'mean' or 'zeros', got {self.b_dec_init!r}")
-        if self.whitening_path is not None and len(self.hook_points) != 1:
-            problems.append("whitening_path whitens one hook point; train one hook per run when whitening")
-        for name in ("forward_dtype", "sae_dtype"):
-            resolve_dtype(getattr(self, name))
-        if problems:
-            raise ValueError("invalid TrainingConfig: " + "; ".join(problems))
-
-    @property
-    def total_steps(self) -> int:
-        """SAE steps of the run (as SAELens counts them: tokens // batch)."""
-        return self.total_training_tokens // self.train_batch_size_tokens
-
-    @property
-    def batches_per_block(self) -> int:
-        """Batches served from one shuffle block."""
-        return max(1, self.shuffle_buffer_tokens // self.train_batch_size_tokens)
-
-    def d_sae_for(self, d_in: int) -> int:
-        """Latents of the SAE on a hook of width ``d_in``."""
-        return self.d_sae if self.d_sae is not None else round(self.expansion_factor * d_in)
-
-    def token_policy(self) -> TokenPolicy:
-        """Rows kept for training (pad rows are always dropped)."""
-        drop = self.exclude_special_tokens
-        return TokenPolicy(exclude_bos=drop, exclude_eos=drop, exclude_special=drop)
-
-    def loader_config(self) -> LoaderConfig:
-        """DataLoader knobs (workers, pinning; the training batches come from ``forward_batch_tokens``)."""
-        return LoaderConfig(batch_size=self.forward_batch_size, num_dataloader_workers=self.num_dataloader_workers,
-                            pin_memory=self.pin_memory, persistent_workers=self.persistent_workers)
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 class TrainedSAE(NamedTuple):
@@ -273,13 +110,14 @@ class HeldOutEvaluator:
     """``sae_core.evaluation.evaluate_sae`` on the windows of held-out documents."""
 
     def __init__(self, model: HookedTransformer, texts: Any, documents: Sequence[int], cfg: TrainingConfig) -> None:
-        dataset = WindowedTextDataset(texts, model.tokenizer, cfg.max_text_length, cfg.seed, cfg.prepend_bos)
-        self.loader = make_dataloader(dataset, LoaderConfig(batch_size=cfg.forward_batch_size), documents)
+        dataset = windowed_dataset(texts, model.tokenizer, cfg.windows)
+        # One window per row: the spliced forwards score next-token losses per row, which packing would mix.
+        self.loader = make_dataloader(dataset, dataclasses.replace(cfg.loader, pack_windows=False), documents)
         self.model, self.cfg = model, cfg
 
     def __call__(self, hook: str, sae: SAE, whitener: Any = None, ablation_mean: Tensor | None = None,
                  max_batches: int | None = None) -> EvalResult:
-        return evaluate_sae(self.model, sae, hook, self.loader, self.cfg.token_policy(), self.cfg.forward_dtype,
+        return evaluate_sae(self.model, sae, hook, self.loader, self.cfg.policy, self.cfg.forward.dtype,
                             whitener, max_batches=max_batches, ablation_mean=ablation_mean)
 
 
@@ -332,7 +170,7 @@ def train_saes(cfg: TrainingConfig, source: ActivationSource, widths: Mapping[st
         raise ValueError(f"the source streams {source.hooks} but the config trains {hooks}")
     states = [SAEState(h, build_training_sae(cfg, widths[h], h, cfg.seed + i, metadata), cfg) for i, h in enumerate(hooks)]
     shuffler = BlockShuffler(batch // world, cfg.batches_per_block, cfg.shuffle_buffer_tokens > 0, cfg.seed * 1_000_003 + rank)
-    directory, config = checkpoint_dir_for(Path(output_root), hooks), cfg.to_json()
+    directory, config = checkpoint_dir_for(Path(output_root), hooks), to_json(cfg)
     start = load_checkpoint(directory, states, shuffler, config) if resume else None
     step = start.step if start else 0
     curves = start.curves if start else {h: [] for h in hooks}
@@ -343,7 +181,7 @@ def train_saes(cfg: TrainingConfig, source: ActivationSource, widths: Mapping[st
     began, first = time.perf_counter(), step
     while step < cfg.total_steps:
         rows = next(batches)
-        if step == 0 and cfg.b_dec_init == "mean":
+        if step == 0 and cfg.sae.b_dec_init == "mean":
             _init_b_dec(states, rows, feed)
         log = (step + 1) % cfg.log_every_steps == 0 or step + 1 == cfg.total_steps
         tokens = (step + 1) * batch
@@ -358,7 +196,7 @@ def train_saes(cfg: TrainingConfig, source: ActivationSource, widths: Mapping[st
         if log:
             last = curves[hooks[0]][-1]
             progress.set_postfix(loss=f"{last['loss']:.4g}", L0=f"{last['l0']:.1f}", EV=f"{last['explained_variance']:.3f}")
-        if evaluator is not None and _due(tokens, cfg.eval_every_tokens, batch) and step < cfg.total_steps:
+        if evaluator is not None and _due(tokens, cfg.evaluation.eval_every_tokens, batch) and step < cfg.total_steps:
             _evaluate_now(states, evaluator, whitener, curves, tokens)
         if directory and step < cfg.total_steps and shuffler.at_block_boundary() and \
                 _due(tokens, cfg.checkpoint_every_tokens, batch * cfg.batches_per_block):
@@ -397,15 +235,13 @@ def _finish(state: SAEState, folder: Path, cfg: TrainingConfig, curve: list[dict
     mean = state.input_mean()
     if rank_and_world()[0] != 0:
         return TrainedSAE(state.hook, None, to_inference_sae(state.sae), None, curve)
-    write_sae_folder(to_inference_sae(state.sae), folder)
-    if whitener is not None:
-        whitener.save(folder)
+    write_sae_folder(to_inference_sae(state.sae), folder, whitener)
     write_curve(folder, curve)
     atomic_write_json(folder / CONFIG_FILENAME, {
-        "config": cfg.to_json(), "hook": state.hook, "d_in": state.sae.cfg.d_in, "d_sae": state.sae.cfg.d_sae,
+        "config": to_json(cfg), "hook": state.hook, "d_in": state.sae.cfg.d_in, "d_sae": state.sae.cfg.d_sae,
         "steps": cfg.total_steps, "tokens": cfg.total_steps * cfg.train_batch_size_tokens, "world_size": world,
-        "seconds": seconds, "token_policy": cfg.token_policy().to_json(), "metadata": dict(metadata or {})})
-    sae = SAE.load_from_disk(str(folder), device=cfg.device)
+        "seconds": seconds, "token_policy": cfg.policy.to_json(), "metadata": dict(metadata or {})})
+    sae, _ = load_sae_folder(folder, cfg.device)
     result = None
     if evaluator is not None:
         result = evaluator(state.hook, sae, whitener, _model_space(mean, whitener))
@@ -414,37 +250,25 @@ def _finish(state: SAEState, folder: Path, cfg: TrainingConfig, curve: list[dict
     return TrainedSAE(state.hook, folder, sae, result, curve)
 
 
-def write_sae_folder(sae: SAE, folder: str | Path) -> None:
-    """``cfg.json`` + ``sae_weights.safetensors`` (SAELens format), each file replaced atomically."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".sae-") as tmp:
-        sae.save_model(tmp)
-        for name in (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME):
-            os.replace(Path(tmp) / name, folder / name)
-
-
 def model_source(model: HookedTransformer, dataset: WindowedTextDataset, cfg: TrainingConfig,
                  documents: Sequence[int]) -> ModelActivationSource:
     """The activation stream of ``cfg``'s hook points over windows of ``documents``."""
-    return ModelActivationSource(model, dataset, cfg.hook_points, cfg.token_policy(), cfg.forward_dtype, documents,
-                                 cfg.forward_batch_tokens, cfg.length_group_documents, cfg.loader_config())
+    return ModelActivationSource(model, dataset, cfg.hook_points, cfg.policy, cfg.forward.dtype, documents,
+                                 cfg.loader.training_batch_tokens, cfg.loader.length_group_documents, cfg.loader)
 
 
 def train_from_model(model: HookedTransformer, texts: Any, cfg: TrainingConfig, output_root: str | Path,
                      metadata: Mapping[str, Any] | None = None, resume: bool = True) -> TrainingRun:
     """Train on activations of ``model`` over windows of ``texts`` (documents held out for evaluation)."""
-    train_docs, eval_docs = split_documents(len(texts), cfg.eval_documents, cfg.seed)
-    dataset = WindowedTextDataset(texts, model.tokenizer, cfg.max_text_length, cfg.seed, cfg.prepend_bos)
+    train_docs, eval_docs = split_documents(len(texts), cfg.evaluation.held_out_documents, cfg.seed)
+    dataset = windowed_dataset(texts, model.tokenizer, cfg.windows)
     source = model_source(model, dataset, cfg, train_docs)
     widths = hook_widths(model, cfg.hook_points)
     whitener = None
     if cfg.whitening_path is not None:
-        from sae_core.whitening import Whitener
-
-        whitener = Whitener.load(cfg.whitening_path, expected_d=widths[cfg.hook_points[0]])
-    info = {"model_name": model.cfg.model_name, "context_size": cfg.max_text_length,
-            "prepend_bos": cfg.prepend_bos, **dict(metadata or {})}
+        whitener = Whitener.load(cfg.whitening_path, expected_d=widths[cfg.hook_points[0]], device=cfg.device)
+    info = {"model_name": model.cfg.model_name, "context_size": cfg.windows.max_text_length,
+            "prepend_bos": cfg.windows.prepend_bos, **dict(metadata or {})}
     evaluator = HeldOutEvaluator(model, texts, eval_docs, cfg)  # every rank has one; rank 0 runs it
     return train_saes(cfg, source, widths, output_root, evaluator=evaluator, whitener=whitener,
                       metadata=info, resume=resume)

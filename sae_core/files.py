@@ -69,7 +69,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "tolist"):
@@ -83,7 +83,7 @@ def _json_default(obj: Any) -> Any:
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Write ``obj`` as indented JSON to ``path`` atomically (paths, arrays, dataclasses allowed)."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=json_default) + "\n")
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

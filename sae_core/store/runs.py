@@ -20,32 +20,32 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from sae_core._io import (
+from sae_core.files import (
     read_json,
 )
-from sae_core.shards import (
-    _ST_DTYPES,
+from sae_core.store.shards import (
     ACTIVATIONS_DIR,
     META_FILENAME,
+    ST_DTYPES,
     ShardRecord,
-    _safetensors_layout,
     check_shard,
     load_shard,
+    safetensors_layout,
 )
 
 logger = logging.getLogger(__name__)
 
-def _memmap_tensors(path: Path) -> dict[str, tuple[np.memmap, torch.dtype | None]]:
+def memmap_tensors(path: Path) -> dict[str, tuple[np.memmap, torch.dtype | None]]:
     """Zero-copy ``np.memmap`` views of every tensor of a safetensors shard (bf16 as uint16 + torch dtype)."""
-    base, header = _safetensors_layout(path)
+    base, header = safetensors_layout(path)
     views = {}
     for key, info in header.items():
         start, end = info["data_offsets"]
         shape = tuple(info["shape"])
         if end == start:
-            views[key] = (np.zeros(shape, dtype=_ST_DTYPES[info["dtype"]]), None)
+            views[key] = (np.zeros(shape, dtype=ST_DTYPES[info["dtype"]]), None)
             continue
-        mm = np.memmap(path, dtype=_ST_DTYPES[info["dtype"]], mode="r", offset=base + start, shape=shape)
+        mm = np.memmap(path, dtype=ST_DTYPES[info["dtype"]], mode="r", offset=base + start, shape=shape)
         views[key] = (mm, torch.bfloat16 if info["dtype"] == "BF16" else None)
     return views
 
@@ -196,7 +196,7 @@ class ActivationRun:
                 parts = [lambda p=p: _npz_rows(p, key) for p in paths]
                 self._columns[key] = ShardedRows(parts, lengths)
             else:
-                views = [_memmap_tensors(p)[key] for p in paths]
+                views = [memmap_tensors(p)[key] for p in paths]
                 self._columns[key] = ShardedRows([v[0] for v in views], lengths, views[0][1] if views else None)
         return self._columns[key]
 

@@ -1,0 +1,226 @@
+"""The run configuration of one constant file: every section built, validated and composed once.
+
+:meth:`RunConfig.from_constants` reads a constant file's UPPER_CASE sections, applies overrides
+(``optimizer.lr=4e-3``, from the scripts' command lines) and builds every section; a misspelled
+section or key, or a value of the wrong type, fails here, at load, naming the section, the key and
+the closest valid ones. The stage configs (``store``, ``training``) hold the run's shared sections
+(``windows``, ``loader``, ``forward``, ...) as fields, so a knob set once reaches every stage.
+
+Device and dtype are chosen once, in ``MODEL_LOAD_CONFIG`` (``device``, ``dtype``), and
+:attr:`RunConfig.device` is what every stage follows: the model, the SAEs and their rows in training
+and evaluation, the CSR encoder, similarity on tensors, steering. A stage that must use another
+device says so in its own section (``TRAINING = {"device": "cpu"}``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Literal
+
+from sae_core.config.base import (
+    ConfigError,
+    build,
+    closest,
+    parse_override,
+    route,
+    to_json,
+)
+from sae_core.config.sections import (
+    ForwardConfig,
+    LoaderConfig,
+    StoreConfig,
+    TextSourceConfig,
+    WhiteningConfig,
+    WindowConfig,
+)
+from sae_core.config.training import EvaluationConfig, OptimizerConfig, SAEConfig, TrainingConfig
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """Latent analysis on held-out documents (``ANALYSIS``)."""
+
+    n_documents: int = 500
+    """Held-out documents encoded into the CSR latent store."""
+    top_k_examples: int = 10
+    """Top-activating examples kept per latent."""
+    context_window: int = 8
+    """Tokens each side of an example."""
+    similarity_metric: Literal["cosine", "dot", "neg_euclidean"] = "cosine"
+    """Decoder similarity: cosine, dot product or negative euclidean distance."""
+    cooccurrence_metric: Literal["count", "correlation", "jaccard", "pmi"] = "jaccard"
+    """Co-occurrence of latents over tokens."""
+    similarity_chunk_size: int = 1024
+    """Decoder rows per block of the similarity memmap (memory ~ chunk x n_features)."""
+    cooccurrence_chunk_size: int = 512
+    """Latents per block of the co-occurrence memmap."""
+    n_neighbours: int = 8
+    """Nearest decoder neighbours kept per latent."""
+    n_shown: int = 5
+    """Latents the summary and figures show (the most active in the 0.1%-10% density band)."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_documents", "top_k_examples", "similarity_chunk_size", "cooccurrence_chunk_size",
+                     "n_neighbours", "n_shown"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.context_window < 0:
+            raise ConfigError(f"context_window must be >= 0, got {self.context_window}")
+
+
+@dataclass(frozen=True)
+class SteeringConfig:
+    """The steering example (``STEERING``)."""
+
+    prompt: str = "The weather today is"
+    """Prompt generated from, with and without steering."""
+    coefficient: float = 1.0
+    """Added decoder direction, in units of the hook's mean activation norm."""
+    max_new_tokens: int = 20
+    """Tokens generated."""
+    feature: int | None = None
+    """Latent to steer with; None: the most active latent the analysis shows (0 is a latent)."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0 or (self.feature is not None and self.feature < 0):
+            raise ConfigError(f"max_new_tokens must be positive and feature >= 0 or None, "
+                              f"got {self.max_new_tokens}, {self.feature}")
+        if self.coefficient != self.coefficient or abs(self.coefficient) == float("inf"):
+            raise ConfigError(f"coefficient must be finite, got {self.coefficient}")
+
+
+SECTIONS: dict[str, tuple[str, type]] = {
+    "DATASET": ("dataset", TextSourceConfig), "WINDOWS": ("windows", WindowConfig),
+    "LOADER": ("loader", LoaderConfig), "FORWARD": ("forward", ForwardConfig),
+    "STORE": ("store", StoreConfig), "WHITENING": ("whitening", WhiteningConfig),
+    "SAE": ("sae", SAEConfig), "OPTIMIZER": ("optimizer", OptimizerConfig),
+    "TRAINING": ("training", TrainingConfig), "EVALUATION": ("evaluation", EvaluationConfig),
+    "ANALYSIS": ("analysis", AnalysisConfig), "STEERING": ("steering", SteeringConfig),
+}
+"""Constant-file section -> (RunConfig field, config class)."""
+SHARED = ("windows", "loader", "forward", "sae", "optimizer", "evaluation")
+"""Sections that the stage configs (``store``, ``training``) hold as fields."""
+MODEL_NAMES = {"MODEL_NAME": str, "MODEL_SOURCE": str, "MODEL_LOAD_CONFIG": dict, "HOOK_POINTS": list}
+"""Names every constant file defines."""
+SOURCE_NAMES = ("MODEL_PATH", "TOKENIZER", "RANDOM_CONFIG", "SAE_RELEASE", "SAE_ID_TEMPLATE", "HF_HUB_OFFLINE")
+"""Optional names some model sources read."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every section of one constant file, validated; the stage configs compose the shared ones."""
+
+    name: str
+    """The constant file's name (``outputs/<name>/``)."""
+    model_name: str
+    model_source: str
+    model_load: dict[str, Any]
+    hook_points: tuple[str, ...]
+    device: str
+    """The run's device: ``MODEL_LOAD_CONFIG['device']`` (``cpu`` when it names none)."""
+    dataset: TextSourceConfig
+    windows: WindowConfig
+    loader: LoaderConfig
+    forward: ForwardConfig
+    store: StoreConfig
+    whitening: WhiteningConfig
+    sae: SAEConfig
+    optimizer: OptimizerConfig
+    training: TrainingConfig
+    evaluation: EvaluationConfig
+    analysis: AnalysisConfig
+    steering: SteeringConfig
+    overrides: tuple[str, ...] = ()
+    """The overrides applied on top of the file, as given."""
+    constants: ModuleType | None = field(default=None, repr=False, compare=False)
+    """The constant file itself (model loading reads its ``MODEL_*`` names)."""
+
+    @classmethod
+    def from_constants(cls, module: ModuleType, overrides: Sequence[str] = ()) -> RunConfig:
+        """Build and validate every section of ``module``, then apply ``overrides`` (``section.key=value``)."""
+        _check_names(module)
+        raw = {field_name: dict(getattr(module, const, {}) or {}) for const, (field_name, _) in SECTIONS.items()}
+        for const, (field_name, _) in SECTIONS.items():
+            if not isinstance(getattr(module, const, {}), Mapping):
+                raise ConfigError(f"{module.__name__}.{const} should be a dict of {field_name} knobs")
+        for text in overrides:
+            _apply_override(raw, text)
+        kinds = {field_name: kind for field_name, kind in SECTIONS.values()}
+        built = {name: build(kinds[name], values, const_of(name))
+                 for name, values in raw.items() if name not in ("store", "training")}
+        shared = {name: built[name] for name in ("windows", "loader", "forward")}
+        load = dict(module.MODEL_LOAD_CONFIG)
+        device = str(load.get("device") or "cpu")
+        built["store"] = build(StoreConfig, {**raw["store"], **shared}, "STORE")
+        built["training"] = build(TrainingConfig, {
+            "hook_points": tuple(module.HOOK_POINTS), "device": device, **raw["training"], **shared,
+            "sae": built["sae"], "optimizer": built["optimizer"], "evaluation": built["evaluation"]}, "TRAINING")
+        return cls(name=module.__name__.rsplit(".", 1)[-1], model_name=module.MODEL_NAME,
+                   model_source=module.MODEL_SOURCE, model_load=load, hook_points=tuple(module.HOOK_POINTS),
+                   device=device, overrides=tuple(overrides), constants=module, **built)
+
+    def training_for(self, hooks: Sequence[str] | None = None) -> TrainingConfig:
+        """The training config on ``hooks`` (default: the run's ``HOOK_POINTS``)."""
+        return self.training if hooks is None else dataclasses.replace(self.training, hook_points=tuple(hooks))
+
+    def to_json(self) -> dict[str, Any]:
+        """The effective configuration, as written next to every artifact a stage produces."""
+        record = {"name": self.name, "model_name": self.model_name, "model_source": self.model_source,
+                  "model_load": to_json(self.model_load), "hook_points": list(self.hook_points),
+                  "device": self.device, "overrides": list(self.overrides)}
+        for _, (field_name, _) in SECTIONS.items():
+            value = getattr(self, field_name)
+            record[field_name] = {k: v for k, v in to_json(value).items() if k not in SHARED and k != "hook_points"}
+        return record
+
+
+def const_of(field_name: str) -> str:
+    return next(const for const, (name, _) in SECTIONS.items() if name == field_name)
+
+
+def _check_names(module: ModuleType) -> None:
+    """Required names present with the right types; no unknown UPPER_CASE name (a misspelt section)."""
+    problems = [f"{key} is missing" for key in MODEL_NAMES if not hasattr(module, key)]
+    problems += [f"{key} should be {kind.__name__}, got {type(getattr(module, key)).__name__}"
+                 for key, kind in MODEL_NAMES.items() if hasattr(module, key) and not isinstance(getattr(module, key), kind)]
+    known = set(MODEL_NAMES) | set(SECTIONS) | set(SOURCE_NAMES)
+    for name in vars(module):
+        if name.isupper() and not name.startswith("_") and name not in known:
+            hint = (" (EXTRACTION was split into WINDOWS, LOADER, FORWARD and STORE)" if name == "EXTRACTION"
+                    else "")
+            problems.append(f"unknown section {name}{hint}; {closest(name, known)}")
+    if problems:
+        raise ConfigError(f"constant file {module.__name__}: " + "; ".join(problems))
+
+
+def _apply_override(raw: dict[str, dict[str, Any]], text: str) -> None:
+    """Put one ``section.key=value`` override into the raw section dicts, routed to the key's owner.
+
+    ``training.lr`` reaches ``OPTIMIZER['lr']``: the training config composes the optimiser section,
+    and every knob has one owner, so the last part of the path names it.
+    """
+    path, value = parse_override(text)
+    kinds = {field_name: kind for field_name, kind in SECTIONS.values()}
+    if path[0] not in kinds:
+        raise ConfigError(f"override {text!r}: unknown section {path[0]!r}; {closest(path[0], kinds)}")
+    nested = route(kinds[path[0]], {path[-1]: value}, path[0])
+    target, parts = raw[path[0]], []
+    while True:  # walk the routed path: {"optimizer": {"lr": v}} -> raw["optimizer"]["lr"] = v
+        key, inner = next(iter(nested.items()))
+        parts.append(key)
+        if not isinstance(inner, dict) or dataclasses.is_dataclass(inner):
+            break
+        if target is raw[path[0]] and key in SHARED and path[0] in ("store", "training"):
+            target = raw[key]
+        else:
+            target = target.setdefault(key, {})
+        nested = inner
+    if path[1:-1] and parts[-len(path) + 1:-1] != path[1:-1]:
+        raise ConfigError(f"override {text!r}: {path[-1]!r} lives at {path[0]}.{'.'.join(parts)}")
+    target[key] = inner
+
+
+__all__ = ["AnalysisConfig", "RunConfig", "SECTIONS", "SteeringConfig"]

@@ -1,0 +1,101 @@
+"""SAE folders and the whitening-aware maps every later stage shares.
+
+A trained SAE is a folder in SAELens format (``cfg.json`` + ``sae_weights.safetensors``, read by
+``sae_lens.SAE.load_from_disk``), plus ``whitening.safetensors`` / ``whitening.json`` when it was
+trained on whitened activations. This module writes and reads such folders and defines, once, how
+an SAE meets model-space activations:
+
+    encode(x)      = sae.encode(whiten(x))          whiten(x)  = (x - mean) @ transform
+    decode(z)      = unwhiten(sae.decode(z))        unwhiten(y) = y @ reverse_transform + mean
+    reconstruct(x) = decode(encode(x))
+
+It sits before evaluation, training and the SAE manager so that all three use these maps rather
+than each writing its own: training writes folders with :func:`write_sae_folder`, evaluation scores
+:func:`reconstruct`, ``sae_core.saes.SAEManager`` loads with :func:`load_sae_folder` and encodes
+with :func:`encode`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from jaxtyping import Float
+from sae_lens import SAE
+from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+from torch import Tensor
+
+from sae_core.model_loading import resolve_dtype
+from sae_core.whitening import WHITENING_FILENAME, Whitener
+
+
+class Reconstruction(NamedTuple):
+    """Latents and model-space reconstruction of a batch of rows."""
+
+    latents: Float[Tensor, "rows d_sae"]
+    x_hat: Float[Tensor, "rows d"]
+
+
+def write_sae_folder(sae: SAE, folder: str | os.PathLike[str], whitener: Whitener | None = None) -> Path:
+    """``cfg.json`` + ``sae_weights.safetensors`` (SAELens format), each file replaced atomically, and
+    the whitening beside them when given."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".sae-") as tmp:
+        sae.save_model(tmp)
+        for name in (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME):
+            os.replace(Path(tmp) / name, folder / name)
+    if whitener is not None:
+        whitener.save(folder)
+    return folder
+
+
+def load_whitener(folder: str | os.PathLike[str], d_in: int | None = None,
+                  device: str | torch.device = "cpu") -> Whitener | None:
+    """The whitening saved beside an SAE (``WHITENING_FILENAME``), or None if the folder has none."""
+    folder = Path(folder)
+    if not (folder / WHITENING_FILENAME).exists():
+        return None
+    return Whitener.load(folder, expected_d=d_in, device=device)
+
+
+def load_sae_folder(folder: str | os.PathLike[str], device: str | torch.device,
+                    dtype: str | torch.dtype | None = None) -> tuple[SAE, Whitener | None]:
+    """The SAE of a SAELens-format folder and its whitening (None: not whitened), on ``device``;
+    ``dtype=None`` keeps the dtype the SAE was saved with."""
+    folder = Path(folder)
+    missing = [n for n in (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME) if not (folder / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not an SAE folder: {', '.join(missing)} missing "
+                                "(expected SAELens format, as written by SAE.save_model)")
+    name = None if dtype is None else str(resolve_dtype(dtype)).removeprefix("torch.")
+    sae = SAE.load_from_disk(folder, device=str(device), dtype=name)
+    return sae, load_whitener(folder, sae.cfg.d_in, device)
+
+
+def encode(sae: SAE, whitener: Any, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
+    """Latents of model-space rows ``x``: ``sae.encode(whiten(x))``, in the SAE's dtype, dense."""
+    sae_in = x.to(device=sae.device, dtype=sae.dtype)  # the one explicit move into the SAE's device and precision
+    if whitener is not None:
+        sae_in = whitener.forward(sae_in)
+    latents = sae.encode(sae_in)
+    return latents.to_dense() if latents.is_sparse else latents
+
+
+def decode(sae: SAE, whitener: Any, latents: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
+    """Model-space rows of ``latents``: ``unwhiten(sae.decode(z))``, in the SAE's dtype."""
+    out = sae.decode(latents.to(sae.dtype))
+    return whitener.reverse(out) if whitener is not None else out
+
+
+def reconstruct(sae: SAE, x: Float[Tensor, "rows d"], whitener: Any = None) -> Reconstruction:
+    """Latents and ``decode(encode(x))``, the reconstruction back on ``x``'s device and dtype."""
+    latents = encode(sae, whitener, x)
+    return Reconstruction(latents, decode(sae, whitener, latents).to(device=x.device, dtype=x.dtype))
+
+
+__all__ = ["Reconstruction", "decode", "encode", "load_sae_folder", "load_whitener", "reconstruct",
+           "write_sae_folder"]

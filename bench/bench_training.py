@@ -206,7 +206,7 @@ def main() -> None:
     model = load_smollm2("float32")
     texts = fortunes_corpus()
     base = base_config(tokens)
-    train_docs, eval_docs = split_documents(len(texts), base.eval_documents, base.seed)
+    train_docs, eval_docs = split_documents(len(texts), base.evaluation.held_out_documents, base.seed)
     train_texts = [texts[i] for i in train_docs]
     if args.serial_only:
         if not (RESULTS_DIR / "training.json").exists():

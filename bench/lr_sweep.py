@@ -52,12 +52,14 @@ def main() -> None:
     from sae_core.config import to_json
     from sae_core.models import load_run_config
     from sae_core.store import ActivationRun, save
-    from sae_core.training import split_documents, train_from_activations
+    from sae_core.texts import DocumentSplit
+    from sae_core.training import train_from_activations
 
     run = load_run_config("smollm2_135m_instruct")
     budget = args.tokens or run.training.total_training_tokens
     model, texts = pipeline.load_model_of(run), pipeline.load_texts_of(run)
-    train_docs, eval_docs = split_documents(len(texts), run.evaluation.held_out_documents * 8, run.windows.seed)
+    split = DocumentSplit.of(texts, run.evaluation.held_out_documents, run.windows.seed)
+    train_docs, eval_docs = split.train, split.held_out
     hook = run.hook_points[0]
     results, began = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

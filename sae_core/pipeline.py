@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_RUN_ID = "main"
 """Run id of the activation run the scripts and the demo share (a second run resumes or reuses it)."""
+DOCUMENTS_FILENAME = "documents.json"
+"""The documents an analysis encoded, and where they came from (the SAE's held-out split, or other)."""
 RUN_CONFIG_FILENAME = "run_config.json"
 """The effective :class:`RunConfig`, written next to every artifact a stage makes."""
 
@@ -183,16 +185,15 @@ def analyse(model: Any, manager: Any, texts: list[str], run: RunConfig, out: Pat
         similarity_blocks,
         top_k_neighbours,
     )
-    from sae_core.training import split_documents
-
     knobs = run.analysis
     folder = out / "analysis" / hook
     csr_dir = folder / "latents"
     if not (csr_dir / "meta.json").exists():
-        _, held_out = split_documents(len(texts), min(knobs.n_documents, len(texts) // 2), run.windows.seed)
-        loader = make_dataloader(windowed_dataset(texts, model.tokenizer, run.windows), run.loader, sorted(held_out))
+        documents, origin = analysis_documents(run, texts, out / "sae" / hook)
+        loader = make_dataloader(windowed_dataset(texts, model.tokenizer, run.windows), run.loader, documents)
         batches = iter_activation_batches(model, loader, [hook], run.windows.policy, run.forward.dtype)
         encode_to_csr(model, lambda x: manager.encode(hook, x), batches, hook, csr_dir, overwrite=True)
+        atomic_write_json(folder / DOCUMENTS_FILENAME, {"origin": origin, "documents": documents})
         write_run_config(run, folder)
     csr = LatentCSR.load(csr_dir)
     density = latent_density(csr)
@@ -214,6 +215,30 @@ def analyse(model: Any, manager: Any, texts: list[str], run: RunConfig, out: Pat
     shown = candidates[np.argsort(-max_activation[candidates])][:knobs.n_shown].tolist()
     examples = top_activating_examples(csr, shown, k=knobs.top_k_examples, context_window=knobs.context_window)
     return LatentAnalysis(hook, folder, csr, density, W_dec, shown, examples, paths)
+
+
+def analysis_documents(run: RunConfig, texts: Sequence[str], sae_folder: Path) -> tuple[list[int], str]:
+    """The documents the analysis encodes: the first ``ANALYSIS['n_documents']`` of the SAE's held-out
+    split (``split.json``, checked against ``texts``), and where they came from.
+
+    An SAE without a split (trained elsewhere) is refused unless ``ANALYSIS['documents'] = "other"``,
+    which analyses a seeded sample of ``texts`` and records it as such: those may include documents
+    the SAE was trained on.
+    """
+    from sae_core.sae_folders import SPLIT_FILENAME, read_split
+    from sae_core.texts import split_documents
+
+    n = run.analysis.n_documents
+    if run.analysis.documents == "other":
+        _, sample = split_documents(len(texts), min(n, len(texts) // 2), run.windows.seed)
+        return sample, "other: a seeded sample of the run's texts, not checked against the SAE's training documents"
+    split = read_split(sae_folder)
+    if split is None:
+        raise FileNotFoundError(f"{sae_folder / SPLIT_FILENAME} is missing, so the documents the SAE was trained "
+                                "on are unknown; train it with this package (python -m scripts.train_sae), or "
+                                "set ANALYSIS['documents'] = 'other' to analyse a sample that may overlap them")
+    split.check(texts, run.windows.text_field)
+    return split.held_out[:n], f"held out: the first {min(n, len(split.held_out))} of {sae_folder / SPLIT_FILENAME}"
 
 
 def top_tokens(analysis: LatentAnalysis, tokenizer: Any, n: int = 5) -> dict[int, list[str]]:
@@ -319,7 +344,7 @@ def write_index(out: Path, title: str) -> Path:
     return pages.index_html(entries, out / "index.html", title=title)
 
 
-__all__ = ["DEFAULT_RUN_ID", "RUN_CONFIG_FILENAME", "LatentAnalysis", "SAEReport", "analyse", "collect_activations",
+__all__ = ["DEFAULT_RUN_ID", "DOCUMENTS_FILENAME", "RUN_CONFIG_FILENAME", "analysis_documents", "LatentAnalysis", "SAEReport", "analyse", "collect_activations",
            "fit_whitening", "load_model_of", "load_saes", "load_texts_of", "mean_activation_norm", "output_dir",
            "run_from_argv", "steering_example", "steering_feature", "top_tokens", "train_saes", "write_figures",
            "write_index", "write_run_config"]

@@ -28,8 +28,13 @@ from sae_lens import SAE
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from torch import Tensor
 
+from sae_core.files import atomic_write_json, read_json
 from sae_core.model_loading import resolve_dtype
+from sae_core.texts import DocumentSplit
 from sae_core.whitening import WHITENING_FILENAME, Whitener
+
+SPLIT_FILENAME = "split.json"
+"""The train / held-out document split saved beside an SAE trained on a corpus."""
 
 
 class Reconstruction(NamedTuple):
@@ -76,6 +81,24 @@ def load_sae_folder(folder: str | os.PathLike[str], device: str | torch.device,
     return sae, load_whitener(folder, sae.cfg.d_in, device)
 
 
+def write_split(folder: str | os.PathLike[str], split: DocumentSplit) -> Path:
+    """``split.json`` beside the SAE: the documents it was trained on and the ones held out."""
+    return atomic_write_json(Path(folder) / SPLIT_FILENAME, split._asdict())
+
+
+def read_split(folder: str | os.PathLike[str]) -> DocumentSplit | None:
+    """The split saved beside an SAE, or None when the folder has none (an SAE trained elsewhere)."""
+    path = Path(folder) / SPLIT_FILENAME
+    if not path.exists():
+        return None
+    record = read_json(path)
+    try:
+        return DocumentSplit(**record)
+    except TypeError as error:
+        raise ValueError(f"{path} is not a document split ({error}); delete it and retrain, or analyse "
+                         "other documents explicitly (ANALYSIS['documents']='other')") from error
+
+
 def encode(sae: SAE, whitener: Any, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
     """Latents of model-space rows ``x``: ``sae.encode(whiten(x))``, in the SAE's dtype, dense."""
     sae_in = x.to(device=sae.device, dtype=sae.dtype)  # the one explicit move into the SAE's device and precision
@@ -97,5 +120,5 @@ def reconstruct(sae: SAE, x: Float[Tensor, "rows d"], whitener: Any = None) -> R
     return Reconstruction(latents, decode(sae, whitener, latents).to(device=x.device, dtype=x.dtype))
 
 
-__all__ = ["Reconstruction", "decode", "encode", "load_sae_folder", "load_whitener", "reconstruct",
-           "write_sae_folder"]
+__all__ = ["SPLIT_FILENAME", "Reconstruction", "decode", "encode", "load_sae_folder", "load_whitener", "read_split",
+           "reconstruct", "write_sae_folder", "write_split"]

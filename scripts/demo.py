@@ -13,11 +13,22 @@ import sys
 import time
 
 from sae_core import pipeline
-from sae_core.files import atomic_write_json
+from sae_core.files import atomic_write_json, read_json
 from sae_core.hooks import list_hook_points
 
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 began = time.perf_counter()
+
+stage_seconds: dict[str, float] = {}
+mark = [began]
+
+
+def lap(stage: str) -> None:
+    """Record the wall time of the stage that just ended."""
+    now = time.perf_counter()
+    stage_seconds[stage] = round(now - mark[0], 1)
+    mark[0] = now
+
 
 run_config = pipeline.run_from_argv(sys.argv[1:])
 out = pipeline.output_dir(run_config.name)
@@ -28,12 +39,15 @@ model = pipeline.load_model_of(run_config)
 print(f"{len(model.hook_dict)} hook points, e.g. {[h.name for h in list_hook_points(model, '*resid_post', seq_len=None)][:3]}")
 texts = pipeline.load_texts_of(run_config)
 
+lap("load")
 print(f"[1/7] {len(texts):,} documents; collecting activations")
 run = pipeline.collect_activations(model, run_config, texts, out)
 
+lap("store")
 print(f"[2/7] whitening statistics over {len(run):,} stored rows")
 whiteners = pipeline.fit_whitening(run, run_config, out)
 
+lap("whitening")
 print(f"[3/7] training {run_config.sae.architecture} SAEs "
       f"({run_config.training.total_training_tokens:,} tokens; reused when already trained)")
 trained = pipeline.train_saes(model, texts, run_config, out)
@@ -42,20 +56,24 @@ for hook, sae in trained.items():
     print(f"[4/7] {hook}: explained variance {sae.eval.explained_variance:.3f}, L0 {sae.eval.l0:.1f}, "
           f"CE-loss recovered {sae.eval.ce_recovered:.3f}")
 
+lap("train + evaluate")
 print("[5/7] analysing latents")
 analyses = [pipeline.analyse(model, manager, texts, run_config, out, hook) for hook in hooks]
 
+lap("analyse")
 print("[6/7] steering")
 first = analyses[0]
 feature = pipeline.steering_feature(run_config, first)
 steering = pipeline.steering_example(model, manager, run_config, first.hook, feature,
                                      scale=pipeline.mean_activation_norm(run, first.hook))
 
+lap("steer")
 print("[7/7] figures")
 index = pipeline.write_figures(out, f"sae_core demo: {run_config.model_name}", analyses=analyses,
                                tokenizer=model.tokenizer, trained=list(trained.values()), whiteners=whiteners,
                                steering=steering)
 
+lap("figures")
 result = trained[first.hook].eval
 top_tokens = pipeline.top_tokens(first, model.tokenizer)
 steer, comparison = steering
@@ -66,12 +84,15 @@ summary = {
     "top_latents": {int(k): v for k, v in top_tokens.items()},
     "steering": {"latent": feature, "coefficient": steer.coefficient, "before": comparison.before.completions[0],
                  "after": comparison.after.completions[0]},
-    "seconds": round(time.perf_counter() - began, 1),
+    "seconds": round(time.perf_counter() - began, 1), "stage_seconds": stage_seconds,
+    "analysis_documents": read_json(first.folder / pipeline.DOCUMENTS_FILENAME)["origin"],
 }
 atomic_write_json(out / "summary.json", summary)
 print(f"\n{first.hook}: explained variance {result.explained_variance:.3f} | L0 {result.l0:.1f} | dead fraction "
       f"{result.dead_fraction:.3f} | CE-loss recovered {result.ce_recovered:.3f} | KL {result.kl_spliced:.4f}")
+print(f"analysed documents: {summary['analysis_documents']}")
 for latent, tokens in top_tokens.items():
     print(f"latent {latent:5d} (density {first.density[latent]:.4f}): top tokens {tokens}")
 print(f"steering latent {feature}: {comparison.before.completions[0]!r} -> {comparison.after.completions[0]!r}")
+print("stage wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in stage_seconds.items()))
 print(f"done in {summary['seconds']:.0f} s; open {index.resolve()}")

@@ -146,10 +146,10 @@ def test_save_with_the_compiled_forward_stores_the_same_rows(tiny_model, corpus_
     common = dict(max_text_length=32, batch_size=8, batch_tokens=8 * 32, shard_size=200, progress=False,
                   pack_windows=True)
     runs = {flag: ActivationRun.open(tmp_path / str(flag), save(tiny_model, HOOKS, docs, tmp_path / str(flag),
-                                                                compile_forward=flag, **common))
+                                                                compile=flag, **common))
             for flag in (False, True)}
     eager, compiled = runs[False], runs[True]
-    assert compiled.meta["config"]["compile_forward"] is True
+    assert compiled.meta["config"]["forward"]["compile"] is True
     for read in ("doc_index", "position", "token_ids"):
         assert torch.equal(torch.as_tensor(getattr(compiled, read)()), torch.as_tensor(getattr(eager, read)()))
     for hook in HOOKS:
@@ -158,17 +158,17 @@ def test_save_with_the_compiled_forward_stores_the_same_rows(tiny_model, corpus_
     for key in ("sample_count", "token_count", "batch_count"):
         assert compiled.meta[key] == eager.meta[key]
     # compile_forward is not part of a run's identity: the run resumes (here: is complete) either way
-    assert save(tiny_model, HOOKS, docs, tmp_path / "True", run_id=compiled.run_id, compile_forward=False,
+    assert save(tiny_model, HOOKS, docs, tmp_path / "True", run_id=compiled.run_id, compile=False,
                 **common) == compiled.run_id
     with pytest.raises(ValueError, match="cannot resume"):
-        save(tiny_model, HOOKS, docs, tmp_path / "True", run_id=compiled.run_id, compile_forward=False,
+        save(tiny_model, HOOKS, docs, tmp_path / "True", run_id=compiled.run_id, compile=False,
              **{**common, "pack_windows": False})
 
 
-def test_compile_forward_must_be_a_bool():
-    from sae_core.config import StoreConfig
+def test_compile_and_pack_windows_must_be_bools():
+    from sae_core.config import StoreConfig, with_overrides
 
-    with pytest.raises(ValueError, match="compile_forward must be True or False, got 'yes'"):
-        StoreConfig(compile_forward="yes")
-    with pytest.raises(ValueError, match="pack_windows must be True or False"):
-        StoreConfig(pack_windows=1)
+    with pytest.raises(TypeError, match="save.forward.compile should be bool, got 'yes'"):
+        with_overrides(StoreConfig(), "save", compile="yes")
+    with pytest.raises(TypeError, match="save.loader.pack_windows should be bool, got 1"):
+        with_overrides(StoreConfig(), "save", pack_windows=1)

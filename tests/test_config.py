@@ -194,3 +194,38 @@ def test_device_is_passed_to_every_stage_at_run_time(tiny_model, tmp_path, monke
     for folder in (stored.path, tmp_path / "whitening" / run.hook_points[0], tmp_path / "sae" / run.hook_points[0]):
         written = (folder / pipeline.RUN_CONFIG_FILENAME).read_text()
         assert '"device": "cpu"' in written and '"total_training_tokens": 512' in written
+
+
+def test_one_held_out_split_per_run_reaches_the_analysis(tiny_model, tmp_path):
+    """Training saves its split; the analysis encodes only held-out documents, and refuses an SAE
+    without a split unless told to analyse other documents (then it records that)."""
+    import json
+
+    import numpy as np
+
+    from sae_core import pipeline
+    from sae_core.sae_folders import SPLIT_FILENAME, read_split
+
+    run = load_run_config("tiny_random", ["training.total_training_tokens=512", "training.train_batch_size_tokens=256",
+                                          "training.shuffle_buffer_tokens=256", "evaluation.held_out_documents=10",
+                                          "analysis.n_documents=6"])
+    texts = [f"Text number {i}: " + " ".join(f"word{(i * 7 + j) % 50}" for j in range(12 + i % 9)) for i in range(40)]
+    hook = run.hook_points[0]
+    pipeline.train_saes(tiny_model, texts, run, tmp_path)
+    split = read_split(tmp_path / "sae" / hook)
+    assert set(split.train).isdisjoint(split.held_out) and len(split.held_out) == 10
+    assert sorted(split.train + split.held_out) == list(range(40))
+    manager = pipeline.load_saes(tiny_model, run, tmp_path)
+    analysis = pipeline.analyse(tiny_model, manager, texts, run, tmp_path, hook)
+    used = json.loads((analysis.folder / pipeline.DOCUMENTS_FILENAME).read_text())
+    assert used["documents"] == split.held_out[:6] and used["origin"].startswith("held out")
+    assert set(np.unique(analysis.csr.doc_index).tolist()) <= set(split.held_out[:6])  # no training document
+
+    with pytest.raises(ValueError, match="another corpus"):
+        pipeline.analysis_documents(run, texts[:-1], tmp_path / "sae" / hook)
+    (tmp_path / "sae" / hook / SPLIT_FILENAME).unlink()
+    with pytest.raises(FileNotFoundError, match="ANALYSIS\\['documents'\\] = 'other'"):
+        pipeline.analysis_documents(run, texts, tmp_path / "sae" / hook)
+    other = load_run_config("tiny_random", ["analysis.documents=other", "analysis.n_documents=6"])
+    documents, origin = pipeline.analysis_documents(other, texts, tmp_path / "sae" / hook)
+    assert len(documents) == 6 and origin.startswith("other")

@@ -118,7 +118,7 @@ def test_limit_texts_on_hf_datasets():
 
 
 def test_hf_dataset_by_name_fails_fast_offline(tmp_path):
-    code = ("from sae_core.data import TextSourceConfig, load_texts\n"
+    code = ("from sae_core.config import TextSourceConfig\nfrom sae_core.texts import load_texts\n"
             "load_texts(TextSourceConfig(source='hf', name='nobody/no-such-dataset', streaming=True))\n")
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
     # the timeout is a guard against retries, not a timing measurement

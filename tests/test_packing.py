@@ -159,7 +159,8 @@ def test_token_budget_counts_packed_rows(tiny_model, corpus_texts):
 
 def test_save_packed_equals_save_unpacked(tiny_model, corpus_texts, tmp_path):
     docs = list(corpus_texts[:60])
-    common = dict(max_text_length=64, batch_size=8, batch_tokens=8 * 64, shard_size=300, progress=False)
+    common = dict(max_text_length=64, batch_size=8, batch_tokens=8 * 64, shard_size=300, progress=False,
+                  prepend_bos=False)
     runs = {pack: ActivationRun.open(tmp_path / str(pack), save(tiny_model, HOOKS, docs, tmp_path / str(pack),
                                                                 pack_windows=pack, **common))
             for pack in (False, True)}
@@ -176,20 +177,24 @@ def test_save_packed_equals_save_unpacked(tiny_model, corpus_texts, tmp_path):
     for key in ("sample_count", "token_count"):
         assert runs[True].meta[key] == runs[False].meta[key]
     assert runs[True].meta["batch_count"] < runs[False].meta["batch_count"]
-    assert runs[True].meta["config"]["pack_windows"] is True
+    assert runs[True].meta["config"]["loader"]["pack_windows"] is True
     with pytest.raises(ValueError, match="cannot resume"):  # a run keeps its layout
         save(tiny_model, HOOKS, docs, tmp_path / "True", run_id=runs[True].run_id, pack_windows=False, **common)
     with pytest.raises(ValueError, match="NPZ chunks"):
         save(tiny_model, HOOKS, docs, tmp_path, shard_format="npz", pack_windows=True, **common)
 
 
-def test_training_source_refuses_packing(tiny_model, corpus_texts):
+def test_training_source_streams_the_same_rows_with_a_packing_loader(tiny_model, corpus_texts):
+    """Training batches windows of one length, so a packing loader changes nothing (documented)."""
     from sae_core.training.sources import ModelActivationSource
 
     dataset = WindowedTextDataset(corpus_texts[:20], tiny_model.tokenizer, 32)
-    with pytest.raises(ValueError, match="pack_windows=False"):
-        ModelActivationSource(tiny_model, dataset, HOOKS[:1], TokenPolicy(), "float32",
-                              loader=LoaderConfig(pack_windows=True))
+    chunks = {}
+    for pack in (False, True):
+        source = ModelActivationSource(tiny_model, dataset, HOOKS[:1], TokenPolicy(), "float32",
+                                       loader=LoaderConfig(pack_windows=pack))
+        chunks[pack] = next(source.chunks(0))[0][HOOKS[0]]
+    torch.testing.assert_close(chunks[True], chunks[False], rtol=0, atol=0)
 
 
 def test_negative_positions_count_from_each_windows_end(tiny_model):

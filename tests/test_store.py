@@ -53,19 +53,19 @@ def test_stored_rows_equal_independent_forwards(tiny_model, texts, tmp_path):
     for row in rng.choice(len(run), size=12, replace=False):
         doc, p = int(docs[row]), int(pos[row])
         full = tok(texts[doc], add_special_tokens=False)["input_ids"]
-        start = int(pos[docs == doc].min())  # window start: no BOS, first token kept
-        window = full[start:start + 24]
+        start = int(pos[docs == doc].min())  # window start: the first text token (BOS rows are dropped)
+        window = [tok.bos_token_id] + full[start:start + 23]  # the default prepends BOS
         with torch.no_grad():
             _, cache = tiny_model.run_with_cache(torch.tensor([window]), names_filter=lambda n: n in hooks)
         for hook in hooks:
-            torch.testing.assert_close(run.activations(hook)[int(row)], cache[hook][0, p - start],
+            torch.testing.assert_close(run.activations(hook)[int(row)], cache[hook][0, p - start + 1],
                                        rtol=1e-5, atol=1e-5)
         assert int(ids[row]) == full[p]
         assert run.row_origin(int(row)) == (doc, p, full[p])
     # every non-special token of every document is there exactly once
     expected = {(d, s + i) for d in range(len(texts))
                 for s in [int(pos[docs == d].min())] if (docs == d).any()
-                for i in range(min(24, len(tok(texts[d], add_special_tokens=False)["input_ids"])))}
+                for i in range(min(23, len(tok(texts[d], add_special_tokens=False)["input_ids"])))}  # BOS + 23
     got = list(zip(docs.tolist(), pos.tolist(), strict=True))
     assert len(got) == len(set(got)) and set(got) == expected
     assert run.activations("blocks.0.hook_resid_pre").shape == (len(run), 32)
@@ -190,10 +190,12 @@ def test_streaming_dataset_end_to_end(tiny_model, texts, tmp_path):
 def test_bad_input_raises_clear_errors(tiny_model, texts, tmp_path):
     with pytest.raises(KeyError, match="closest valid names"):
         save(tiny_model, "blocks.1.hook_resid_pots", texts, tmp_path, **SMALL)
-    with pytest.raises(ValueError, match="batch_size and shard_size"):
+    with pytest.raises(ValueError, match="batch_size must be positive, got 0"):
         save(tiny_model, HOOK, texts, tmp_path, **{**SMALL, "batch_size": 0})
-    with pytest.raises(ValueError, match="batch_size and shard_size"):
+    with pytest.raises(ValueError, match="shard_size must be positive, got -1"):
         save(tiny_model, HOOK, texts, tmp_path, **{**SMALL, "shard_size": -1})
+    with pytest.raises(ValueError, match="unknown key 'batchsize'; closest valid keys: batch_size"):
+        save(tiny_model, HOOK, texts, tmp_path, **{**SMALL, "batchsize": 4})
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     with pytest.raises(PermissionError, match="writable"):
@@ -216,12 +218,13 @@ def test_non_finite_activations_stop_the_run_and_keep_written_shards(tiny_model,
     partial.verify()
 
 
-def test_extraction_config_accepts_every_constant_file():
-    from sae_core.models import known_models, load_model_constants
+def test_store_config_of_every_constant_file_shares_the_run_sections():
+    from sae_core.models import known_models, load_run_config
 
     for name in known_models():
-        cfg = StoreConfig(**load_model_constants(name).EXTRACTION)
-        assert cfg.token_policy().exclude_bos == cfg.exclude_special_tokens, name
+        run = load_run_config(name)
+        assert isinstance(run.store, StoreConfig) and run.store.windows is run.windows, name
+        assert run.store.windows.policy.exclude_bos and run.store.windows.prepend_bos, name
 
 
 def test_resume_refuses_another_model_or_hook(tiny_model, texts, tmp_path):

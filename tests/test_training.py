@@ -180,7 +180,7 @@ def test_block_shuffler_serves_each_row_once_and_resumes_exactly():
 
 
 def test_config_rejects_bad_values():
-    with pytest.raises(ValueError, match="architecture"):
+    with pytest.raises(TypeError, match="architecture should be 'topk'"):
         _small_cfg(architecture="gated")
     with pytest.raises(ValueError, match="exactly one of d_sae and expansion_factor"):
         _small_cfg(expansion_factor=4.0)
@@ -188,7 +188,7 @@ def test_config_rejects_bad_values():
         _small_cfg(shuffle_buffer_tokens=1000)
     with pytest.raises(ValueError, match="hook_points"):
         _small_cfg(hook_points=())
-    assert _small_cfg(d_sae=None, expansion_factor=4.0).d_sae_for(16) == 64
+    assert _small_cfg(d_sae=None, expansion_factor=4.0).sae.d_sae_for(16) == 64
 
 
 # --- the model data path ---------------------------------------------------------------------------

@@ -262,24 +262,28 @@ def test_eigenvalues_are_recovered_from_a_file_without_them(tmp_path, whitener):
 
 def test_extraction_config_rejects_bad_values(tmp_path):
     with pytest.raises(ValueError, match="unknown exclude_tokens"):
-        ExtractionConfig("tiny_random", tmp_path, exclude_tokens=("bos", "pad", "cls"))
+        ExtractionConfig.document("tiny_random", tmp_path, exclude_tokens=("bos", "pad", "cls"))
     with pytest.raises(ValueError, match="keep 'pad'"):
-        ExtractionConfig("tiny_random", tmp_path, exclude_tokens=("bos",))
-    with pytest.raises(ValueError, match="method"):
-        ExtractionConfig("tiny_random", tmp_path, method="cholesky")
-    policy = ExtractionConfig("tiny_random", tmp_path, exclude_tokens=("bos", "pad", 42)).token_policy()
+        ExtractionConfig.document("tiny_random", tmp_path, exclude_tokens=("bos",))
+    with pytest.raises(ValueError, match="zca"):
+        ExtractionConfig.document("tiny_random", tmp_path, method="cholesky")
+    policy = ExtractionConfig.document("tiny_random", tmp_path, exclude_tokens=("bos", "pad", 42)).windows.policy
     assert (policy.exclude_bos, policy.exclude_eos, policy.exclude_special, policy.exclude_token_ids) == \
         (True, False, False, (42,))
 
 
 def test_config_from_constants_reads_the_whitening_section(tmp_path):
-    from sae_core.models import load_model_constants
+    from sae_core.models import load_run_config
 
-    c = load_model_constants("tiny_random")
-    cfg = ExtractionConfig.from_constants("tiny_random", tmp_path, batch_size=3)
-    assert (cfg.method, cfg.eps, cfg.num_samples) == (c.WHITENING["method"], c.WHITENING["eps"],
-                                                      c.WHITENING["sample_limit"])
-    assert (cfg.hook_point, cfg.max_length, cfg.batch_size) == (c.HOOK_POINTS[0], c.EXTRACTION["max_text_length"], 3)
+    run = load_run_config("tiny_random")
+    cfg = ExtractionConfig.from_constants("tiny_random", tmp_path, chunk_size=3)
+    assert cfg.whitening == run.whitening and cfg.windows == run.windows and cfg.forward == run.forward
+    assert (cfg.hook_point, cfg.chunk_size, cfg.device) == (run.hook_points[0], 3, run.device)
+    assert not cfg.loader.pack_windows  # pass two stores one window per row
+    document = ExtractionConfig.document("tiny_random", tmp_path, batch_size=3, max_length=16, num_samples=5,
+                                         dtype="bfloat16", eps=1e-3)
+    assert (document.loader.batch_size, document.windows.max_text_length, document.sample_limit,
+            document.forward.dtype, document.whitening.eps) == (3, 16, 5, "bfloat16", 1e-3)
 
 
 # --- two-pass extraction on the tiny model ---------------------------------------------------------
@@ -294,7 +298,7 @@ def texts(corpus_texts):
 
 def tiny_config(tiny_model, out, **overrides) -> ExtractionConfig:
     fields = dict(hook_point=HOOK, batch_size=4, max_length=16, chunk_size=100, eps=1e-4, checkpoint_batches=2)
-    return ExtractionConfig(tiny_model, out, **{**fields, **overrides})
+    return ExtractionConfig.document(tiny_model, out, **{**fields, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from collections.abc import Mapping
@@ -87,6 +88,7 @@ def _nested_type(kind: Any) -> type | None:
     return found[0] if found else None
 
 
+@functools.cache
 def field_types(cls: type) -> dict[str, Any]:
     """The init fields of a config dataclass and their resolved annotations."""
     hints = typing.get_type_hints(cls)
@@ -121,6 +123,16 @@ def build(cls: type[T], values: Mapping[str, Any] | T | None, section: str) -> T
         raise
     except (ValueError, TypeError) as error:  # a __post_init__ range check: name the section
         raise ConfigError(f"{section}: {error}") from error
+
+
+def check_fields(config: Any) -> None:
+    """Every field of a config against its annotation, however it was constructed (the first step of
+    each config's ``__post_init__``; :func:`build` checks the same before, naming the section)."""
+    for name, kind in field_types(type(config)).items():
+        value = getattr(config, name)
+        if not _matches(value, kind):
+            raise ConfigTypeError(f"{type(config).__name__}.{name} should be {describe(kind)}, "
+                                  f"got {value!r} ({type(value).__name__})")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -161,7 +173,7 @@ def raise_problems(cls_name: str, problems: list[str]) -> None:
 def owners(cls: type, key: str, prefix: str = "") -> list[str]:
     """Dotted paths under ``cls`` whose last part is ``key`` (own fields first, then nested configs)."""
     kinds = field_types(cls)
-    if key in kinds and _nested_type(kinds[key]) is None:
+    if key in kinds:  # a knob, or a whole section given as one value
         return [prefix + key]
     found = []
     for name, kind in kinds.items():

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from sae_core.config.base import (
     ConfigError,
     build,
+    check_fields,
     closest,
     parse_override,
     route,
@@ -41,10 +42,15 @@ from sae_core.config.training import EvaluationConfig, OptimizerConfig, SAEConfi
 
 @dataclass(frozen=True)
 class AnalysisConfig:
-    """Latent analysis on held-out documents (``ANALYSIS``)."""
+    """Latent analysis on held-out documents (``ANALYSIS``). Encoding into the CSR store runs on the
+    run's device; similarity and co-occurrence run in numpy on the CPU by design (out of core, into
+    ``.npy`` memmaps)."""
 
     n_documents: int = 500
-    """Held-out documents encoded into the CSR latent store."""
+    """Held-out documents encoded into the CSR latent store (the first of the SAE's split)."""
+    documents: Literal["held_out", "other"] = "held_out"
+    """``held_out``: the SAE's own held-out split (``split.json``; refused if missing or drawn from other
+    texts); ``other``: a seeded sample of the texts, recorded as such (may overlap training)."""
     top_k_examples: int = 10
     """Top-activating examples kept per latent."""
     context_window: int = 8
@@ -63,6 +69,7 @@ class AnalysisConfig:
     """Latents the summary and figures show (the most active in the 0.1%-10% density band)."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         for name in ("n_documents", "top_k_examples", "similarity_chunk_size", "cooccurrence_chunk_size",
                      "n_neighbours", "n_shown"):
             if getattr(self, name) <= 0:
@@ -85,6 +92,7 @@ class SteeringConfig:
     """Latent to steer with; None: the most active latent the analysis shows (0 is a latent)."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.max_new_tokens <= 0 or (self.feature is not None and self.feature < 0):
             raise ConfigError(f"max_new_tokens must be positive and feature >= 0 or None, "
                               f"got {self.max_new_tokens}, {self.feature}")

@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from sae_core.config.base import ConfigError, positive, raise_problems
+from sae_core.config.base import ConfigError, check_fields, positive, raise_problems
 
 FORTUNE_FILES = ("fortunes", "murphy", "startrek", "zippy")
 FLOAT_DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -47,6 +47,7 @@ class TextSourceConfig:
     """Fortune files of the default corpus."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         sources = ("fortunes", "hf", "files", "list")
         if self.source not in sources:
             raise ConfigError(f"unknown text source {self.source!r}; use one of {sources}")
@@ -74,6 +75,10 @@ class TokenPolicy:
     """Drop every other special token of the tokenizer (``all_special_ids``)."""
     exclude_token_ids: tuple[int, ...] = ()
     """Further token ids to drop."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        object.__setattr__(self, "exclude_token_ids", tuple(self.exclude_token_ids))
 
     def excluded_ids(self, tokenizer: Any) -> list[int]:
         """Token ids this policy drops for ``tokenizer`` (pad rows are dropped by mask, not id)."""
@@ -126,6 +131,7 @@ class WindowConfig:
     """Column holding the text of record sources (HF datasets, jsonl / parquet / csv files)."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.max_text_length < 2:
             raise ConfigError(f"max_text_length must be at least 2 tokens, got {self.max_text_length}")
 
@@ -166,6 +172,7 @@ class LoaderConfig:
     """Other ``torch.utils.data.DataLoader`` arguments, passed through."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         problems: list[str] = []
         positive(problems, batch_size=self.batch_size, batch_tokens=self.batch_tokens,
                  length_group_batches=self.length_group_batches, length_group_documents=self.length_group_documents)
@@ -195,6 +202,9 @@ class ForwardConfig:
     rounding; ~1.2x faster in float32 and ~1.5x in bfloat16 on CPU after a one-off compile of about a
     minute, so worth it from ~0.5M tokens on); falls back to eager when it cannot compile."""
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+
 
 @dataclass(frozen=True)
 class StoreConfig:
@@ -219,6 +229,7 @@ class StoreConfig:
     """``safetensors`` (flat rows, memory-mappable) or ``npz`` (compressed padded chunks)."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         problems: list[str] = []
         positive(problems, shard_size=self.shard_size, sample_limit=self.sample_limit)
         if isinstance(self.positions, str) and self.positions not in ("all", "last"):
@@ -245,5 +256,6 @@ class WhiteningConfig:
     """Shrinkage of the covariance toward a scaled identity (0..1)."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not self.eps > 0 or not 0 <= self.shrinkage <= 1:
             raise ConfigError(f"whitening needs eps > 0 and 0 <= shrinkage <= 1, got {self.eps}, {self.shrinkage}")

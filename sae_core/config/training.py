@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sae_core.config.base import ConfigError, positive, raise_problems
+from sae_core.config.base import ConfigError, check_fields, positive, raise_problems
 from sae_core.config.sections import Dtype, ForwardConfig, LoaderConfig, TokenPolicy, WindowConfig
 
 Architecture = Literal["topk", "batchtopk", "jumprelu", "standard"]
@@ -20,9 +20,9 @@ class SAEConfig:
     architecture: Architecture = "topk"
     """``topk``, ``batchtopk``, ``jumprelu`` or ``standard`` (ReLU + L1)."""
     d_sae: int | None = None
-    """Latents per SAE; or give ``expansion_factor`` (d_sae = factor * d_in)."""
-    expansion_factor: float | None = 8.0
-    """d_sae as a multiple of the hook's width (used when ``d_sae`` is None)."""
+    """Latents per SAE; or give ``expansion_factor`` (d_sae = factor * d_in); neither: 8x the hook's width."""
+    expansion_factor: float | None = None
+    """d_sae as a multiple of the hook's width (give this or ``d_sae``, not both)."""
     k: int = 32
     """TopK / BatchTopK: active latents per token (on average over the batch for BatchTopK)."""
     aux_loss_coefficient: float = 1.0
@@ -45,18 +45,21 @@ class SAEConfig:
     """``mean``: decoder bias starts at the first batch's mean; ``zeros``: SAELens's start."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         problems: list[str] = []
         positive(problems, d_sae=self.d_sae, expansion_factor=self.expansion_factor, k=self.k,
                  jumprelu_bandwidth=self.jumprelu_bandwidth)
-        if self.d_sae is None and self.expansion_factor is None:
-            problems.append("give d_sae or expansion_factor")
+        if self.d_sae is not None and self.expansion_factor is not None:
+            problems.append("give exactly one of d_sae and expansion_factor (neither: 8x the hook's width)")
         if self.d_sae is not None and self.k > self.d_sae:
             problems.append(f"k ({self.k}) must not exceed d_sae ({self.d_sae})")
         raise_problems("SAEConfig", problems)
 
     def d_sae_for(self, d_in: int) -> int:
-        """Latents of the SAE on a hook of width ``d_in`` (``d_sae`` wins over ``expansion_factor``)."""
-        return self.d_sae if self.d_sae is not None else round(self.expansion_factor * d_in)
+        """Latents of the SAE on a hook of width ``d_in``."""
+        if self.d_sae is not None:
+            return self.d_sae
+        return round((self.expansion_factor if self.expansion_factor is not None else 8.0) * d_in)
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class OptimizerConfig:
     """Precision of the SAE step's matmuls (autocast); weights and Adam stay float32."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         problems: list[str] = []
         if not (math.isfinite(self.lr) and self.lr > 0):
             problems.append(f"lr must be finite and positive, got {self.lr}")
@@ -98,14 +102,19 @@ class OptimizerConfig:
 class EvaluationConfig:
     """Held-out evaluation of the SAEs (``EVALUATION``)."""
 
-    held_out_documents: int = 64
-    """Documents held out from training for evaluation (each costs ~4 full forward passes)."""
+    held_out_documents: int = 512
+    """Documents held out of training: the run's one split, saved with the SAE (``split.json``) and used
+    by evaluation, the CSR latents, top examples, densities and co-occurrence."""
+    eval_documents: int = 64
+    """Held-out documents the evaluation scores (the first of the split; each costs ~4 forward passes)."""
     eval_every_tokens: int | None = None
     """Evaluate on held-out windows every so many tokens (None: at the end only)."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         problems: list[str] = []
-        positive(problems, held_out_documents=self.held_out_documents, eval_every_tokens=self.eval_every_tokens)
+        positive(problems, held_out_documents=self.held_out_documents, eval_documents=self.eval_documents,
+                 eval_every_tokens=self.eval_every_tokens)
         raise_problems("EvaluationConfig", problems)
 
 
@@ -140,6 +149,7 @@ class TrainingConfig:
     """Device of the SAEs and their rows: the run's device (``MODEL_LOAD_CONFIG['device']``)."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         object.__setattr__(self, "hook_points", tuple(self.hook_points))
         problems: list[str] = []
         if not self.hook_points:

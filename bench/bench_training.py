@@ -198,7 +198,7 @@ def main() -> None:
                         help="only re-measure the serial limit, into the existing bench/results/training.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from sae_core.texts import fortunes_corpus
+    from sae_core.corpora import fortunes_corpus
     from sae_core.training import HeldOutEvaluator, split_documents, to_inference_sae
 
     tokens = args.tokens or (QUICK_TOKENS if args.quick else FULL_TOKENS)

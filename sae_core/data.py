@@ -6,6 +6,17 @@
   pre-tokenising the corpus, memory stays flat, and every worker draws the same windows for the
   same epoch (the generator is derived from the index, not from worker state). Streaming sources
   (no ``len``) go through :class:`IterableWindowedTextDataset`, which draws the same windows.
+* Windows per document (``windows_per_document``): ``"one"`` draws one window a document an
+  epoch, so an epoch's tokens spread by document count (a 40k-token play weighs as much as a
+  fortune). ``"proportional"`` draws ``ceil(tokens / room)`` windows of a document (``room``: its
+  text tokens per window), the ``j``-th starting at a random offset in the ``j``-th of that many
+  equal strata of the possible starts: an epoch covers most of every long document once, with
+  fresh offsets each epoch. The batch sampler asks for them as :class:`WindowKey` items
+  (``sae_core.training_data.TokenBudgetBatchSampler``); the token ids of documents longer than
+  a window are kept (int32) so a document is tokenised once, not once a window. Rejected: a
+  stratified draw of a shared random phase (evenly spaced windows cover everything, but adjacent
+  windows never overlap differently), and independent uniform offsets (an epoch then misses
+  ~37% of a long document while drawing other parts twice).
 * :func:`make_dataloader` batches documents of similar length together (less padding); the batch
   list is a pure function of (documents, seed, epoch), and ``start_batch`` skips batches without
   tokenising them, which is how an interrupted extraction resumes.
@@ -32,7 +43,6 @@ concatenates and chunks a pre-tokenised stream, which mixes documents inside one
 from __future__ import annotations
 
 import heapq
-import itertools
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,9 +50,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset
 
-from sae_core.config import LoaderConfig, WindowConfig
+from sae_core.config import WindowConfig
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +66,16 @@ class Window(NamedTuple):
     row: int = -1  # row of a packed batch, as the batch sampler laid it out (-1: the collate packs)
 
 
+WINDOWS_PER_DOCUMENT = ("one", "proportional")
+
+
+class WindowKey(NamedTuple):
+    """The ``part``-th window of document ``index`` an epoch draws (``windows_per_document="proportional"``)."""
+
+    index: int
+    part: int
+
+
 class PackedIndex(NamedTuple):
     """A document index with the row the batch sampler gave its window in a packed batch."""
 
@@ -67,7 +87,9 @@ class WindowedTextDataset(Dataset):
     """Each item: one document tokenised, cut to a random window of ``max_text_length`` tokens."""
 
     def __init__(self, texts: Any, tokenizer: Any, max_text_length: int = 128, seed: int = 0,
-                 prepend_bos: bool = False, text_field: str = "text") -> None:
+                 prepend_bos: bool = False, text_field: str = "text", windows_per_document: str = "one") -> None:
+        if windows_per_document not in WINDOWS_PER_DOCUMENT:
+            raise ValueError(f"windows_per_document must be one of {WINDOWS_PER_DOCUMENT}, got {windows_per_document!r}")
         if max_text_length < 2:
             raise ValueError(f"max_text_length must be at least 2, got {max_text_length}")
         if prepend_bos and tokenizer.bos_token_id is None:
@@ -80,10 +102,12 @@ class WindowedTextDataset(Dataset):
         self.seed = seed
         self.prepend_bos = prepend_bos
         self.text_field = text_field
+        self.windows_per_document = windows_per_document
         self.epoch = 0
+        self._long_ids: dict[int, np.ndarray] = {}  # token ids of documents longer than a window
 
     def set_epoch(self, epoch: int) -> None:
-        """Draw different windows: items of epoch ``e`` use the generator ``(seed, e, index)``."""
+        """Draw different windows: items of epoch ``e`` use the generator ``(seed, e, index[, part])``."""
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -100,24 +124,54 @@ class WindowedTextDataset(Dataset):
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         return [min(len(t) + int(self.prepend_bos), self.max_text_length) if t else 0 for t in ids]
 
-    def __getitem__(self, index: int | PackedIndex) -> Window:
+    def windows_of(self, n_tokens: int) -> int:
+        """Windows an epoch draws from a document of ``n_tokens`` tokens (see the module docstring)."""
+        if self.windows_per_document == "one":
+            return 1
+        return max(1, -(-n_tokens // (self.max_text_length - int(self.prepend_bos))))
+
+    def tokenise(self, indices: Sequence[int]) -> list[Sequence[int]]:
+        """Token ids of documents ``indices`` (no special tokens), in one batched call. With proportional
+        windows, those of documents longer than a window are kept: each is tokenised once, not once a window."""
+        ids = self.tokenizer([self.text(i) for i in indices], add_special_tokens=False)["input_ids"] if indices else []
+        if self.windows_per_document != "one":
+            room = self.max_text_length - int(self.prepend_bos)
+            self._long_ids.update((i, np.asarray(t, dtype=np.int32)) for i, t in zip(indices, ids, strict=True) if len(t) > room)
+        return ids
+
+    def token_ids(self, index: int) -> Sequence[int]:
+        """Token ids of document ``index`` (kept ones are not tokenised again)."""
+        kept = self._long_ids.get(index)
+        return kept if kept is not None else self.tokenise([index])[0]
+
+    def __getitem__(self, index: int | PackedIndex | WindowKey) -> Window:
         if isinstance(index, PackedIndex):
             return self[index.index]._replace(row=index.row)
+        if isinstance(index, WindowKey):
+            ids = self.token_ids(index.index)
+            parts = self.windows_of(len(ids))
+            if not 0 <= index.part < parts:
+                raise IndexError(f"document {index.index} has {parts} windows an epoch; part {index.part} is not one")
+            return make_window(self.tokenizer, "", index.index, self.max_text_length,
+                               (self.seed, self.epoch, *index), self.prepend_bos, (index.part, parts), ids)
         return make_window(self.tokenizer, self.text(index), index, self.max_text_length,
                            (self.seed, self.epoch, index), self.prepend_bos)
 
 
 def make_window(tokenizer: Any, text: str, index: int, max_text_length: int, rng_key: tuple[int, ...],
-                prepend_bos: bool) -> Window:
-    """Tokenise ``text`` (no special tokens) and keep a random window drawn from ``rng_key``."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                prepend_bos: bool, part: tuple[int, int] = (0, 1), ids: Sequence[int] | None = None) -> Window:
+    """Tokenise ``text`` (no special tokens; or take its ``ids``) and keep a random window drawn from
+    ``rng_key``; with ``part=(j, k)`` the window starts in the ``j``-th of ``k`` strata of the starts."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if ids is None else ids
     room = max_text_length - int(prepend_bos)
     start = 0
     if len(ids) > room:
         rng = np.random.default_rng(rng_key)
-        start = int(rng.integers(0, len(ids) - room + 1))
-        ids = ids[start:start + room]
-    if prepend_bos and ids:
+        (j, k), starts = part, len(ids) - room + 1
+        low = j * starts // k
+        start = int(rng.integers(low, max((j + 1) * starts // k, low + 1)))
+        ids = [int(t) for t in ids[start:start + room]]
+    if prepend_bos and len(ids):
         ids = [tokenizer.bos_token_id, *ids]
     return Window(torch.tensor(ids, dtype=torch.long), index, start, bool(prepend_bos and ids))
 
@@ -316,128 +370,11 @@ def pad_collate(items: list[Window], pad_token_id: int, pack: bool = False) -> W
                        segment if pack else None)
 
 
-class LengthGroupedBatchSampler(torch.utils.data.Sampler):
-    """Batches of documents of similar length, for little padding.
-
-    Documents are taken in order (or a seeded permutation), cut into groups of
-    ``batch_size * group_batches``, each group sorted by length (longest first) and split into
-    batches of ``batch_size`` windows (by character length, so nothing is tokenised twice) or, with
-    ``max_batch_tokens``, filled up to that many padded token cells (by exact window length).
-    With ``pack`` and a token budget, each group is packed whole into rows as wide as its longest
-    window (:class:`RowPacker`) and cut into batches of ``max_batch_tokens // width`` rows; each
-    index then comes as a :class:`PackedIndex` naming its row. Lengths are read one group at a
-    time, so a huge dataset is never scanned up front. The batch list is a pure function of
-    (indices, seed, epoch).
-    """
-
-    def __init__(self, dataset: WindowedTextDataset, indices: Sequence[int], batch_size: int,
-                 group_batches: int, shuffle: bool, max_batch_tokens: int | None = None, pack: bool = False) -> None:
-        self.dataset, self.indices = dataset, list(indices)
-        self.batch_size, self.group = batch_size, batch_size * group_batches
-        self.shuffle, self.max_batch_tokens, self.pack = shuffle, max_batch_tokens, pack
-        self._length: int | None = None
-
-    def __len__(self) -> int:
-        if self.max_batch_tokens is not None:  # needs every window length: one counting pass, cached
-            if self._length is None:
-                self._length = sum(1 for _ in self)
-            return self._length
-        return sum(-(-len(self.indices[s:s + self.group]) // self.batch_size)
-                   for s in range(0, len(self.indices), self.group))
-
-    def __iter__(self) -> Iterator[list[Any]]:
-        order = self.indices
-        if self.shuffle:
-            rng = np.random.default_rng((self.dataset.seed, self.dataset.epoch))
-            order = [order[i] for i in rng.permutation(len(order))]
-        for start in range(0, len(order), self.group):
-            group = order[start:start + self.group]
-            if self.max_batch_tokens is None:
-                group = sorted(group, key=lambda i: -len(self.dataset.text(i)))
-                for b in range(0, len(group), self.batch_size):
-                    yield group[b:b + self.batch_size]
-            else:
-                yield from self._token_batches(group)
-
-    def _token_batches(self, group: list[int]) -> Iterator[list[Any]]:
-        lengths = dict(zip(group, self.dataset.window_lengths(group), strict=True))
-        group = sorted(group, key=lambda i: -lengths[i])  # stable: ties keep document order
-        if self.pack:
-            yield from self._packed_batches(group, lengths)
-            return
-        batch: list[int] = []
-        for index in group:
-            width = max(lengths[batch[0]] if batch else lengths[index], 1)  # the first window is the longest
-            if batch and (len(batch) + 1) * width > self.max_batch_tokens:
-                yield batch
-                batch = []
-            batch.append(index)
-        if batch:
-            yield batch
-
-    def _packed_batches(self, group: list[int], lengths: dict[int, int]) -> Iterator[list[PackedIndex]]:
-        """The whole group packed into rows as wide as its longest window, then cut into batches of rows.
-
-        Packing the group at once pairs long windows with short ones across the length order.
-        """
-        assert self.max_batch_tokens is not None
-        packer = RowPacker(max(max((lengths[i] for i in group), default=1), 1))
-        for index in group:
-            packer.add(index, lengths[index])
-        per_batch = max(1, self.max_batch_tokens // packer.width)
-        for start in range(0, len(packer.rows), per_batch):
-            rows = packer.rows[start:start + per_batch]
-            yield [PackedIndex(index, row) for row, items in enumerate(rows) for index in items]
-
-
-class SkipBatches(torch.utils.data.Sampler):
-    """A batch sampler without its first ``start`` batches (resuming skips them before loading)."""
-
-    def __init__(self, batch_sampler: Any, start: int) -> None:
-        self.batch_sampler, self.start = batch_sampler, start
-
-    def __len__(self) -> int:
-        return max(0, len(self.batch_sampler) - self.start)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return itertools.islice(iter(self.batch_sampler), self.start, None)
-
-
-def windowed_dataset(texts: Any, tokenizer: Any, windows: WindowConfig, rank: int = 0,
-                     world_size: int = 1) -> WindowedTextDataset | IterableWindowedTextDataset:
-    """The random windows of ``windows`` over ``texts``: indexable for sized texts, streaming otherwise."""
+def windowed_dataset(texts: Any, tokenizer: Any, windows: WindowConfig, rank: int = 0, world_size: int = 1,
+                     windows_per_document: str = "one") -> WindowedTextDataset | IterableWindowedTextDataset:
+    """The random windows of ``windows`` over ``texts``: indexable for sized texts, streaming otherwise
+    (``windows_per_document="proportional"``: the training sampler's many windows of long documents)."""
     args = (texts, tokenizer, windows.max_text_length, windows.seed, windows.prepend_bos, windows.text_field)
     if hasattr(texts, "__len__") and not isinstance(texts, IterableDataset):
-        return WindowedTextDataset(*args)
+        return WindowedTextDataset(*args, windows_per_document=windows_per_document)
     return IterableWindowedTextDataset(*args, rank, world_size)
-
-
-def make_dataloader(dataset: WindowedTextDataset | IterableWindowedTextDataset,
-                    cfg: LoaderConfig | None = None, indices: Sequence[int] | None = None,
-                    start_batch: int = 0) -> DataLoader:
-    """A DataLoader of :class:`WindowBatch` over ``dataset`` (or only the documents ``indices``).
-
-    The batch list is a pure function of (indices, seed, epoch); ``start_batch`` drops its first
-    batches without tokenising them. A streaming dataset takes neither ``indices`` (it splits by
-    rank itself) nor ``start_batch`` (skip batches while iterating).
-    """
-    cfg = cfg if cfg is not None else LoaderConfig()
-    common = dict(collate_fn=PadCollate(pad_id_of(dataset.tokenizer), cfg.pack_windows), num_workers=cfg.num_dataloader_workers,
-                  pin_memory=cfg.pin_memory, persistent_workers=cfg.persistent_workers, **cfg.extra)
-    if isinstance(dataset, IterableWindowedTextDataset):
-        if indices is not None or start_batch:
-            raise ValueError("a streaming dataset takes no indices / start_batch; skip batches while iterating")
-        return DataLoader(dataset, batch_size=cfg.batch_size, **common)
-    if start_batch < 0:
-        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
-    indices = range(len(dataset)) if indices is None else indices
-    if cfg.group_by_length:
-        batches: Any = LengthGroupedBatchSampler(dataset, indices, cfg.batch_size, cfg.length_group_batches,
-                                                 cfg.shuffle, cfg.batch_tokens, cfg.pack_windows)
-        return DataLoader(dataset, batch_sampler=SkipBatches(batches, start_batch), **common)
-    generator = torch.Generator().manual_seed(dataset.seed * 1_000_003 + dataset.epoch)
-    source = torch.utils.data.Subset(dataset, list(indices))
-    order = (torch.utils.data.RandomSampler(source, generator=generator) if cfg.shuffle
-             else torch.utils.data.SequentialSampler(source))
-    batches = torch.utils.data.BatchSampler(order, cfg.batch_size, drop_last=False)
-    return DataLoader(source, batch_sampler=SkipBatches(batches, start_batch), **common)

@@ -4,10 +4,20 @@ Definitions (all over the *kept rows* of the eval set: ``attention_mask == 1`` a
 by the :class:`~sae_core.activations.TokenPolicy`; x is the activation at the hook, x_hat its
 reconstruction ``reverse(decode(encode(forward(x))))``, always compared in the model's own space):
 
-* ``mse`` = (1/N) sum_rows ||x - x_hat||^2 (summed over d_in, averaged over rows: SAELens' ``mse``).
+* ``mse`` = (1/N) sum_rows ||x - x_hat||^2: the per-token squared error (summed over d_in,
+  averaged over rows: SAELens' ``mse``); ``mse_per_element`` = ``mse / d_in`` (torch's
+  ``MSELoss``, what most training logs print).
 * ``explained_variance`` = 1 - FVU, FVU = sum_rows ||x - x_hat||^2 / sum_rows ||x - mean(x)||^2,
-  mean(x) over all kept rows of the eval set. Accumulated in float64 while streaming, with
-  SAELens' ``ExplainedVarianceCalculator`` fed float64 rows (so no float32 sum is ever formed).
+  mean(x) over all kept rows of the eval set (against the mean: SAELens' convention, and R^2).
+  Accumulated in float64 while streaming, with SAELens' ``ExplainedVarianceCalculator`` fed
+  float64 rows (so no float32 sum is ever formed).
+* ``explained_variance_zero`` = 1 - sum_rows ||x - x_hat||^2 / sum_rows ||x||^2 (against zero,
+  as some tools print it). A residual stream has a large mean, so this one is much higher: an
+  SAE that outputs only the mean scores 0 against the mean but ||mean||^2 / E||x||^2 against zero.
+* ``normalized_mse`` = (1/N) sum_rows ||x - x_hat||^2 / ||x||^2 (per-row normalised, then
+  averaged: OpenAI's ``normalized_mean_squared_error``; rows with x = 0 are left out).
+* ``conventions`` names each of these in ``eval.json`` (:data:`METRIC_CONVENTIONS`), so numbers can
+  be compared across libraries.
 * ``l0`` = mean over rows of #{j : f_j(x) != 0}; ``firing_counts[j]`` = #rows with f_j(x) != 0;
   ``dead_fraction`` = fraction of latents with ``firing_counts == 0`` on this eval set.
 * ``mean_activation_norm`` = mean ||x||_2 (``mean_reconstruction_norm`` likewise for x_hat).
@@ -73,6 +83,14 @@ CURVE_FILENAME = "training_curve.json"
 KL_CHUNK_ROWS = 256
 # Pad, BOS, EOS and other special rows excluded: the rows SAEs are trained on.
 DEFAULT_POLICY = TokenPolicy()
+METRIC_CONVENTIONS = {
+    "explained_variance": "against the mean: 1 - FVU = 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (SAELens, R^2)",
+    "explained_variance_zero": "against zero: 1 - sum ||x - x_hat||^2 / sum ||x||^2",
+    "mse": "per token: mean over rows of ||x - x_hat||^2, summed over d_in (SAELens mse)",
+    "mse_per_element": "mean over rows and d_in of (x - x_hat)^2 = mse / d_in (torch MSELoss)",
+    "normalized_mse": "mean over rows of ||x - x_hat||^2 / ||x||^2 (OpenAI normalized_mean_squared_error)",
+}
+"""What each reconstruction metric of ``eval.json`` means (x: kept rows at the hook, model space)."""
 
 
 class WhitenerLike(Protocol):
@@ -107,6 +125,11 @@ class EvalResult:
     kl_zero_ablated: float
     ce_mean_ablated: float | None = None
     ce_recovered_mean: float | None = None
+    explained_variance_zero: float = math.nan
+    mse_per_element: float = math.nan
+    normalized_mse: float = math.nan
+    conventions: dict[str, str] = field(default_factory=lambda: dict(METRIC_CONVENTIONS), compare=False)
+    """Definitions of the reconstruction metrics (:data:`METRIC_CONVENTIONS`)."""
     whitened: bool = False
     forward_dtype: str = "float32"
     policy: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -151,19 +174,43 @@ class _ReconstructionTotals:
         self.l0_sum = 0
         self.norm_sum = 0.0
         self.recon_norm_sum = 0.0
+        self.row_nmse_sum, self.row_nmse_rows, self.d = 0.0, 0, 0
 
-    def add(self, x: Float[Tensor, "rows d"], x_hat: Float[Tensor, "rows d"], latents: Float[Tensor, "rows d_sae"]) -> None:
+    def add(self, x: Float[Tensor, "rows d"], x_hat: Float[Tensor, "rows d"],
+            latents: Float[Tensor, "rows d_sae"] | None = None) -> None:
         x64, x_hat64 = x.double(), x_hat.double()  # float64 before squaring or summing
         self.variance.add_batch(sae_output=x_hat64, hidden_acts=x64)
-        fired = latents != 0  # != 0 so signed (e.g. AbsTopK) activations count too
-        self.firing_counts += fired.sum(dim=0).cpu()
-        self.l0_sum += int(fired.sum())
+        if latents is not None:
+            fired = latents != 0  # != 0 so signed (e.g. AbsTopK) activations count too
+            self.firing_counts += fired.sum(dim=0).cpu()
+            self.l0_sum += int(fired.sum())
         self.norm_sum += float(x64.norm(dim=-1).sum())
         self.recon_norm_sum += float(x_hat64.norm(dim=-1).sum())
+        squared, residual = x64.pow(2).sum(-1), (x64 - x_hat64).pow(2).sum(-1)  # (rows,)
+        nonzero = squared > 0
+        self.row_nmse_sum += float((residual[nonzero] / squared[nonzero]).sum())
+        self.row_nmse_rows += int(nonzero.sum())
+        self.d = int(x.shape[-1])
 
     @property
     def n_rows(self) -> int:
         return self.variance.num_samples
+
+    def metrics(self) -> dict[str, float]:
+        """The reconstruction metrics of :data:`METRIC_CONVENTIONS` over the rows added so far."""
+        v, n = self.variance, max(self.n_rows, 1)
+        return {"explained_variance": v.compute(), "mse": v.sum_squared_residual / n,
+                "explained_variance_zero": 1 - v.sum_squared_residual / v.sum_squared_norm if v.sum_squared_norm else math.nan,
+                "mse_per_element": v.sum_squared_residual / (n * max(self.d, 1)),
+                "normalized_mse": self.row_nmse_sum / self.row_nmse_rows if self.row_nmse_rows else math.nan}
+
+
+def reconstruction_metrics(pairs: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
+    """:data:`METRIC_CONVENTIONS` metrics of ``(x, x_hat)`` row batches, streamed as :func:`evaluate_sae` does."""
+    totals = _ReconstructionTotals(0)
+    for x, x_hat in pairs:
+        totals.add(x, x_hat)
+    return totals.metrics()
 
 
 def _check_activation(act: Tensor, sae: Any, hook: str) -> None:
@@ -296,8 +343,7 @@ def _summarise(hook: str, n_batches: int, totals: _ReconstructionTotals, sums: d
     counts = totals.firing_counts.numpy()
     result = EvalResult(
         hook=hook, n_batches=n_batches, n_rows=n_rows, n_predictions=n_pred,
-        mse=totals.variance.sum_squared_residual / n_rows,
-        explained_variance=totals.variance.compute(),
+        **totals.metrics(),
         l0=totals.l0_sum / n_rows, dead_fraction=float((counts == 0).mean()),
         mean_activation_norm=totals.norm_sum / n_rows, mean_reconstruction_norm=totals.recon_norm_sum / n_rows,
         ce_clean=ce["ce_clean"], ce_spliced=ce["ce_spliced"], ce_zero_ablated=ce["ce_zero_ablated"],

@@ -222,8 +222,8 @@ def _load_random(constants: ModuleType) -> HookedTransformer:
     from transformers import AutoTokenizer
 
     tl, _, _ = _split_load_config(dict(constants.MODEL_LOAD_CONFIG))
-    tokenizer_folder = _tokenizer_folder(constants.TOKENIZER)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    folder = tokenizer_folder(constants.TOKENIZER)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     cfg = HookedTransformerConfig(**{**constants.RANDOM_CONFIG, **tl, "d_vocab": len(tokenizer)})
     torch.manual_seed(cfg.seed if cfg.seed is not None else 0)
     model = HookedTransformer(cfg, tokenizer=tokenizer)
@@ -235,7 +235,7 @@ SHIPPED_TOKENIZERS = Path(__file__).parent / "models" / "tokenizers"
 """Tokenizers in the repository (``tokenizer.json`` gzipped), so random models need no download."""
 
 
-def _tokenizer_folder(name: str) -> Path:
+def tokenizer_folder(name: str) -> Path:
     """A tokenizer for random models: a shipped one (``"smollm2"``, the offline default's) or a local folder.
 
     A shipped tokenizer is unpacked once into the user cache (atomically) and read from there.

@@ -177,8 +177,9 @@ def analyse(model: Any, manager: Any, texts: list[str], run: RunConfig, out: Pat
     """CSR latents over held-out documents, density, top examples, decoder similarity, co-occurrence
     and decoder nearest neighbours (``ANALYSIS`` knobs); every file already on disk is reused."""
     from sae_core.activations import iter_activation_batches
-    from sae_core.data import make_dataloader, windowed_dataset
+    from sae_core.data import windowed_dataset
     from sae_core.latents import LatentCSR, encode_to_csr, latent_density, top_activating_examples
+    from sae_core.loader import make_dataloader
     from sae_core.similarity import (
         compute_feature_cooccurrence,
         compute_feature_similarity,

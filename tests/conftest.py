@@ -47,6 +47,6 @@ def smollm2_hf():
 @pytest.fixture(scope="session")
 def corpus_texts():
     """A small, fixed slice of the real default corpus (FreeBSD fortunes)."""
-    from sae_core.texts import fortunes_corpus
+    from sae_core.corpora import fortunes_corpus
 
     return fortunes_corpus()[:300]

@@ -15,7 +15,8 @@ from sae_core.activations import (
     select_positions,
 )
 from sae_core.config import KEEP_ALL_BUT_PAD, LoaderConfig, TokenPolicy
-from sae_core.data import WindowedTextDataset, make_dataloader, pad_collate, pad_id_of
+from sae_core.data import WindowedTextDataset, pad_collate, pad_id_of
+from sae_core.loader import make_dataloader
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.0.attn.hook_z", "blocks.1.hook_resid_post"]
 TEXTS = ["The cat sat on the mat and looked at the dog.", "Hi", "Sparse features are monosemantic, sometimes.",

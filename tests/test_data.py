@@ -15,15 +15,16 @@ import pytest
 import torch
 
 from sae_core.config import LoaderConfig, TextSourceConfig
+from sae_core.corpora import fortunes_corpus
 from sae_core.data import (
     IterableWindowedTextDataset,
     Window,
     WindowedTextDataset,
-    make_dataloader,
     pad_collate,
     pad_id_of,
 )
-from sae_core.texts import fortunes_corpus, limit_texts, load_texts, random_sample
+from sae_core.loader import make_dataloader
+from sae_core.texts import limit_texts, load_texts, random_sample
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. " * 6,

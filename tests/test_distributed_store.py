@@ -22,7 +22,7 @@ RANK_SCRIPT = textwrap.dedent("""
 
     import torch.distributed as dist
 
-    from sae_core.texts import fortunes_corpus
+    from sae_core.corpora import fortunes_corpus
     from sae_core.model_loading import load_model
     from sae_core.store import save
 

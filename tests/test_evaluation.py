@@ -12,17 +12,20 @@ from sae_lens import StandardSAE, StandardSAEConfig, TopKTrainingSAE, TopKTraini
 from scipy.special import log_softmax
 
 from sae_core.config import KEEP_ALL_BUT_PAD, LoaderConfig, TokenPolicy
-from sae_core.data import Window, WindowedTextDataset, make_dataloader, pad_collate
+from sae_core.data import Window, WindowedTextDataset, pad_collate
 from sae_core.evaluation import (
     CURVE_FILENAME,
     EVAL_FILENAME,
+    METRIC_CONVENTIONS,
     append_curve,
     evaluate_sae,
     read_eval,
     reconstruct,
+    reconstruction_metrics,
     write_curve,
     write_eval,
 )
+from sae_core.loader import make_dataloader
 
 HOOK = "blocks.0.hook_resid_post"
 D = 32
@@ -148,6 +151,9 @@ def dense_reference(model, batches, recon, keep_fn, ablation_mean=None) -> dict:
     ref = {
         "n_rows": len(x), "mse": ((x - x_hat) ** 2).sum(1).mean(),
         "explained_variance": 1 - ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum(),
+        "explained_variance_zero": 1 - ((x - x_hat) ** 2).sum() / (x**2).sum(),
+        "mse_per_element": ((x - x_hat) ** 2).mean(),
+        "normalized_mse": (((x - x_hat) ** 2).sum(1) / (x**2).sum(1)).mean(),
         "l0": (lat != 0).sum(1).mean(), "firing_counts": (lat != 0).sum(0),
         "mean_activation_norm": np.linalg.norm(x, axis=1).mean(),
         "mean_reconstruction_norm": np.linalg.norm(x_hat, axis=1).mean(),
@@ -303,6 +309,38 @@ def test_write_eval_round_trip(tiny_model, batches, tmp_path):
     assert back == result
     np.testing.assert_array_equal(back.firing_counts, result.firing_counts)
     assert [p.name for p in tmp_path.iterdir()] == [EVAL_FILENAME]  # no temporary file left
+
+
+def test_metric_conventions_on_rows_with_a_large_mean():
+    """Rows with a large shared mean, as a residual stream has: the conventions then disagree."""
+    rng = np.random.default_rng(0)
+    x = 10.0 + rng.standard_normal((300, 16))  # mean norm 40, per-row spread ~4
+    candidates = {"the mean": np.broadcast_to(x.mean(0), x.shape), "noisy": x + 0.5 * rng.standard_normal(x.shape),
+                  "half": 0.5 * x}
+    for name, x_hat in candidates.items():
+        chunks = [(torch.tensor(x[i:i + 64]), torch.tensor(x_hat[i:i + 64], dtype=torch.float32)) for i in range(0, 300, 64)]
+        got = reconstruction_metrics(chunks)
+        x_hat = np.concatenate([c[1].double().numpy() for c in chunks])  # the float32 rows it saw
+        residual = ((x - x_hat) ** 2).sum(1)
+        ref = {"explained_variance": 1 - residual.sum() / ((x - x.mean(0)) ** 2).sum(),
+               "explained_variance_zero": 1 - residual.sum() / (x**2).sum(),
+               "mse": residual.mean(), "mse_per_element": residual.mean() / 16,
+               "normalized_mse": (residual / (x**2).sum(1)).mean()}
+        assert set(got) == set(ref) == set(METRIC_CONVENTIONS)
+        for key, value in ref.items():
+            assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (name, key)
+    mean_only = reconstruction_metrics([(torch.tensor(x), torch.tensor(np.broadcast_to(x.mean(0), x.shape).copy()))])
+    assert mean_only["explained_variance"] == pytest.approx(0, abs=1e-9)
+    assert mean_only["explained_variance_zero"] > 0.95  # against zero, the mean alone looks excellent
+
+
+def test_eval_json_names_its_conventions(tiny_model, batches, tmp_path):
+    result = evaluate_sae(tiny_model, standard_sae(), HOOK, batches[:2])
+    on_disk = json.loads(write_eval(tmp_path, result).read_text())
+    assert on_disk["conventions"] == METRIC_CONVENTIONS and "against the mean" in on_disk["conventions"]["explained_variance"]
+    assert on_disk["mse_per_element"] == pytest.approx(on_disk["mse"] / D, rel=1e-12)
+    assert on_disk["explained_variance_zero"] > on_disk["explained_variance"]
+    assert read_eval(tmp_path).normalized_mse == result.normalized_mse
 
 
 def test_training_curve(tmp_path):

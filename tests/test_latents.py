@@ -196,7 +196,8 @@ def test_encode_to_csr_with_saelens_topk_sae(tmp_path, tiny_model):
 
     from sae_core.activations import iter_activation_batches
     from sae_core.config import LoaderConfig
-    from sae_core.data import WindowedTextDataset, make_dataloader
+    from sae_core.data import WindowedTextDataset
+    from sae_core.loader import make_dataloader
 
     torch.manual_seed(0)
     sae = TopKSAE(TopKSAEConfig(d_in=32, d_sae=64, k=4))

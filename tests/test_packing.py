@@ -9,13 +9,8 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from sae_core.activations import batch_activations, run_to_hooks
 from sae_core.config import KEEP_ALL_BUT_PAD, LoaderConfig, TokenPolicy
-from sae_core.data import (
-    RowPacker,
-    WindowedTextDataset,
-    make_dataloader,
-    pad_collate,
-    pad_id_of,
-)
+from sae_core.data import RowPacker, WindowedTextDataset, pad_collate, pad_id_of
+from sae_core.loader import make_dataloader
 from sae_core.store import ActivationRun, save
 
 TEXTS = ["The cat sat on the mat and looked at the dog for a long while.", "Hi", "Sparse features.",

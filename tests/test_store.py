@@ -16,7 +16,8 @@ import torch
 
 from sae_core import files as store_files
 from sae_core.config import LoaderConfig, StoreConfig, TextSourceConfig, TokenPolicy
-from sae_core.data import WindowedTextDataset, make_dataloader
+from sae_core.data import WindowedTextDataset
+from sae_core.loader import make_dataloader
 from sae_core.store import (
     ActivationRun,
     ShardedRows,
@@ -288,7 +289,7 @@ CHILD = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
     from sae_core import store
-    from sae_core.texts import fortunes_corpus
+    from sae_core.corpora import fortunes_corpus
     from sae_core.store import shards
     from sae_core.model_loading import load_model
 

@@ -16,7 +16,8 @@ from sae_lens.saes.sae import TrainStepInput
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
 from sae_core.config import TrainingConfig, build_flat
-from sae_core.data import WindowedTextDataset, make_dataloader
+from sae_core.data import WindowedTextDataset
+from sae_core.loader import make_dataloader
 from sae_core.sae_folders import write_sae_folder
 from sae_core.training import (
     build_training_sae,
@@ -332,7 +333,7 @@ def _explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 @pytest.mark.slow
 def test_smollm2_sae_beats_baselines(smollm2, tmp_path):
-    from sae_core.texts import fortunes_corpus
+    from sae_core.corpora import fortunes_corpus
 
     hook, k = "blocks.10.hook_resid_post", 32
     texts = fortunes_corpus()[:3000]

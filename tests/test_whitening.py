@@ -454,8 +454,9 @@ def test_statistics_of_two_halves_agree_within_sampling_error(smollm2):
     """
     from sae_core.activations import iter_activation_batches
     from sae_core.config import LoaderConfig, TokenPolicy
-    from sae_core.data import WindowedTextDataset, make_dataloader
-    from sae_core.texts import fortunes_corpus
+    from sae_core.corpora import fortunes_corpus
+    from sae_core.data import WindowedTextDataset
+    from sae_core.loader import make_dataloader
 
     hook = "blocks.10.hook_resid_post"
     dataset = WindowedTextDataset(fortunes_corpus()[:1000], smollm2.tokenizer, 128, seed=0, prepend_bos=True)

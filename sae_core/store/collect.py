@@ -37,13 +37,7 @@ from transformer_lens import HookedTransformer
 
 from sae_core.activations import ActivationBatch, batch_activations, select_positions
 from sae_core.config import StoreConfig, TextSourceConfig, to_json, with_overrides
-from sae_core.data import (
-    WindowBatch,
-    WindowedTextDataset,
-    make_dataloader,
-    pad_id_of,
-    windowed_dataset,
-)
+from sae_core.data import WindowBatch, WindowedTextDataset, pad_id_of, windowed_dataset
 from sae_core.files import (
     atomic_write_json,
     cache_dir,
@@ -51,6 +45,7 @@ from sae_core.files import (
     read_json,
 )
 from sae_core.hooks import resolve_hook
+from sae_core.loader import make_dataloader
 from sae_core.model_loading import model_summary, resolve_dtype
 from sae_core.store.shards import ACTIVATIONS_DIR, META_FILENAME, ShardWriter
 from sae_core.texts import corpus_digest, limit_texts, load_texts

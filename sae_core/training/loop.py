@@ -53,9 +53,10 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from sae_core.config import TrainingConfig, to_json
-from sae_core.data import WindowedTextDataset, make_dataloader, windowed_dataset
+from sae_core.data import WindowedTextDataset, windowed_dataset
 from sae_core.evaluation import EvalResult, append_curve, evaluate_sae, write_curve, write_eval
 from sae_core.files import atomic_write_json
+from sae_core.loader import make_dataloader
 from sae_core.sae_folders import load_sae_folder, write_sae_folder, write_split
 from sae_core.texts import DocumentSplit
 from sae_core.training.sources import (
@@ -267,7 +268,7 @@ def train_from_model(model: HookedTransformer, texts: Any, cfg: TrainingConfig, 
     training document.
     """
     split = DocumentSplit.of(texts, cfg.evaluation.held_out_documents, cfg.seed, cfg.windows.text_field)
-    dataset = windowed_dataset(texts, model.tokenizer, cfg.windows)
+    dataset = windowed_dataset(texts, model.tokenizer, cfg.windows, windows_per_document=cfg.windows_per_document)
     source = model_source(model, dataset, cfg, split.train)
     widths = hook_widths(model, cfg.hook_points)
     whitener = None

@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -45,7 +45,8 @@ from transformer_lens import HookedTransformer
 
 from sae_core.activations import batch_activations, run_to_hooks
 from sae_core.config import LoaderConfig, TokenPolicy
-from sae_core.data import PadCollate, SkipBatches, WindowedTextDataset, pad_id_of
+from sae_core.data import PadCollate, WindowedTextDataset, WindowKey, pad_id_of
+from sae_core.loader import SkipBatches
 
 logger = logging.getLogger(__name__)
 
@@ -82,33 +83,43 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
     count and batches a fixed number of windows; on the default corpus (short documents) that
     spent 23% of the forward pass on padding (2% here) and ran many forward passes of a few hundred tokens,
     which use the CPU's matmuls poorly. Cost: each document is tokenised twice (~2 s per 14k).
+    With the dataset's ``windows_per_document="proportional"`` the items are each document's
+    windows (:class:`~sae_core.data.WindowKey`), permuted, grouped and batched the same way.
     """
 
     def __init__(self, dataset: WindowedTextDataset, documents: Sequence[int], batch_tokens: int,
                  group_documents: int) -> None:
         self.dataset, self.documents = dataset, list(documents)
         self.batch_tokens, self.group = batch_tokens, group_documents
-        self.lengths = dict(zip(self.documents, self._window_lengths(self.documents), strict=True))
+        lengths, windows = self._window_lengths(self.documents)
+        self.lengths = dict(zip(self.documents, lengths, strict=True))
+        # what an epoch draws: each document once, or (proportional) each of its windows
+        self.items: list[Any] = (self.documents if dataset.windows_per_document == "one" else
+                                 [WindowKey(d, j) for d, n in zip(self.documents, windows, strict=True) for j in range(n)])
 
-    def _window_lengths(self, documents: list[int]) -> list[int]:
-        ds, lengths = self.dataset, []
+    def _window_lengths(self, documents: list[int]) -> tuple[list[int], list[int]]:
+        """(window length, windows an epoch) of each document."""
+        ds, lengths, windows = self.dataset, [], []
         room = ds.max_text_length - int(ds.prepend_bos)
         for start in range(0, len(documents), 1024):
-            texts = [ds.text(i) for i in documents[start:start + 1024]]
-            ids = ds.tokenizer(texts, add_special_tokens=False)["input_ids"]
+            ids = ds.tokenise(documents[start:start + 1024])
             lengths += [min(len(t), room) + int(ds.prepend_bos and len(t) > 0) for t in ids]
-        return lengths
+            windows += [ds.windows_of(len(t)) for t in ids]
+        return lengths, windows
 
-    def batches(self, epoch: int) -> list[list[int]]:
-        """The batches (lists of document indices) of epoch ``epoch``."""
+    def _length(self, item: int | WindowKey) -> int:
+        return self.lengths[item.index if isinstance(item, WindowKey) else item]
+
+    def batches(self, epoch: int) -> list[list[Any]]:
+        """The batches (lists of document indices or :class:`~sae_core.data.WindowKey`) of epoch ``epoch``."""
         rng = np.random.default_rng((self.dataset.seed, epoch))
-        order = [self.documents[i] for i in rng.permutation(len(self.documents))]
-        out: list[list[int]] = []
+        order = [self.items[i] for i in rng.permutation(len(self.items))]
+        out: list[list[Any]] = []
         for start in range(0, len(order), self.group):
-            ranked = sorted(order[start:start + self.group], key=lambda d: (-self.lengths[d], d))
-            group: list[list[int]] = []
+            ranked = sorted(order[start:start + self.group], key=lambda d: (-self._length(d), d))
+            group: list[list[Any]] = []
             while ranked:
-                count = max(1, self.batch_tokens // max(self.lengths[ranked[0]], 1))
+                count = max(1, self.batch_tokens // max(self._length(ranked[0]), 1))
                 group.append(ranked[:count])
                 ranked = ranked[count:]
             out += [group[i] for i in rng.permutation(len(group))]

@@ -35,8 +35,9 @@ from sae_core.config import (
     WhiteningConfig,
     WindowConfig,
 )
-from sae_core.data import WindowBatch, make_dataloader, pad_id_of, windowed_dataset
+from sae_core.data import WindowBatch, pad_id_of, windowed_dataset
 from sae_core.files import file_sha256, read_json
+from sae_core.loader import make_dataloader
 from sae_core.model_loading import resolve_dtype
 from sae_core.store import ShardBuffer, ShardWriter
 from sae_core.texts import limit_texts

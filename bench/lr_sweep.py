@@ -2,12 +2,13 @@
 
     python -m bench.lr_sweep [--tokens 300000] [--lrs 5e-4,1e-3,2e-3,4e-3,8e-3]
 
-The default run's activations (``smollm2_135m_instruct``: blocks.10, bf16 forward, windows of 128,
-BOS prepended and dropped) are stored once for the training documents and for the held-out ones
-(the run's own split). Every learning rate then trains the default SAE (TopK k=32, d_sae 4608,
-AuxK, mean decoder-bias start, the default schedule) on the same stored rows in the same order
-(``train_from_activations``: the same shuffle, seed and budget as ``train_from_model``, minus the
-forward), and is scored on the held-out rows: explained variance (1 - FVU, against the mean), L0
+The default run's training stream (``smollm2_135m_instruct``: the mixed corpus, blocks.10, bf16
+forward, windows of 128 drawn in proportion to document length, BOS prepended and dropped) is run
+through the model once, exactly as ``train_from_model`` draws it, and kept in memory, as are one
+epoch of the run's held-out documents. Every learning rate then trains the default SAE (TopK k=32,
+d_sae 4608, AuxK, mean decoder-bias start, the default schedule) on the same rows in the same order
+(``train_from_activations``: the same shuffle, seed and budget, minus the forward), and is scored
+on the held-out rows: explained variance (1 - FVU, against the mean), L0
 and the dead fraction of the run. CE-loss recovered needs the model's forward and is left to the
 demo, which runs the chosen rate end to end. Writes ``bench/results/lr_sweep.json``.
 """
@@ -41,6 +42,18 @@ def held_out_scores(sae, rows: torch.Tensor) -> dict[str, float]:
             "never_fired_on_held_out": float(1 - fired.float().mean())}
 
 
+def _rows(source, hook: str, budget: int | None) -> torch.Tensor:
+    """Rows of ``source``'s stream: the first ``budget`` of them, or (None) one epoch's."""
+    epoch_batches = len(source.sampler.batches(0))
+    rows, total = [], 0
+    for chunk, position in source.chunks(0):
+        rows.append(chunk[hook].float())
+        total += len(rows[-1])
+        if (budget is not None and total >= budget) or (budget is None and position >= epoch_batches):
+            break
+    return torch.cat(rows)[:budget] if budget is not None else torch.cat(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=None, help="training budget (default: the run's)")
@@ -50,45 +63,42 @@ def main() -> None:
 
     from sae_core import pipeline
     from sae_core.config import to_json
+    from sae_core.data import windowed_dataset
     from sae_core.models import load_run_config
-    from sae_core.store import ActivationRun, save
     from sae_core.texts import DocumentSplit
-    from sae_core.training import train_from_activations
+    from sae_core.training import model_source, train_from_activations
 
     run = load_run_config("smollm2_135m_instruct")
-    budget = args.tokens or run.training.total_training_tokens
+    cfg, hook = run.training, run.hook_points[0]
+    budget = args.tokens or cfg.total_training_tokens
     model, texts = pipeline.load_model_of(run), pipeline.load_texts_of(run)
     split = DocumentSplit.of(texts, run.evaluation.held_out_documents, run.windows.seed)
-    train_docs, eval_docs = split.train, split.held_out
-    hook = run.hook_points[0]
-    results, began = [], time.perf_counter()
+    began = time.perf_counter()
+    # the training stream exactly as train_from_model draws it (windows, order, token policy, dtype)
+    stream = windowed_dataset(texts, model.tokenizer, cfg.windows, windows_per_document=cfg.windows_per_document)
+    train = _rows(model_source(model, stream, cfg, split.train), hook, budget)
+    held_out = _rows(model_source(model, windowed_dataset(texts, model.tokenizer, cfg.windows), cfg, split.held_out),
+                     hook, None)
+    extraction_seconds = time.perf_counter() - began
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        store = Path(tmp)
-        stored = {}
-        for name, docs in (("train", train_docs), ("held_out", eval_docs)):
-            run_id = save(model, [hook], [texts[i] for i in docs], store, run_id=name, config=run.store,
-                          sample_limit=None)
-            stored[name] = ActivationRun.open(store, run_id)
-        held_out = stored["held_out"].activations(hook)[:].float()
-        extraction_seconds = time.perf_counter() - began
         for lr in (float(v) for v in args.lrs.split(",")):
-            cfg = load_run_config("smollm2_135m_instruct", [f"optimizer.lr={lr}", f"training.total_training_tokens={budget}",
-                                                            "training.checkpoint_every_tokens=None"]).training
+            lr_cfg = load_run_config("smollm2_135m_instruct", [f"optimizer.lr={lr}", f"training.total_training_tokens={budget}",
+                                                               "training.checkpoint_every_tokens=None"]).training
             started = time.perf_counter()
-            trained = train_from_activations(lambda: (s.acts for s in stored["train"].iter_shards()), cfg,
-                                             store / f"lr{lr}", resume=False)
-            sae = trained.saes[hook].sae
-            curve = trained.saes[hook].curve
+            trained = train_from_activations(lambda: torch.split(train, cfg.loader.training_batch_tokens), lr_cfg,
+                                             Path(tmp) / f"lr{lr}", resume=False)
             record = {"lr": lr, "seconds": round(time.perf_counter() - started, 1),
-                      "train_dead_fraction": curve[-1]["dead_fraction"], **held_out_scores(sae, held_out)}
+                      "train_dead_fraction": trained.saes[hook].curve[-1]["dead_fraction"],
+                      **held_out_scores(trained.saes[hook].sae, held_out)}
             results.append(record)
             print(record, flush=True)
     best = max(results, key=lambda r: r["explained_variance"])
     write_result("lr_sweep", {
-        "model": run.model_name, "hook": hook, "tokens": budget, "stored_train_rows": len(stored["train"]),
-        "held_out_rows": int(held_out.shape[0]), "held_out_documents": len(eval_docs),
-        "extraction_seconds": round(extraction_seconds, 1), "sae": to_json(run.sae),
-        "optimizer_other_than_lr": to_json(run.optimizer), "results": results,
+        "model": run.model_name, "hook": hook, "corpus": run.dataset.source, "tokens": budget,
+        "train_rows": int(train.shape[0]), "held_out_rows": int(held_out.shape[0]),
+        "held_out_documents": len(split.held_out), "extraction_seconds": round(extraction_seconds, 1),
+        "sae": to_json(run.sae), "optimizer_other_than_lr": to_json(run.optimizer), "results": results,
         "best_lr": best["lr"], "chosen_default_lr": run.optimizer.lr})
     print(f"best lr {best['lr']} (explained variance {best['explained_variance']:.3f})")
 

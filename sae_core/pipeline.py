@@ -60,10 +60,21 @@ def run_from_argv(argv: Sequence[str]) -> RunConfig:
     return load_run_config(name, args)
 
 
+def corpus_record(run: RunConfig) -> dict[str, Any] | None:
+    """Package, version, licence and file-list sha256 of the run's corpus (None: a source of the user's)."""
+    from sae_core import corpora
+
+    source = run.dataset.source
+    if source not in (*corpora.CORPUS_NAMES, "mixed"):
+        return None
+    return corpora.corpus_provenance(source, run.dataset.weights, run.dataset.seed)
+
+
 def write_run_config(run: RunConfig, folder: Path) -> Path:
-    """``folder / run_config.json``: the effective configuration that made the folder's contents."""
+    """``folder / run_config.json``: the effective configuration that made the folder's contents, and
+    the provenance of its corpus."""
     folder.mkdir(parents=True, exist_ok=True)
-    return atomic_write_json(folder / RUN_CONFIG_FILENAME, run.to_json())
+    return atomic_write_json(folder / RUN_CONFIG_FILENAME, {**run.to_json(), "corpus": corpus_record(run)})
 
 
 def output_dir(name: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> Path:
@@ -345,7 +356,7 @@ def write_index(out: Path, title: str) -> Path:
     return pages.index_html(entries, out / "index.html", title=title)
 
 
-__all__ = ["DEFAULT_RUN_ID", "DOCUMENTS_FILENAME", "RUN_CONFIG_FILENAME", "analysis_documents", "LatentAnalysis", "SAEReport", "analyse", "collect_activations",
+__all__ = ["DEFAULT_RUN_ID", "DOCUMENTS_FILENAME", "RUN_CONFIG_FILENAME", "analysis_documents", "corpus_record", "LatentAnalysis", "SAEReport", "analyse", "collect_activations",
            "fit_whitening", "load_model_of", "load_saes", "load_texts_of", "mean_activation_norm", "output_dir",
            "run_from_argv", "steering_example", "steering_feature", "top_tokens", "train_saes", "write_figures",
            "write_index", "write_run_config"]

@@ -17,6 +17,8 @@ TEXTS = ["The cat sat on the mat and looked at the dog for a long while.", "Hi",
          "Short", "The quick brown fox jumps over the lazy dog, twice and then once more."]
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
 
+pytestmark = pytest.mark.slow  # torch.compile from a cold cache
+
 
 def _batches(model, texts=TEXTS, max_len=16):
     dataset = WindowedTextDataset(texts, model.tokenizer, max_len, prepend_bos=True)

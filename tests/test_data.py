@@ -118,6 +118,7 @@ def test_limit_texts_on_hf_datasets():
     assert [row["text"] for row in limit_texts(stream, 6)] == texts[:6]
 
 
+@pytest.mark.slow  # a subprocess (cold interpreter + imports)
 def test_hf_dataset_by_name_fails_fast_offline(tmp_path):
     code = ("from sae_core.config import TextSourceConfig\nfrom sae_core.texts import load_texts\n"
             "load_texts(TextSourceConfig(source='hf', name='nobody/no-such-dataset', streaming=True))\n")

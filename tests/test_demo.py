@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses (cold interpreters + imports)
 
 ROOT = Path(__file__).parents[1]
 

@@ -13,6 +13,8 @@ import torch
 
 from sae_core.store import ActivationRun, save
 
+pytestmark = pytest.mark.slow  # subprocesses (cold interpreters + imports)
+
 HOOK = "blocks.0.hook_resid_post"
 SETTINGS = dict(batch_size=4, shard_size=64, max_text_length=24)
 

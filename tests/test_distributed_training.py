@@ -21,7 +21,7 @@ from sae_core.config import TrainingConfig, build_flat
 from sae_core.training import train_saes
 from sae_core.training.sources import TensorChunkSource
 
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.slow]  # subprocesses (cold interpreters + imports)
 
 HOOK = "blocks.0.hook_resid_post"
 BATCH = 128

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+pytestmark = pytest.mark.slow  # subprocesses (cold interpreters + imports)
+
 ROOT = Path(__file__).parents[1]
 SCRIPTS = ["extract_activations", "compute_whitening", "train_sae", "analyse", "steer"]
 

@@ -314,6 +314,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a subprocess (cold interpreter + imports)
 def test_kill_9_in_the_middle_of_a_shard_write_then_resume(tiny_model, texts, tmp_path):
     reference = ActivationRun.open(tmp_path, save(tiny_model, HOOK, texts, tmp_path, run_id="full", **SMALL))
     signal_file = tmp_path / "signal"
@@ -500,6 +501,7 @@ def test_token_budget_batches_hold_the_same_rows_and_resume(tiny_model, texts, c
         assert resumed.meta[key] == full.meta[key], key
 
 
+@pytest.mark.slow  # a subprocess (cold interpreter + imports)
 def test_a_run_written_by_another_process_is_refused(tmp_path):
     code = ("import sys, time\n"
             "from sae_core.store import ShardWriter\n"

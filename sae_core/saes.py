@@ -56,6 +56,7 @@ from sae_core.config import TokenPolicy
 from sae_core.files import publish_dir
 from sae_core.hooks import validate_hook
 from sae_core.model_loading import resolve_dtype
+from sae_core.models import load_run_config
 from sae_core.sae_folders import decode, encode, load_sae_folder
 from sae_core.whitening import Whitener
 
@@ -182,6 +183,28 @@ class SAEManager:
                 "copy the folder here and load it with SAEManager.load_from_disk(folder, hook=...)"
             ) from err
         return self.add(self._hook_for(sae, hook, f"{release}/{sae_id}"), sae, None, f"{release}/{sae_id}")
+
+    def load_saes_for_model(self, model_name: str, layers: Sequence[int], *,
+                            device: str | torch.device | None = None) -> list[LoadedSAE]:
+        """One SAE per layer from the constant file's ``SAE_RELEASE`` and ``SAE_ID_TEMPLATE`` (the
+        design document's name for this). The release is a SAELens pretrained release (needs the hub
+        or its cache; offline: :class:`HubUnavailableError`) or a local folder holding one SAELens
+        folder per SAE id. Each SAE sits at the hook its config records."""
+        run = load_run_config(model_name)
+        if run.sae_release is None or run.sae_id_template is None:
+            raise ValueError(f"the constant file {model_name!r} names no pretrained SAEs; set SAE_RELEASE and "
+                             "SAE_ID_TEMPLATE (e.g. 'layer_{layer}/width_16k/canonical') there, or load SAEs "
+                             "with load_from_disk / load_pretrained")
+        n_layers = self.model.cfg.n_layers if self.model is not None else None
+        loaded = []
+        for layer in layers:
+            if n_layers is not None and not -n_layers <= layer < n_layers:
+                raise IndexError(f"layer {layer} is out of range for a model with {n_layers} layers")
+            sae_id = run.sae_id_template.format(layer=layer % n_layers if n_layers else layer)
+            local = Path(run.sae_release)
+            loaded.append(self.load_from_disk(local / sae_id, device=device) if local.is_dir()
+                          else self.load_pretrained(run.sae_release, sae_id, device=device))
+        return loaded
 
     def _hook_for(self, sae: SAE, hook: str | None, source: str) -> str:
         hook = hook or sae.cfg.metadata.hook_name

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -207,3 +209,37 @@ def test_analyze_features_top_latents(tiny_model, whitener):
     positions = np.flatnonzero(keep)[latents[keep][:, top.indices.numpy()].argmax(axis=0)]
     np.testing.assert_array_equal(top.positions.numpy(), positions)
     assert result.tokens[0] == tiny_model.tokenizer.bos_token and len(result.tokens) == tokens.shape[1]
+
+
+def test_load_saes_for_model_reads_release_and_id_template_from_the_constant_file(tiny_model, tmp_path):
+    """A local SAELens-format release: one folder per SAE id, the id from the file's per-layer template."""
+    from sae_core.models import load_model_constants
+    from sae_core.sae_folders import write_sae_folder
+
+    release = tmp_path / "release"
+    written = {}
+    for layer in (0, 1):
+        sae = make_sae("topk", seed=layer)
+        sae.cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_post"
+        write_sae_folder(sae, release / f"layer_{layer}" / "width_64")
+        written[layer] = sae.W_dec.detach().clone()
+    source = Path(load_model_constants("tiny_random").__file__).read_text()
+    constants = tmp_path / "with_release.py"
+    constants.write_text(source + f"\nSAE_RELEASE = {str(release)!r}\nSAE_ID_TEMPLATE = 'layer_{{layer}}/width_64'\n")
+    manager = SAEManager(tiny_model)
+    loaded = manager.load_saes_for_model(str(constants), [0, -1])
+    assert [entry.hook for entry in loaded] == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    for layer, entry in zip((0, 1), loaded, strict=True):
+        torch.testing.assert_close(entry.sae.W_dec, written[layer], rtol=0, atol=0)  # reloaded from disk
+    with pytest.raises(IndexError, match="out of range"):
+        manager.load_saes_for_model(str(constants), [2])
+    with pytest.raises(ValueError, match="names no pretrained SAEs"):
+        manager.load_saes_for_model("tiny_random", [0])
+
+
+def test_load_saes_for_model_offline_raises_the_hub_error(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubUnavailableError, match="layer_12/width_16k/canonical"):
+        SAEManager().load_saes_for_model("gemma_2_2b", [12])

@@ -141,6 +141,10 @@ class RunConfig:
     evaluation: EvaluationConfig
     analysis: AnalysisConfig
     steering: SteeringConfig
+    sae_release: str | None = None
+    """``SAE_RELEASE``: a SAELens pretrained release, or a local folder holding one SAE folder per id."""
+    sae_id_template: str | None = None
+    """``SAE_ID_TEMPLATE``: the SAE id of a layer, ``{layer}`` filled in (``layer_{layer}/width_16k/canonical``)."""
     overrides: tuple[str, ...] = ()
     """The overrides applied on top of the file, as given."""
     constants: ModuleType | None = field(default=None, repr=False, compare=False)
@@ -168,7 +172,9 @@ class RunConfig:
             "sae": built["sae"], "optimizer": built["optimizer"], "evaluation": built["evaluation"]}, "TRAINING")
         return cls(name=module.__name__.rsplit(".", 1)[-1], model_name=module.MODEL_NAME,
                    model_source=module.MODEL_SOURCE, model_load=load, hook_points=tuple(module.HOOK_POINTS),
-                   device=device, overrides=tuple(overrides), constants=module, **built)
+                   device=device, sae_release=getattr(module, "SAE_RELEASE", None),
+                   sae_id_template=getattr(module, "SAE_ID_TEMPLATE", None), overrides=tuple(overrides),
+                   constants=module, **built)
 
     def training_for(self, hooks: Sequence[str] | None = None) -> TrainingConfig:
         """The training config on ``hooks`` (default: the run's ``HOOK_POINTS``)."""
@@ -177,6 +183,7 @@ class RunConfig:
     def to_json(self) -> dict[str, Any]:
         """The effective configuration, as written next to every artifact a stage produces."""
         record = {"name": self.name, "model_name": self.model_name, "model_source": self.model_source,
+                  "sae_release": self.sae_release, "sae_id_template": self.sae_id_template,
                   "model_load": to_json(self.model_load), "hook_points": list(self.hook_points),
                   "device": self.device, "overrides": list(self.overrides)}
         for _, (field_name, _) in SECTIONS.items():

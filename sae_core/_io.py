@@ -12,6 +12,7 @@ that covers bytes, JSON, numpy arrays and safetensors alike.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -136,3 +137,55 @@ def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
             f"cannot write to {path} ({err.strerror}); choose a writable output folder"
         ) from None
     return path
+
+
+class FolderLock:
+    """An exclusive ``flock`` on ``path``, held from :meth:`acquire` until :meth:`release`.
+
+    Another process (or another open of the same file in this one) that tries to take it gets a
+    ``RuntimeError`` with ``busy_message``. The kernel drops the lock when the holder dies, so a
+    ``kill -9`` leaves nothing to clean up but the (harmless) lock file. Used by the store's shard
+    writer and by training, one lock file per output folder.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], busy_message: str) -> None:
+        self.path, self.busy_message = Path(path), busy_message
+        self._fh: Any = None
+
+    @property
+    def held(self) -> bool:
+        return self._fh is not None and not self._fh.closed
+
+    def acquire(self) -> FolderLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "w")  # noqa: SIM115 - held until release()
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise RuntimeError(self.busy_message) from None
+        self._fh = fh
+        return self
+
+    def release(self, remove: bool = False) -> None:
+        """Drop the lock (and delete the lock file if ``remove``)."""
+        if self.held:
+            if remove:
+                self.path.unlink(missing_ok=True)
+            self._fh.close()
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release(remove=True)
+
+
+def remove_temp_files(folder: str | os.PathLike[str], *names: str) -> list[Path]:
+    """Delete the temporary files :func:`atomic_path` leaves beside ``names`` when cut short; returns them."""
+    removed = []
+    for name in names:
+        for path in Path(folder).glob(f".{name}.*.tmp"):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

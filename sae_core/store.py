@@ -18,9 +18,7 @@ The shard files and their writer live in :mod:`sae_core.shards`, reading runs ba
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
-import itertools
 import logging
 import os
 import shutil
@@ -31,7 +29,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -44,6 +41,14 @@ from sae_core._io import (
     read_json,
 )
 from sae_core.activations import ActivationBatch, TokenPolicy, batch_activations, select_positions
+from sae_core.checks import (
+    StreamDigest,
+    check_against_model,
+    check_positions,
+    check_texts,
+    model_fingerprint,
+    texts_digest,
+)
 from sae_core.data import (
     IterableWindowedTextDataset,
     LoaderConfig,
@@ -194,23 +199,13 @@ def _texts_of(dataset: Any, cfg: StoreConfig) -> tuple[Any, dict[str, Any]]:
         description, texts = {"source": type(dataset).__name__}, dataset
     texts = limit_texts(list(texts) if isinstance(texts, tuple) else texts, cfg.sample_limit, cfg.random_sample, cfg.seed)
     if hasattr(texts, "__len__"):
-        description.update(n_documents=len(texts), sha256=_content_digest(texts, cfg.text_field))
+        check_texts(texts, cfg.text_field)
+        description.update(n_documents=len(texts), sha256=texts_digest(texts, cfg.text_field))
     else:
         description.update(streaming=True, info=str(getattr(texts, "info", None) and texts.info.dataset_name))
     if hasattr(texts, "__len__") and len(texts) == 0:
         raise ValueError("the dataset is empty; give at least one text")
     return texts, description
-
-
-def _content_digest(texts: Any, text_field: str, most: int = 10_000) -> str:
-    """SHA-256 of (at most ``most``, evenly spaced) documents: what a resume checks the texts against."""
-    n = len(texts)
-    index = list(range(n)) if n <= most else np.linspace(0, n - 1, most).astype(int).tolist()
-    if isinstance(texts, list):
-        chosen = [texts[i] for i in index]
-    else:  # an HF Dataset: its fingerprint is random for in-memory datasets, so hash the content
-        chosen = texts.select(index)[text_field]
-    return hashlib.sha256("\x00".join(chosen).encode("utf-8")).hexdigest()
 
 
 def _distributed() -> tuple[int, int]:
@@ -328,7 +323,10 @@ def save(model: HookedTransformer, layer_signature: str | int | Sequence[str | i
     streaming = not hasattr(texts, "__len__")
     keys = {h: h for h in hooks} if cfg.shard_format == "safetensors" else (
         {hooks[0]: "activations"} if len(hooks) == 1 else {h: f"activations.{h}" for h in hooks})
+    check_against_model(model, cfg.max_text_length, "StoreConfig")
+    check_positions(cfg.positions, cfg.max_text_length, "StoreConfig")
     identity = {"model": model.cfg.model_name, "d_model": model.cfg.d_model, "n_layers": model.cfg.n_layers,
+                "model_fingerprint": model_fingerprint(model),
                 "hooks": hooks, "tokenizer": getattr(tokenizer, "name_or_path", None), "dataset": data_description,
                 "token_policy": policy.to_json(tokenizer), **{k: v for k, v in asdict(cfg).items()
                                                              if k not in ("policy", "pin_memory", "persistent_workers", "num_dataloader_workers",
@@ -368,6 +366,24 @@ def save(model: HookedTransformer, layer_signature: str | int | Sequence[str | i
     return run_id
 
 
+def _digested(batches: Any, start: int, writer: ShardWriter, digest: StreamDigest) -> Any:
+    """Streamed ``(number, batch)`` after the first ``start``, hashing every batch read (skipped ones too).
+
+    A resume re-reads the batches its shards cover; when the hash of the first ones differs from
+    the one recorded with the last shard, or the stream ends before them, the texts have changed.
+    """
+    expected = writer.progress.get("stream_digest")
+    fix = "resume with the same texts in the same order, or pass a new run_id to start fresh"
+    for number, batch in batches:
+        digest.update(batch.input_ids, batch.doc_index)
+        digest.check(expected, f"cannot resume run {writer.run_dir.name}", fix)
+        if number >= start:
+            yield number, batch
+    if digest.count < start:
+        raise ValueError(f"cannot resume run {writer.run_dir.name}: the text stream ended after {digest.count} "
+                         f"batches but the run's shards already cover {start}; {fix}")
+
+
 def _check_world(run_dir: Path, world_size: int) -> None:
     if (run_dir / META_FILENAME).exists():
         old = read_json(run_dir / META_FILENAME).get("world_size", 1)
@@ -398,8 +414,10 @@ def _collect(model: HookedTransformer, hooks: list[str], texts: Any, cfg: StoreC
     else:
         windows = IterableWindowedTextDataset(texts, tokenizer, cfg.max_text_length, cfg.seed, cfg.prepend_bos,
                                               cfg.text_field, rank, world_size)
-        batches = itertools.islice(enumerate(make_dataloader(windows, cfg.loader())), start, None)
+        digest = StreamDigest()
+        batches = _digested(enumerate(make_dataloader(windows, cfg.loader())), start, writer, digest)
         total = None
+    digest_of = (lambda: {"stream_digest": digest.state()}) if not hasattr(texts, "__len__") else dict
     buffer = _Buffer(hooks, keys, cfg.shard_format == "npz", resolve_dtype(cfg.storage_dtype))
     pad_id = pad_id_of(tokenizer)
     number = start - 1
@@ -417,10 +435,11 @@ def _collect(model: HookedTransformer, hooks: list[str], texts: Any, cfg: StoreC
         buffer.counts["tokens"] += acts.n_tokens_seen
         buffer.add(acts, batch, keep)
         if buffer.rows >= cfg.shard_size:
-            writer.write(buffer.tensors(pad_id), number + 1, buffer.counts, rows=buffer.rows)
+            writer.write(buffer.tensors(pad_id), number + 1, buffer.counts, rows=buffer.rows,
+                         progress_fields=digest_of())
             buffer.reset()
     if buffer.rows:
-        writer.write(buffer.tensors(pad_id), number + 1, buffer.counts, rows=buffer.rows)
+        writer.write(buffer.tensors(pad_id), number + 1, buffer.counts, rows=buffer.rows, progress_fields=digest_of())
         buffer.reset()
     totals = writer.totals()
     for key, value in buffer.counts.items():  # trailing batches that produced no rows

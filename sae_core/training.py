@@ -40,6 +40,7 @@ an uninterrupted one does, so on CPU both end with bit-identical weights (tested
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import tempfile
@@ -56,8 +57,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from sae_core._io import atomic_write_json
+from sae_core._io import FolderLock, atomic_write_json
 from sae_core.activations import TokenPolicy
+from sae_core.checks import (
+    check_against_model,
+    check_finite,
+    check_texts,
+    model_fingerprint,
+    texts_digest,
+)
 from sae_core.data import LoaderConfig, WindowedTextDataset, make_dataloader
 from sae_core.evaluation import EvalResult, append_curve, evaluate_sae, write_curve, write_eval
 from sae_core.model_loading import resolve_dtype
@@ -77,6 +85,7 @@ from sae_core.training_state import (
     SAEState,
     StepStats,
     build_training_sae,
+    check_sizes,
     load_checkpoint,
     save_checkpoint,
     to_inference_sae,
@@ -90,6 +99,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILENAME = "training_config.json"
 CHECKPOINTS_DIRNAME = "checkpoints"
+TRAINING_LOCK = ".training.lock"
 
 
 @dataclass(frozen=True)
@@ -199,7 +209,7 @@ class TrainingConfig:
         if self.train_batch_size_tokens <= 0 or self.total_training_tokens < self.train_batch_size_tokens:
             problems.append(f"total_training_tokens ({self.total_training_tokens}) must be at least one batch "
                             f"(train_batch_size_tokens={self.train_batch_size_tokens} > 0)")
-        if self.shuffle_buffer_tokens % self.train_batch_size_tokens:
+        if self.train_batch_size_tokens > 0 and self.shuffle_buffer_tokens % self.train_batch_size_tokens:
             problems.append(f"shuffle_buffer_tokens ({self.shuffle_buffer_tokens}) must be a multiple of "
                             f"train_batch_size_tokens ({self.train_batch_size_tokens}) (or 0)")
         if min(self.k, self.lr, self.forward_batch_size, self.forward_batch_tokens, self.length_group_documents,
@@ -315,15 +325,31 @@ def _due(tokens: int, every: int | None, batch: int) -> bool:
 
 def train_saes(cfg: TrainingConfig, source: ActivationSource, widths: Mapping[str, int], output_root: str | Path,
                *, evaluator: Evaluator | None = None, whitener: Any = None, inputs_whitened: bool = False,
-               metadata: Mapping[str, Any] | None = None, resume: bool = True) -> TrainingRun:
+               metadata: Mapping[str, Any] | None = None, resume: bool = True,
+               identity: Mapping[str, Any] | None = None) -> TrainingRun:
     """Train one SAE per hook point of ``cfg`` on ``source``; write each to ``output_root/<hook>``.
 
     ``whitener`` (optional): the SAEs see ``whitener.forward(x)`` (or ``x`` itself when the source
     is already whitened, ``inputs_whitened``) and the whitening is saved beside each SAE.
     ``evaluator(hook, sae, whitener, ablation_mean, max_batches=None)`` scores the final SAEs
     (and intermediate ones every ``eval_every_tokens``). With ``resume``, an interrupted run
-    continues from its last checkpoint in ``output_root/checkpoints/<hooks>``.
+    continues from its last checkpoint in ``output_root/checkpoints/<hooks>``, refused when
+    ``identity`` (what the rows are made from: model fingerprint, texts) or a setting differs.
+    Holds a lock on ``output_root`` throughout: a second training into it is refused.
     """
+    check_sizes(cfg, widths)
+    lock = FolderLock(Path(output_root) / TRAINING_LOCK, f"{output_root} is being trained into by another training "
+                      "(this process or another); wait for it to finish, or choose another output folder").acquire()
+    try:
+        return _train(cfg, source, widths, output_root, evaluator, whitener, inputs_whitened, metadata, resume,
+                      {**cfg.to_json(), "identity": json.loads(json.dumps(dict(identity or {}), default=str))})
+    finally:
+        lock.release()
+
+
+def _train(cfg: TrainingConfig, source: ActivationSource, widths: Mapping[str, int], output_root: str | Path,
+           evaluator: Evaluator | None, whitener: Any, inputs_whitened: bool, metadata: Mapping[str, Any] | None,
+           resume: bool, config: dict[str, Any]) -> TrainingRun:
     rank, world = rank_and_world()
     hooks, batch = list(cfg.hook_points), cfg.train_batch_size_tokens
     if batch % world:
@@ -332,8 +358,10 @@ def train_saes(cfg: TrainingConfig, source: ActivationSource, widths: Mapping[st
         raise ValueError(f"the source streams {source.hooks} but the config trains {hooks}")
     states = [SAEState(h, build_training_sae(cfg, widths[h], h, cfg.seed + i, metadata), cfg) for i, h in enumerate(hooks)]
     shuffler = BlockShuffler(batch // world, cfg.batches_per_block, cfg.shuffle_buffer_tokens > 0, cfg.seed * 1_000_003 + rank)
-    directory, config = checkpoint_dir_for(Path(output_root), hooks), cfg.to_json()
+    directory = checkpoint_dir_for(Path(output_root), hooks)
     start = load_checkpoint(directory, states, shuffler, config) if resume else None
+    if start is not None and start.source_digest is not None and hasattr(source, "expected_digest"):
+        source.expected_digest = start.source_digest
     step = start.step if start else 0
     curves = start.curves if start else {h: [] for h in hooks}
     feed = whitener if whitener is not None and not inputs_whitened else None
@@ -349,6 +377,8 @@ def train_saes(cfg: TrainingConfig, source: ActivationSource, widths: Mapping[st
         tokens = (step + 1) * batch
         for state in states:
             x = rows[state.hook].to(device=cfg.device, dtype=torch.float32)  # the SAE may sit elsewhere than the model
+            check_finite(x, f"the training rows of {state.hook} for step {step} (batch {step}, source position "
+                         f"{shuffler.position})", "fix or drop them at the source; checkpoints are unchanged")
             lr = state.lr
             stats = state.step(feed.forward(x) if feed is not None else x, step, log)
             if stats is not None:
@@ -362,11 +392,13 @@ def train_saes(cfg: TrainingConfig, source: ActivationSource, widths: Mapping[st
             _evaluate_now(states, evaluator, whitener, curves, tokens)
         if directory and step < cfg.total_steps and shuffler.at_block_boundary() and \
                 _due(tokens, cfg.checkpoint_every_tokens, batch * cfg.batches_per_block):
-            save_checkpoint(directory, step, tokens, states, shuffler, curves, config, complete=False)
+            save_checkpoint(directory, step, tokens, states, shuffler, curves, config, complete=False,
+                            source_digest=getattr(source, "digest_state", None))
     progress.close()
     seconds = time.perf_counter() - began
     if not (start and start.complete):
-        save_checkpoint(directory, step, step * batch, states, shuffler, curves, config, complete=True)
+        save_checkpoint(directory, step, step * batch, states, shuffler, curves, config, complete=True,
+                        source_digest=getattr(source, "digest_state", None))
     saes = {s.hook: _finish(s, Path(output_root) / s.hook, cfg, curves[s.hook], evaluator, whitener, seconds,
                             world, metadata) for s in states}
     trained = (step - first) * batch
@@ -434,6 +466,8 @@ def model_source(model: HookedTransformer, dataset: WindowedTextDataset, cfg: Tr
 def train_from_model(model: HookedTransformer, texts: Any, cfg: TrainingConfig, output_root: str | Path,
                      metadata: Mapping[str, Any] | None = None, resume: bool = True) -> TrainingRun:
     """Train on activations of ``model`` over windows of ``texts`` (documents held out for evaluation)."""
+    check_texts(texts)
+    check_against_model(model, cfg.max_text_length, "TrainingConfig")
     train_docs, eval_docs = split_documents(len(texts), cfg.eval_documents, cfg.seed)
     dataset = WindowedTextDataset(texts, model.tokenizer, cfg.max_text_length, cfg.seed, cfg.prepend_bos)
     source = model_source(model, dataset, cfg, train_docs)
@@ -446,8 +480,10 @@ def train_from_model(model: HookedTransformer, texts: Any, cfg: TrainingConfig, 
     info = {"model_name": model.cfg.model_name, "context_size": cfg.max_text_length,
             "prepend_bos": cfg.prepend_bos, **dict(metadata or {})}
     evaluator = HeldOutEvaluator(model, texts, eval_docs, cfg)  # every rank has one; rank 0 runs it
+    identity = {"model": model.cfg.model_name, "model_fingerprint": model_fingerprint(model), "widths": widths,
+                "texts": {"n_documents": len(texts), "sha256": texts_digest(texts)}}
     return train_saes(cfg, source, widths, output_root, evaluator=evaluator, whitener=whitener,
-                      metadata=info, resume=resume)
+                      metadata=info, resume=resume, identity=identity)
 
 
 def train_from_activations(open_chunks: Callable[[], Any], cfg: TrainingConfig, output_root: str | Path, *,
@@ -459,4 +495,4 @@ def train_from_activations(open_chunks: Callable[[], Any], cfg: TrainingConfig, 
     first, _ = next(source.chunks(0))
     widths = {hook: int(t.shape[-1]) for hook, t in first.items()}
     return train_saes(cfg, source, widths, output_root, evaluator=evaluator, whitener=whitener,
-                      inputs_whitened=inputs_whitened, metadata=metadata, resume=resume)
+                      inputs_whitened=inputs_whitened, metadata=metadata, resume=resume, identity={"widths": widths})

@@ -25,8 +25,11 @@ it came from and the fix.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import struct
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -158,3 +161,21 @@ def check_positions(positions: Any, max_text_length: int, what: str) -> None:
     if outside:
         raise ValueError(f"{what}: positions {outside} fall outside every window of max_text_length="
                          f"{max_text_length} tokens; use positions in -{max_text_length}..{max_text_length - 1}")
+
+
+def safetensors_header(path: Path, fix: str) -> dict[str, Any]:
+    """The header of a safetensors file after checking it against the file's size; raises naming ``path``."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size:
+                raise ValueError("header length beyond the end of the file")
+            header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err}); {fix}") from None
+    if 8 + n + end != size:
+        raise ValueError(f"{path} is truncated or corrupted: {size} bytes, its header expects {8 + n + end}; {fix}")
+    return header

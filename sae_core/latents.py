@@ -43,7 +43,7 @@ import scipy.sparse as sp
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from sae_core._io import atomic_write_json, publish_dir, read_json
+from sae_core._io import atomic_write_json, file_sha256, publish_dir, read_json
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -110,11 +110,34 @@ def _retype_npy(path: Path, dtype: Any, block: int = 1 << 24) -> None:
     os.replace(target.path, path)
 
 
-def _load_array(folder: Path, name: str) -> np.ndarray:
+def _load_array(folder: Path, name: str, sha256: str | None) -> np.ndarray:
     path = folder / ARRAY_FILES[name]
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: {folder} is not a complete latent store; rebuild it")
-    return np.load(path, mmap_mode="r")
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise ValueError(f"{path} differs from the SHA-256 recorded in {folder / META_FILE} (damaged or replaced); "
+                         "rebuild the latent store")
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as err:  # a truncated file or a damaged .npy header
+        raise ValueError(f"{path} cannot be read ({err}); rebuild the latent store") from None
+    if array.ndim != 1:
+        raise ValueError(f"{path} has shape {array.shape}, not one dimension; rebuild the latent store")
+    return array
+
+
+def _check_structure(csr: LatentCSR, block: int = 1 << 24) -> str | None:
+    """What is wrong with the CSR arrays (None: nothing): pointer bounds and order, latent indices, values."""
+    indptr = np.asarray(csr.indptr)
+    if indptr.shape[0] < 1 or indptr[0] != 0 or indptr[-1] != csr.nnz or bool((np.diff(indptr) < 0).any()):
+        return "indptr does not run from 0 to nnz without decreasing"
+    for start in range(0, csr.nnz, block):
+        indices, data = csr.indices[start:start + block], csr.data[start:start + block]
+        if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= csr.n_features):
+            return f"latent indices reach {int(indices.max())}, beyond n_features={csr.n_features}"
+        if not bool(np.isfinite(data).all()):
+            return "data holds NaN or inf"
+    return None
 
 
 @dataclass(frozen=True)
@@ -143,18 +166,32 @@ class LatentCSR:
         return int(self.indices.shape[0])
 
     @classmethod
-    def load(cls, folder: str | os.PathLike[str]) -> LatentCSR:
-        """Open a store written by :meth:`CSRBuilder.finish`; every array is a read-only memmap."""
+    def load(cls, folder: str | os.PathLike[str], check_hashes: bool = True) -> LatentCSR:
+        """Open a store written by :meth:`CSRBuilder.finish`; every array is a read-only memmap.
+
+        Checks before returning: lengths against ``meta.json``, ``indptr`` from 0 to nnz without
+        decreasing, every latent index below ``n_features``, finite values, and (``check_hashes``,
+        stores that record them) each file's SHA-256. Each check reads the arrays once, about as
+        fast as the disk delivers them (see the analysis module's docstring for the measured cost).
+        """
         folder = Path(folder)
         meta = read_json(folder / META_FILE)
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{folder} is not a latent store (meta.json format is {meta.get('format')!r})")
-        arrays = {name: _load_array(folder, name) for name in ARRAY_FILES}
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            format_ = meta.get("format") if isinstance(meta, dict) else None
+            raise ValueError(f"{folder} is not a latent store (meta.json format is {format_!r}); rebuild it")
+        missing = [k for k in ("n_rows", "n_features", "nnz") if not isinstance(meta.get(k), int)]
+        if missing:
+            raise ValueError(f"{folder / META_FILE} lacks integer {missing}; the store is corrupt, rebuild it")
+        hashes = meta.get("sha256", {}) if check_hashes else {}
+        arrays = {name: _load_array(folder, name, hashes.get(name)) for name in ARRAY_FILES}
         csr = cls(folder, meta=meta, **arrays)
         n_rows, nnz = csr.n_rows, csr.nnz
         if (n_rows != meta["n_rows"] or nnz != meta["nnz"] or csr.data.shape[0] != nnz
                 or any(arrays[name].shape[0] != n_rows for name in ROW_ARRAYS)):
             raise ValueError(f"the arrays in {folder} disagree with its meta.json; the store is corrupt, rebuild it")
+        problem = _check_structure(csr)
+        if problem:
+            raise ValueError(f"the latent store {folder} is corrupt: {problem}; rebuild it")
         return csr
 
     def to_scipy(self) -> sp.csr_matrix:
@@ -254,7 +291,7 @@ class CSRBuilder:
         atomic_write_json(self.staging / META_FILE, {
             "format": FORMAT, "version": FORMAT_VERSION, "n_rows": self.n_rows,
             "n_features": self.n_features, "nnz": self.nnz, "index_dtype": np.dtype(index_dtype).name,
-            **dict(meta or {})})
+            "sha256": {name: file_sha256(self.staging / f) for name, f in ARRAY_FILES.items()}, **dict(meta or {})})
         _publish(self.staging, folder, overwrite)
         shutil.rmtree(self.staging, ignore_errors=True)
         logger.info("wrote latent store %s (%d rows, %d latents, %d nonzeros)", folder, self.n_rows,

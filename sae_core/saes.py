@@ -48,7 +48,6 @@ from typing import Any, NamedTuple
 import torch
 from jaxtyping import Bool, Float, Int
 from sae_lens import SAE
-from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
@@ -56,6 +55,7 @@ from sae_core._io import publish_dir
 from sae_core.activations import TokenPolicy, run_to_hooks
 from sae_core.hooks import validate_hook
 from sae_core.model_loading import resolve_dtype
+from sae_core.sae_folder import load_sae_folder, write_checksums
 from sae_core.whitening import WHITENING_FILENAME, Whitener
 
 logger = logging.getLogger(__name__)
@@ -167,11 +167,7 @@ class SAEManager:
         ``dtype=None`` keeps the dtype the SAE was saved with.
         """
         folder = Path(folder)
-        missing = [n for n in (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME) if not (folder / n).exists()]
-        if missing:
-            raise FileNotFoundError(f"{folder} is not an SAE folder: {', '.join(missing)} missing "
-                                    "(expected SAELens format, as written by SAE.save_model)")
-        sae = SAE.load_from_disk(folder, device=str(device), dtype=_dtype_name(dtype))
+        sae = load_sae_folder(folder, device=device, dtype=_dtype_name(dtype))
         whitener = load_whitener(folder, sae.cfg.d_in, device)
         return self.add(self._hook_for(sae, hook, str(folder)), sae, whitener, str(folder))
 
@@ -210,6 +206,7 @@ class SAEManager:
 
         def build(tmp: Path) -> None:
             entry.sae.save_model(tmp)
+            write_checksums(tmp)
             if entry.whitener is not None:
                 entry.whitener.save(tmp)
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
@@ -58,7 +59,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities.tokenize_utils import get_attention_mask
 
-from sae_core.hooks import hook_layer, resolve_hook
+from sae_core.hooks import hook_layer, resolve_hook, resolve_layer
 from sae_core.saes import SAEManager
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,9 @@ class Steer:
             object.__setattr__(self, "positions", positions)
         if self.feature < 0:
             raise ValueError(f"feature must be a latent index >= 0, got {self.feature}")
+        if not math.isfinite(float(self.coefficient)):
+            raise ValueError(f"the coefficient of the steer on latent {self.feature} at {self.hook} is "
+                             f"{self.coefficient}; give a finite number")
 
 
 @dataclass
@@ -207,7 +211,7 @@ class ModelSteering:
 
     def _resolve(self, hook_or_layer: str | int) -> str:
         if isinstance(hook_or_layer, int):
-            layer = hook_or_layer % self.model.cfg.n_layers
+            layer = resolve_layer(self.model, hook_or_layer)  # IndexError listing the valid range
             loaded = [h for h in self.manager.hooks if hook_layer(h) == layer]
             if len(loaded) == 1:
                 return loaded[0]
@@ -270,6 +274,8 @@ class ModelSteering:
             raise NotImplementedError(f"steering at {name} needs (batch, pos, d) activations, got shape "
                                       f"{tuple(x.shape)}; per-head hooks are not supported")
         batch, n, _ = x.shape
+        if self._layout is None:  # a plain forward sees every position at once
+            _check_positions_reached(steers, n)
         pos, real, prompt = self._positions(name, batch, n, x.device)
         z = self.manager.encode(name, x) if any(s.mode != "add" for s in steers) else None
         delta: Tensor | None = None
@@ -322,6 +328,7 @@ class ModelSteering:
         rows = [self.model.to_tokens(p, prepend_bos=bos)[0] for p in prompt_list]
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_past_kv_cache=use_past_kv_cache,
                       prepend_bos=bos, verbose=verbose, **generation_kwargs)
+        _check_positions_reached([*self.active_steers, *(steers or [])], max(len(r) for r in rows) + max_new_tokens - 1)
         handle = self.apply(steers) if steers else None
         try:
             with _seeded(seed):
@@ -405,6 +412,15 @@ class ModelSteering:
                 lat_after = [self.manager.encode(name, a) for a in afters]
             result[name] = SteeringCapture(name, befores, afters, lat_before, lat_after)
         return result
+
+
+def _check_positions_reached(steers: Sequence[Steer], n_positions: int) -> None:
+    """Steers at absolute positions must reach at least one of the ``n_positions`` steered positions."""
+    for s in steers:
+        if not isinstance(s.positions, str) and min(s.positions) >= n_positions:
+            raise ValueError(f"the steer on latent {s.feature} at {s.hook} acts at positions {list(s.positions)}, but "
+                             f"the model only sees positions 0..{n_positions - 1} (longest prompt plus the generated "
+                             "tokens); use smaller positions, or more max_new_tokens")
 
 
 @contextlib.contextmanager

@@ -42,8 +42,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -52,7 +50,6 @@ from typing import Any, NamedTuple
 
 import torch
 from sae_lens import SAE
-from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
@@ -69,6 +66,7 @@ from sae_core.checks import (
 from sae_core.data import LoaderConfig, WindowedTextDataset, make_dataloader
 from sae_core.evaluation import EvalResult, append_curve, evaluate_sae, write_curve, write_eval
 from sae_core.model_loading import resolve_dtype
+from sae_core.sae_folder import load_sae_folder, write_sae_folder
 from sae_core.training_data import (
     ActivationSource,
     BlockShuffler,
@@ -437,23 +435,13 @@ def _finish(state: SAEState, folder: Path, cfg: TrainingConfig, curve: list[dict
         "config": cfg.to_json(), "hook": state.hook, "d_in": state.sae.cfg.d_in, "d_sae": state.sae.cfg.d_sae,
         "steps": cfg.total_steps, "tokens": cfg.total_steps * cfg.train_batch_size_tokens, "world_size": world,
         "seconds": seconds, "token_policy": cfg.token_policy().to_json(), "metadata": dict(metadata or {})})
-    sae = SAE.load_from_disk(str(folder), device=cfg.device)
+    sae = load_sae_folder(folder, device=cfg.device)
     result = None
     if evaluator is not None:
         result = evaluator(state.hook, sae, whitener, _model_space(mean, whitener))
         write_eval(folder, result)
     logger.info("wrote the SAE for %s to %s", state.hook, folder)
     return TrainedSAE(state.hook, folder, sae, result, curve)
-
-
-def write_sae_folder(sae: SAE, folder: str | Path) -> None:
-    """``cfg.json`` + ``sae_weights.safetensors`` (SAELens format), each file replaced atomically."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".sae-") as tmp:
-        sae.save_model(tmp)
-        for name in (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME):
-            os.replace(Path(tmp) / name, folder / name)
 
 
 def model_source(model: HookedTransformer, dataset: WindowedTextDataset, cfg: TrainingConfig,

@@ -10,8 +10,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / "sae_core"
-STAGES = ["_io", "models", "default_model", "model_loading", "hooks", "data", "activations", "shards", "runs",
-          "store", "whitening", "whitened_extraction", "evaluation", "sparse_topk", "training_data",
+STAGES = ["_io", "checks", "models", "default_model", "model_loading", "hooks", "data", "activations", "shards", "runs",
+          "store", "whitening", "sae_folder", "whitened_extraction", "evaluation", "sparse_topk", "training_data",
           "training_state", "training", "saes", "latents", "similarity", "steering", "plots", "pipeline"]
 
 

@@ -396,7 +396,12 @@ def test_statistics_from_an_existing_run(reference_run, tmp_path):
     for part in rows.split(40):
         ids = {k: torch.zeros(len(part), dtype=torch.long) for k in ("token_ids", "doc_index", "position")}
         writer.write({HOOK: part, **ids}, batches_end=1)
+    with pytest.raises(ValueError, match="allow_incomplete=True"):  # an interrupted run: refused unless asked
+        statistics_from_run(tmp_path / "rows", HOOK)
+    partial = statistics_from_run(tmp_path / "rows", HOOK, allow_incomplete=True)
+    writer.finish()
     stats = statistics_from_run(tmp_path / "rows", HOOK)
+    assert partial.n == stats.n == 90
     assert rel(stats.covariance(), np.cov(rows.double().numpy(), rowvar=False)) < 1e-10
 
     run = reference_run[0] / WHITENED_RUN

@@ -14,7 +14,9 @@ content is made from, and a resume whose inputs differ is refused, naming the di
   dataset beyond 10,000, since reading a whole arrow column into Python costs more than the run);
 * streamed sources by :class:`StreamDigest`, a running hash over what is read (token windows or
   activation chunks) stored with the position it covers, compared when a resume reads past it
-  again: a different stream is refused as soon as the resume has re-read the recorded part.
+  again: a different stream is refused as soon as the resume has re-read the recorded part. For
+  texts that is a hash of the token windows taken, so a change no window sees (the end of a long
+  document beyond its window) is no difference: the run is then the same as a fresh one.
 
 Model-dependent checks (:func:`check_against_model`, :func:`check_texts`) run where a stage
 first meets the model (the training entry, the store's ``save``), not in the config dataclasses,

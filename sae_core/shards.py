@@ -47,6 +47,7 @@ from sae_core._io import (
     file_sha256,
     read_json,
 )
+from sae_core.checks import differences
 from sae_core.model_loading import resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -183,7 +184,8 @@ def check_shard(path: Path, record: ShardRecord | None = None, full: bool = Fals
     if path.suffix == ".safetensors":
         _safetensors_layout(path)
     if full and record is not None and file_sha256(path) != record.sha256:
-        raise ValueError(f"shard {path} is corrupted: its SHA-256 differs from the one recorded when it was written")
+        raise ValueError(f"shard {path} is corrupted: its SHA-256 differs from the one recorded when it was written; "
+                         "restore the file, or delete the run and extract again")
 
 
 def load_shard(path: str | os.PathLike[str]) -> dict[str, Tensor]:
@@ -269,9 +271,9 @@ class ShardWriter:
     def _resume(self, verify_hashes: bool) -> None:
         progress = read_json(self.progress_path)
         old = progress.get("identity", {})
-        differ = sorted(k for k in set(old) | set(self.identity) if old.get(k) != self.identity.get(k))
+        differ = differences(old, self.identity)
         if differ:
-            details = "; ".join(f"{k}: run has {old.get(k)!r}, now {self.identity.get(k)!r}" for k in differ)
+            details = "; ".join(differ)
             raise ValueError(f"cannot resume run {self.run_dir.name} with different settings ({details}); "
                              "use the original settings or a new run_id")
         self._shards = [ShardRecord.from_json(r) for r in progress.get("shards", [])]

@@ -58,7 +58,6 @@ from sae_core._io import FolderLock, atomic_write_json
 from sae_core.activations import TokenPolicy
 from sae_core.checks import (
     check_against_model,
-    check_finite,
     check_texts,
     model_fingerprint,
     texts_digest,
@@ -375,10 +374,11 @@ def _train(cfg: TrainingConfig, source: ActivationSource, widths: Mapping[str, i
         tokens = (step + 1) * batch
         for state in states:
             x = rows[state.hook].to(device=cfg.device, dtype=torch.float32)  # the SAE may sit elsewhere than the model
-            check_finite(x, f"the training rows of {state.hook} for step {step} (batch {step}, source position "
-                         f"{shuffler.position})", "fix or drop them at the source; checkpoints are unchanged")
             lr = state.lr
-            stats = state.step(feed.forward(x) if feed is not None else x, step, log)
+            try:
+                stats = state.step(feed.forward(x) if feed is not None else x, step, log)
+            except FloatingPointError as err:
+                raise FloatingPointError(f"{err} (source position {shuffler.position})") from None
             if stats is not None:
                 append_curve(curves[state.hook], **_curve_point(state, stats, tokens, lr))
         step += 1

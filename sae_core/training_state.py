@@ -105,6 +105,18 @@ def to_inference_sae(sae: TrainingSAE) -> SAE:
     return inference.eval()
 
 
+def _explain_non_finite_loss(hook: str, step: int, loss: float, x: Tensor) -> None:
+    """Raise ``FloatingPointError`` naming why the loss of ``step`` is not finite: the rows, or the SAE."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        raise FloatingPointError(f"the training rows of {hook} for step {step} (batch {step}) hold {int(bad.sum())} "
+                                 f"NaN / inf value(s) (first in row {int(bad.any(-1).nonzero()[0])}); fix or drop them "
+                                 "at the source. Checkpoints are unchanged")
+    raise FloatingPointError(f"the loss of the SAE for {hook} is {loss} at step {step} (batch {step}, largest |value| "
+                             f"{float(x.abs().max()):.3g}): float32 overflows on rows this large, or the weights "
+                             "diverged; scale or whiten the activations, or lower lr. Checkpoints are unchanged")
+
+
 class StepStats(NamedTuple):
     """One step's metrics over all ranks' rows (float64 sums), for the training curve."""
 
@@ -162,11 +174,8 @@ class SAEState:
         _, world = rank_and_world()
         self.sae.train()
         loss, sae_out, fired, active = self._forward(x, step)
-        if not bool(torch.isfinite(loss)):
-            raise FloatingPointError(
-                f"the loss of the SAE for {self.hook} is {float(loss)} at step {step} (rows of batch {step}, "
-                f"largest |value| {float(x.abs().max()):.3g}): float32 overflows on rows this large or the "
-                "weights diverged; scale or whiten the activations, or lower lr. Checkpoints are unchanged")
+        if not bool(torch.isfinite(loss)):  # one scalar per step; the rows are looked at only then
+            _explain_non_finite_loss(self.hook, step, float(loss), x)
         loss.backward()
         params = [p for p in self.sae.parameters() if p.requires_grad]
         if world > 1:
@@ -176,10 +185,8 @@ class SAEState:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-            raise FloatingPointError(f"the parameters of the SAE for {self.hook} became non-finite in the update of "
-                                     f"step {step} (batch {step}; lr={self.lr}); lower lr or max_grad_norm. "
-                                     "Checkpoints are unchanged")
+        if log:
+            self.check_parameters(step)
         self.scheduler.step()
         for scheduler in self.coefficients.values():
             scheduler.step()
@@ -191,6 +198,14 @@ class SAEState:
         self.input_sum += x.double().sum(0)
         self.rows_seen += x.shape[0]
         return step_stats(loss.detach(), x, sae_out, active, world) if log else None
+
+    def check_parameters(self, step: int) -> None:
+        """Raise if an update made a parameter non-finite (run on log steps and before every save:
+        a pass over the parameters costs about a tenth of a step, and the loss shows it next step)."""
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.sae.parameters()]).all()):
+            raise FloatingPointError(f"the parameters of the SAE for {self.hook} are non-finite after the update of "
+                                     f"step {step} (batch {step}; lr={self.lr}); lower lr or max_grad_norm. "
+                                     "Checkpoints are unchanged")
 
     def input_mean(self) -> Tensor:
         """Mean SAE input over every rank's rows so far (float64)."""
@@ -282,6 +297,8 @@ def save_checkpoint(directory: Path, step: int, tokens: int, states: list[SAESta
     lets a resume refuse another activation stream.
     """
     rank, world = rank_and_world()
+    for state in states:
+        state.check_parameters(step - 1)
     folder = directory / f"step-{step:08d}"
     folder.mkdir(parents=True, exist_ok=True)
     data = {**shuffler.state_tensors(), "torch_rng": torch.get_rng_state()}

@@ -171,8 +171,8 @@ class LatentCSR:
 
         Checks before returning: lengths against ``meta.json``, ``indptr`` from 0 to nnz without
         decreasing, every latent index below ``n_features``, finite values, and (``check_hashes``,
-        stores that record them) each file's SHA-256. Each check reads the arrays once, about as
-        fast as the disk delivers them (see the analysis module's docstring for the measured cost).
+        stores that record them) each file's SHA-256. Measured on a 54 MiB store (200k rows, 6.4M
+        nonzeros, shared 2-core machine): 0.15 s with hashes, 0.025 s with the structure checks only.
         """
         folder = Path(folder)
         meta = read_json(folder / META_FILE)

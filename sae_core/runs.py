@@ -12,8 +12,11 @@ size, a well-formed safetensors header whose tensors hold the recorded row count
 storage dtype, and (complete runs) ``row_count`` equals the shards' rows. Before any value is
 returned (the first column view, each shard of :meth:`ActivationRun.iter_shards`), every shard it
 comes from is SHA-256 hashed once per :class:`ActivationRun`, so a flipped byte is an error, never a
-wrong number. That costs one sequential read of the run (about HASH_COST, see the test), paid on the
-first access; ``check_hashes=False`` skips it for a run already verified. :meth:`ActivationRun.verify`
+wrong number. That costs one sequential read of the run, paid on the first access: on a 291 MiB run
+(4 shards, the shared 2-core dev machine, warm page cache) opening took 0.3 ms, reading every row
+1.18 s instead of 0.47 s, the first 4,096 random rows 0.59 s instead of 0.04 s (later reads cost
+nothing extra), ``iter_shards`` 0.73 s instead of 0.002 s (safetensors maps the file lazily);
+``check_hashes=False`` skips the hashes for a run already verified. :meth:`ActivationRun.verify`
 re-does every check, hashes included, and counts the kept rows of NPZ chunks (which opening leaves
 alone: it would decompress them). Not checked: that a shard was written by this run (a shard of
 another run with the same size, rows and hash recorded would pass; only a rewritten meta.json can

@@ -175,7 +175,7 @@ class SAEState:
         self.sae.train()
         loss, sae_out, fired, active = self._forward(x, step)
         if not bool(torch.isfinite(loss)):  # one scalar per step; the rows are looked at only then
-            _explain_non_finite_loss(self.hook, step, float(loss), x)
+            _explain_non_finite_loss(self.hook, step, float(loss.detach()), x)
         loss.backward()
         params = [p for p in self.sae.parameters() if p.requires_grad]
         if world > 1:

@@ -345,13 +345,33 @@ def train_saes(cfg: TrainingConfig, source: ActivationSource, widths: Mapping[st
     Holds a lock on ``output_root`` throughout: a second training into it is refused.
     """
     check_sizes(cfg, widths)
-    lock = FolderLock(Path(output_root) / TRAINING_LOCK, f"{output_root} is being trained into by another training "
-                      "(this process or another); wait for it to finish, or choose another output folder").acquire()
+    lock = _training_lock(Path(output_root))
     try:
         return _train(cfg, source, widths, output_root, evaluator, whitener, inputs_whitened, metadata, resume,
                       {**cfg.to_json(), "identity": json.loads(json.dumps(dict(identity or {}), default=str))})
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
+
+
+def _training_lock(output_root: Path) -> FolderLock | None:
+    """Rank 0 (the one that writes the outputs) locks ``output_root``; every rank raises if it cannot."""
+    rank, world = rank_and_world()
+    lock, error = None, None
+    if rank == 0:
+        try:
+            lock = FolderLock(output_root / TRAINING_LOCK, f"{output_root} is being trained into by another training "
+                              "(this process or another); wait for it to finish, or choose another output "
+                              "folder").acquire()
+        except RuntimeError as err:
+            error = str(err)
+    if world > 1:
+        holder = [error]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        error = holder[0]
+    if error is not None:
+        raise RuntimeError(error)
+    return lock
 
 
 def _train(cfg: TrainingConfig, source: ActivationSource, widths: Mapping[str, int], output_root: str | Path,

@@ -1,8 +1,8 @@
 """sae_core: sparse-autoencoder interpretability of language models on TransformerLens and SAELens.
 
 The modules read like the pipeline, each importing only from earlier stages:
-model_loading -> hooks -> data -> activations -> store (shards, runs) -> whitening
-(whitened_extraction) -> evaluation -> training -> saes -> latents / similarity -> steering -> plots
+checks -> model_loading -> hooks -> data -> activations -> store (shards, runs) -> whitening
+-> sae_folder (SAE files) -> (whitened_extraction) -> evaluation -> training -> saes -> latents / similarity -> steering -> plots
 -> pipeline (the stages as the scripts run them); ``tests/test_layout.py`` keeps it so.
 Nothing heavy happens at import time: import the stage you need.
 """

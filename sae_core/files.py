@@ -3,7 +3,8 @@
 Every artifact sae_core writes goes through here so that an interrupted run never leaves a
 half-written file under its final name: data is written to a temporary file in the same folder,
 flushed and fsync-ed, then moved into place with ``os.replace`` (atomic on POSIX). Folders are
-published the same way (build in ``<name>.tmp-<pid>``, then rename).
+published the same way (build in ``<name>.tmp-<pid>``, then rename). Also: the folder lock the store and
+training share (:class:`FolderLock`), and 1-D ``.npy`` files written by appends (:class:`NpyAppender`).
 
 Hand-written because neither the standard library nor our dependencies offer an atomic writer
 that covers bytes, JSON, numpy arrays and safetensors alike.
@@ -12,6 +13,7 @@ that covers bytes, JSON, numpy arrays and safetensors alike.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -20,6 +22,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 CACHE_ENV = "SAE_CORE_CACHE"
 
@@ -136,3 +140,93 @@ def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
             f"cannot write to {path} ({err.strerror}); choose a writable output folder"
         ) from None
     return path
+
+
+class FolderLock:
+    """An exclusive ``flock`` on ``path``, held from :meth:`acquire` until :meth:`release`.
+
+    Another process (or another open of the same file in this one) that tries to take it gets a
+    ``RuntimeError`` with ``busy_message``. The kernel drops the lock when the holder dies, so a
+    ``kill -9`` leaves nothing to clean up but the (harmless) lock file. Used by the store's shard
+    writer and by training, one lock file per output folder.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], busy_message: str) -> None:
+        self.path, self.busy_message = Path(path), busy_message
+        self._fh: Any = None
+
+    @property
+    def held(self) -> bool:
+        return self._fh is not None and not self._fh.closed
+
+    def acquire(self) -> FolderLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "w")  # noqa: SIM115 - held until release()
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise RuntimeError(self.busy_message) from None
+        self._fh = fh
+        return self
+
+    def release(self, remove: bool = False) -> None:
+        """Drop the lock (and delete the lock file if ``remove``)."""
+        if self.held:
+            if remove:
+                self.path.unlink(missing_ok=True)
+            self._fh.close()
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release(remove=True)
+
+
+def remove_temp_files(folder: str | os.PathLike[str], *names: str) -> list[Path]:
+    """Delete the temporary files :func:`atomic_path` leaves beside ``names`` when cut short; returns them."""
+    removed = []
+    for name in names:
+        for path in Path(folder).glob(f".{name}.*.tmp"):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+class NpyAppender:
+    """A 1-D ``.npy`` file written by appends; the header gets its final length at :meth:`close`."""
+
+    def __init__(self, path: Path, dtype: Any) -> None:
+        self.path, self.dtype, self.length = path, np.dtype(dtype), 0
+        self.fh = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.header_len = self._write_header()
+
+    def _write_header(self) -> int:
+        self.fh.seek(0)
+        np.lib.format.write_array_header_1_0(self.fh, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                       "fortran_order": False, "shape": (self.length,)})
+        return self.fh.tell()
+
+    def append(self, values: np.ndarray) -> None:
+        values = np.ascontiguousarray(values, dtype=self.dtype)
+        self.fh.write(memoryview(values).cast("B"))
+        self.length += values.size
+
+    def close(self) -> None:
+        end = self.fh.tell()
+        if self._write_header() != self.header_len:  # numpy pads 1-D headers to a fixed length
+            raise RuntimeError(f"the .npy header of {self.path} changed length; cannot finalise it in place")
+        self.fh.seek(end)
+        self.fh.close()
+
+
+def retype_npy(path: Path, dtype: Any, block: int = 1 << 24) -> None:
+    """Rewrite a 1-D ``.npy`` file with another dtype, ``block`` entries at a time."""
+    source = np.load(path, mmap_mode="r")
+    target = NpyAppender(path.with_name(path.name + ".retype"), dtype)
+    for start in range(0, source.shape[0], block):
+        target.append(source[start:start + block])
+    target.close()
+    del source
+    os.replace(target.path, path)
+
+

@@ -43,7 +43,14 @@ import scipy.sparse as sp
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from sae_core.files import atomic_write_json, publish_dir, read_json
+from sae_core.files import (
+    NpyAppender,
+    atomic_write_json,
+    file_sha256,
+    publish_dir,
+    read_json,
+    retype_npy,
+)
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -72,49 +79,34 @@ def as_host_array(x: Any, dtype: Any, name: str) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
-class _NpyAppender:
-    """A 1-D ``.npy`` file written by appends; the header gets its final length at :meth:`close`."""
-
-    def __init__(self, path: Path, dtype: Any) -> None:
-        self.path, self.dtype, self.length = path, np.dtype(dtype), 0
-        self.fh = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self.header_len = self._write_header()
-
-    def _write_header(self) -> int:
-        self.fh.seek(0)
-        np.lib.format.write_array_header_1_0(self.fh, {"descr": np.lib.format.dtype_to_descr(self.dtype),
-                                                       "fortran_order": False, "shape": (self.length,)})
-        return self.fh.tell()
-
-    def append(self, values: np.ndarray) -> None:
-        values = np.ascontiguousarray(values, dtype=self.dtype)
-        self.fh.write(memoryview(values).cast("B"))
-        self.length += values.size
-
-    def close(self) -> None:
-        end = self.fh.tell()
-        if self._write_header() != self.header_len:  # numpy pads 1-D headers to a fixed length
-            raise RuntimeError(f"the .npy header of {self.path} changed length; cannot finalise it in place")
-        self.fh.seek(end)
-        self.fh.close()
-
-
-def _retype_npy(path: Path, dtype: Any, block: int = 1 << 24) -> None:
-    """Rewrite a 1-D ``.npy`` file with another dtype, ``block`` entries at a time."""
-    source = np.load(path, mmap_mode="r")
-    target = _NpyAppender(path.with_name(path.name + ".retype"), dtype)
-    for start in range(0, source.shape[0], block):
-        target.append(source[start:start + block])
-    target.close()
-    del source
-    os.replace(target.path, path)
-
-
-def _load_array(folder: Path, name: str) -> np.ndarray:
+def _load_array(folder: Path, name: str, sha256: str | None) -> np.ndarray:
     path = folder / ARRAY_FILES[name]
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: {folder} is not a complete latent store; rebuild it")
-    return np.load(path, mmap_mode="r")
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise ValueError(f"{path} differs from the SHA-256 recorded in {folder / META_FILE} (damaged or replaced); "
+                         "rebuild the latent store")
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as err:  # a truncated file or a damaged .npy header
+        raise ValueError(f"{path} cannot be read ({err}); rebuild the latent store") from None
+    if array.ndim != 1:
+        raise ValueError(f"{path} has shape {array.shape}, not one dimension; rebuild the latent store")
+    return array
+
+
+def _check_structure(csr: LatentCSR, block: int = 1 << 24) -> str | None:
+    """What is wrong with the CSR arrays (None: nothing): pointer bounds and order, latent indices, values."""
+    indptr = np.asarray(csr.indptr)
+    if indptr.shape[0] < 1 or indptr[0] != 0 or indptr[-1] != csr.nnz or bool((np.diff(indptr) < 0).any()):
+        return "indptr does not run from 0 to nnz without decreasing"
+    for start in range(0, csr.nnz, block):
+        indices, data = csr.indices[start:start + block], csr.data[start:start + block]
+        if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= csr.n_features):
+            return f"latent indices reach {int(indices.max())}, beyond n_features={csr.n_features}"
+        if not bool(np.isfinite(data).all()):
+            return "data holds NaN or inf"
+    return None
 
 
 @dataclass(frozen=True)
@@ -143,18 +135,32 @@ class LatentCSR:
         return int(self.indices.shape[0])
 
     @classmethod
-    def load(cls, folder: str | os.PathLike[str]) -> LatentCSR:
-        """Open a store written by :meth:`CSRBuilder.finish`; every array is a read-only memmap."""
+    def load(cls, folder: str | os.PathLike[str], check_hashes: bool = True) -> LatentCSR:
+        """Open a store written by :meth:`CSRBuilder.finish`; every array is a read-only memmap.
+
+        Checks before returning: lengths against ``meta.json``, ``indptr`` from 0 to nnz without
+        decreasing, every latent index below ``n_features``, finite values, and (``check_hashes``,
+        stores that record them) each file's SHA-256. Measured on a 54 MiB store (200k rows, 6.4M
+        nonzeros, shared 2-core machine): 0.15 s with hashes, 0.025 s with the structure checks only.
+        """
         folder = Path(folder)
         meta = read_json(folder / META_FILE)
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{folder} is not a latent store (meta.json format is {meta.get('format')!r})")
-        arrays = {name: _load_array(folder, name) for name in ARRAY_FILES}
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            format_ = meta.get("format") if isinstance(meta, dict) else None
+            raise ValueError(f"{folder} is not a latent store (meta.json format is {format_!r}); rebuild it")
+        missing = [k for k in ("n_rows", "n_features", "nnz") if not isinstance(meta.get(k), int)]
+        if missing:
+            raise ValueError(f"{folder / META_FILE} lacks integer {missing}; the store is corrupt, rebuild it")
+        hashes = meta.get("sha256", {}) if check_hashes else {}
+        arrays = {name: _load_array(folder, name, hashes.get(name)) for name in ARRAY_FILES}
         csr = cls(folder, meta=meta, **arrays)
         n_rows, nnz = csr.n_rows, csr.nnz
         if (n_rows != meta["n_rows"] or nnz != meta["nnz"] or csr.data.shape[0] != nnz
                 or any(arrays[name].shape[0] != n_rows for name in ROW_ARRAYS)):
             raise ValueError(f"the arrays in {folder} disagree with its meta.json; the store is corrupt, rebuild it")
+        problem = _check_structure(csr)
+        if problem:
+            raise ValueError(f"the latent store {folder} is corrupt: {problem}; rebuild it")
         return csr
 
     def to_scipy(self) -> sp.csr_matrix:
@@ -209,7 +215,7 @@ class CSRBuilder:
         self.staging = Path(tempfile.mkdtemp(prefix=".latent-csr.", suffix=".tmp", dir=workdir))
         dtypes = {"indptr": np.int64, "indices": np.int32, "data": np.float32,
                   "token_ids": np.int64, "doc_index": np.int64, "position": np.int64}
-        self._files = {name: _NpyAppender(self.staging / ARRAY_FILES[name], dtypes[name]) for name in ARRAY_FILES}
+        self._files = {name: NpyAppender(self.staging / ARRAY_FILES[name], dtypes[name]) for name in ARRAY_FILES}
         self._files["indptr"].append(np.zeros(1, np.int64))
         self.n_rows, self.nnz, self.finished = 0, 0, False
 
@@ -250,11 +256,11 @@ class CSRBuilder:
             appender.close()
         self.finished = True
         index_dtype = np.int32 if max(self.nnz, self.n_rows, self.n_features) <= INT32_MAX else np.int64
-        _retype_npy(self.staging / ARRAY_FILES["indptr" if index_dtype == np.int32 else "indices"], index_dtype)
+        retype_npy(self.staging / ARRAY_FILES["indptr" if index_dtype == np.int32 else "indices"], index_dtype)
         atomic_write_json(self.staging / META_FILE, {
             "format": FORMAT, "version": FORMAT_VERSION, "n_rows": self.n_rows,
             "n_features": self.n_features, "nnz": self.nnz, "index_dtype": np.dtype(index_dtype).name,
-            **dict(meta or {})})
+            "sha256": {name: file_sha256(self.staging / f) for name, f in ARRAY_FILES.items()}, **dict(meta or {})})
         _publish(self.staging, folder, overwrite)
         shutil.rmtree(self.staging, ignore_errors=True)
         logger.info("wrote latent store %s (%d rows, %d latents, %d nonzeros)", folder, self.n_rows,

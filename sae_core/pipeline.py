@@ -85,7 +85,14 @@ def output_dir(name: str | os.PathLike[str], root: str | os.PathLike[str] | None
 
 def load_model_of(run: RunConfig) -> Any:
     """The run's ``HookedTransformer`` (on ``run.device``, in ``MODEL_LOAD_CONFIG['dtype']``)."""
+    import torch
+
     from sae_core.model_loading import load_model
+
+    kind = torch.device(run.device).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"{run.name}: MODEL_LOAD_CONFIG['device'] is {run.device!r} but this machine has no CUDA "
+                           "device; set 'device': 'cpu' there (every stage follows it)")
 
     return load_model(run.constants if run.constants is not None else run.name)
 

@@ -54,10 +54,10 @@ from transformer_lens import HookedTransformer
 from sae_core.activations import run_to_hooks
 from sae_core.config import TokenPolicy
 from sae_core.files import publish_dir
-from sae_core.hooks import validate_hook
+from sae_core.hooks import resolve_layer, validate_hook
 from sae_core.model_loading import resolve_dtype
 from sae_core.models import load_run_config
-from sae_core.sae_folders import decode, encode, load_sae_folder
+from sae_core.sae_folders import decode, encode, load_sae_folder, write_checksums
 from sae_core.whitening import Whitener
 
 logger = logging.getLogger(__name__)
@@ -195,12 +195,10 @@ class SAEManager:
             raise ValueError(f"the constant file {model_name!r} names no pretrained SAEs; set SAE_RELEASE and "
                              "SAE_ID_TEMPLATE (e.g. 'layer_{layer}/width_16k/canonical') there, or load SAEs "
                              "with load_from_disk / load_pretrained")
-        n_layers = self.model.cfg.n_layers if self.model is not None else None
         loaded = []
         for layer in layers:
-            if n_layers is not None and not -n_layers <= layer < n_layers:
-                raise IndexError(f"layer {layer} is out of range for a model with {n_layers} layers")
-            sae_id = run.sae_id_template.format(layer=layer % n_layers if n_layers else layer)
+            index = resolve_layer(self.model, layer) if self.model is not None else layer
+            sae_id = run.sae_id_template.format(layer=index)
             local = Path(run.sae_release)
             loaded.append(self.load_from_disk(local / sae_id, device=device) if local.is_dir()
                           else self.load_pretrained(run.sae_release, sae_id, device=device))
@@ -224,6 +222,7 @@ class SAEManager:
 
         def build(tmp: Path) -> None:
             entry.sae.save_model(tmp)
+            write_checksums(tmp)
             if entry.whitener is not None:
                 entry.whitener.save(tmp)
 

@@ -9,7 +9,6 @@ documents). :func:`load_texts` reads a :class:`~sae_core.config.TextSourceConfig
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from sae_core import corpora
+from sae_core.checks import texts_digest
 from sae_core.config import TextSourceConfig
 
 logger = logging.getLogger(__name__)
@@ -85,17 +85,6 @@ def limit_texts(texts: Any, sample_limit: int | None, random: bool = False, seed
     return texts.shuffle(seed=seed).select(range(n)) if random else texts.select(range(n))
 
 
-def corpus_digest(texts: Any, text_field: str = "text", most: int = 10_000) -> str:
-    """SHA-256 of (at most ``most``, evenly spaced) documents: what resumes and splits check texts against."""
-    n = len(texts)
-    index = list(range(n)) if n <= most else np.linspace(0, n - 1, most).astype(int).tolist()
-    if isinstance(texts, (list, tuple)):
-        chosen = [texts[i] for i in index]
-    else:  # an HF Dataset: its fingerprint is random for in-memory datasets, so hash the content
-        chosen = texts.select(index)[text_field]
-    return hashlib.sha256("\x00".join(chosen).encode("utf-8")).hexdigest()
-
-
 def split_documents(n_documents: int, n_held_out: int, seed: int) -> tuple[list[int], list[int]]:
     """(training, held-out) document indices: a seeded random ``n_held_out`` are held out."""
     if n_documents <= n_held_out:
@@ -117,15 +106,15 @@ class DocumentSplit(NamedTuple):
     @classmethod
     def of(cls, texts: Any, n_held_out: int, seed: int, text_field: str = "text") -> DocumentSplit:
         train, held_out = split_documents(len(texts), n_held_out, seed)
-        return cls(train, held_out, len(texts), corpus_digest(texts, text_field), seed)
+        return cls(train, held_out, len(texts), texts_digest(texts, text_field), seed)
 
     def check(self, texts: Any, text_field: str = "text") -> None:
         """Raise unless ``texts`` is the corpus this split was drawn from."""
-        if len(texts) != self.n_documents or corpus_digest(texts, text_field) != self.corpus_sha256:
+        if len(texts) != self.n_documents or texts_digest(texts, text_field) != self.corpus_sha256:
             raise ValueError(f"the held-out split was drawn from another corpus ({self.n_documents} documents, "
                              f"sha256 {self.corpus_sha256[:12]}), not these {len(texts)} texts; load the run's "
                              "DATASET, or analyse other documents explicitly (ANALYSIS['documents']='other')")
 
 
-__all__ = ["LOCAL_FORMATS", "DocumentSplit", "corpus_digest", "limit_texts", "load_texts",
+__all__ = ["LOCAL_FORMATS", "DocumentSplit", "limit_texts", "load_texts",
            "random_sample", "split_documents"]

@@ -161,6 +161,8 @@ def test_device_of_model_load_config_reaches_every_stage_config(tmp_path):
     assert run.device == "cuda:1" and run.training.device == "cuda:1"
     assert ExtractionConfig.from_run_config(run, tmp_path).device == "cuda:1"
     assert run.to_json()["device"] == "cuda:1"
+    with pytest.raises(ConfigError, match="is not a torch device"):
+        load_model_constants(_file(tmp_path, 'MODEL_LOAD_CONFIG = {"device": "gpu0"}', "bad_device"))
 
 
 def test_device_is_passed_to_every_stage_at_run_time(tiny_model, tmp_path, monkeypatch):

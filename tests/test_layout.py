@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / "sae_core"
-STAGES = ["files", "config", "models", "default_model", "model_loading", "hooks", "corpora", "texts", "data", "loader", "activations", "store",
+STAGES = ["files", "checks", "config", "models", "default_model", "model_loading", "hooks", "corpora", "texts", "data", "loader", "activations", "store",
           "whitening", "sae_folders", "evaluation", "training", "saes", "latents", "similarity", "steering",
           "plots", "pages", "pipeline"]
 """Top-level modules and packages in pipeline order."""

@@ -121,7 +121,7 @@ def test_whitening_saved_beside_sae_round_trips(tiny_model, acts, whitener, tmp_
     manager = SAEManager(tiny_model)
     manager.add(HOOK, make_sae("standard", seed=1), whitener=whitener)
     folder = manager.save(HOOK, tmp_path / "whitened_sae")
-    assert sorted(p.name for p in folder.iterdir()) == ["cfg.json", "sae_weights.safetensors",
+    assert sorted(p.name for p in folder.iterdir()) == ["cfg.json", "checksums.json", "sae_weights.safetensors",
                                                         "whitening.json", "whitening.safetensors"]
     reloaded = SAEManager(tiny_model)
     entry = reloaded.load_from_disk(folder, device="cpu", dtype=torch.float32)

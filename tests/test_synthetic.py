@@ -44,6 +44,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 synthetic = pytest.importorskip("sae_lens.synthetic")
+pytestmark = pytest.mark.slow  # ~1 min: 300k rows per architecture
 
 from sae_core.config import TrainingConfig, build_flat  # noqa: E402
 from sae_core.training import build_training_sae, train_from_activations  # noqa: E402

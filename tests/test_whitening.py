@@ -400,7 +400,12 @@ def test_statistics_from_an_existing_run(reference_run, tmp_path):
     for part in rows.split(40):
         ids = {k: torch.zeros(len(part), dtype=torch.long) for k in ("token_ids", "doc_index", "position")}
         writer.write({HOOK: part, **ids}, batches_end=1)
+    with pytest.raises(ValueError, match="allow_incomplete=True"):  # an interrupted run: refused unless asked
+        statistics_from_run(tmp_path / "rows", HOOK)
+    partial = statistics_from_run(tmp_path / "rows", HOOK, allow_incomplete=True)
+    writer.finish()
     stats = statistics_from_run(tmp_path / "rows", HOOK)
+    assert partial.n == stats.n == 90
     assert rel(stats.covariance(), np.cov(rows.double().numpy(), rowvar=False)) < 1e-10
 
     run = reference_run[0] / WHITENED_RUN
@@ -426,6 +431,7 @@ def _dist_worker(rank: int, world: int, init_file: str, out: str) -> None:
 
 
 @pytest.mark.dist
+@pytest.mark.slow  # two spawned processes
 def test_all_reduce_across_two_processes(tmp_path):
     import torch.multiprocessing as mp
 

@@ -165,7 +165,7 @@ class RunConfig:
                  for name, values in raw.items() if name not in ("store", "training")}
         shared = {name: built[name] for name in ("windows", "loader", "forward")}
         load = dict(module.MODEL_LOAD_CONFIG)
-        device = str(load.get("device") or "cpu")
+        device = _device_name(load.get("device") or "cpu", module.__name__)
         built["store"] = build(StoreConfig, {**raw["store"], **shared}, "STORE")
         built["training"] = build(TrainingConfig, {
             "hook_points": tuple(module.HOOK_POINTS), "device": device, **raw["training"], **shared,
@@ -190,6 +190,18 @@ class RunConfig:
             value = getattr(self, field_name)
             record[field_name] = {k: v for k, v in to_json(value).items() if k not in SHARED and k != "hook_points"}
         return record
+
+
+def _device_name(device: Any, source: str) -> str:
+    """``MODEL_LOAD_CONFIG['device']`` as torch spells it; a misspelt device fails here, at load (whether
+    it exists on this machine is checked when the model is loaded)."""
+    import torch
+
+    try:
+        return str(torch.device(device))
+    except (RuntimeError, TypeError) as error:
+        raise ConfigError(f"{source}: MODEL_LOAD_CONFIG['device'] = {device!r} is not a torch device ({error}); "
+                          "use 'cpu', 'cuda', 'cuda:1', 'mps', ...") from error
 
 
 def const_of(field_name: str) -> str:

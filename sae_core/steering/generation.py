@@ -57,10 +57,16 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities.tokenize_utils import get_attention_mask
 
-from sae_core.hooks import hook_layer, resolve_hook
+from sae_core.hooks import hook_layer, resolve_hook, resolve_layer
 from sae_core.saes import SAEManager
 from sae_core.steering.hooks import Layout, SteeringHooks
-from sae_core.steering.registry import Steer, SteeringHandle, SteerMode, SteerRegistry
+from sae_core.steering.registry import (
+    Steer,
+    SteeringHandle,
+    SteerMode,
+    SteerRegistry,
+    check_positions_reached,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -134,11 +140,7 @@ class ModelSteering:
     def _resolve(self, hook_or_layer: str | int) -> str:
         """A hook name, or a layer index (negative counts from the end) -> the loaded SAE's hook there."""
         if isinstance(hook_or_layer, int):
-            n_layers = self.model.cfg.n_layers
-            if not -n_layers <= hook_or_layer < n_layers:
-                raise IndexError(f"layer {hook_or_layer} is out of range for a model with {n_layers} layers; "
-                                 f"use 0..{n_layers - 1} (or -{n_layers}..-1 from the end), or a hook name")
-            layer = hook_or_layer % n_layers
+            layer = resolve_layer(self.model, hook_or_layer)  # IndexError listing the valid range
             loaded = [h for h in self.manager.hooks if hook_layer(h) == layer]
             if len(loaded) == 1:
                 return loaded[0]
@@ -165,6 +167,7 @@ class ModelSteering:
         rows = [self.model.to_tokens(p, prepend_bos=bos)[0] for p in prompt_list]
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_past_kv_cache=use_past_kv_cache,
                       prepend_bos=bos, verbose=verbose, **generation_kwargs)
+        check_positions_reached([*self.active_steers, *(steers or [])], max(len(r) for r in rows) + max_new_tokens - 1)
         handle = self.apply(steers) if steers else None
         try:
             with seeded(seed):

@@ -17,7 +17,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from sae_core.saes import SAEManager
-from sae_core.steering.registry import SteerRegistry
+from sae_core.steering.registry import SteerRegistry, check_positions_reached
 
 
 @dataclass
@@ -85,6 +85,8 @@ class SteeringHooks:
             raise NotImplementedError(f"steering at {name} needs (batch, pos, d) activations, got shape "
                                       f"{tuple(x.shape)}; per-head hooks are not supported")
         batch, n, _ = x.shape
+        if self.layout is None:  # a plain forward sees every position at once
+            check_positions_reached(steers, n)
         pos, real, prompt = self.positions(name, batch, n, x.device)
         z = self.manager.encode(name, x) if any(s.mode != "add" for s in steers) else None
         delta: Tensor | None = None

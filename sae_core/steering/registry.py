@@ -95,6 +95,15 @@ class SteerRegistry:
         self.on_change()
 
 
+def check_positions_reached(steers: Sequence[Steer], n_positions: int) -> None:
+    """Steers at absolute positions must reach at least one of the ``n_positions`` steered positions."""
+    for s in steers:
+        if not isinstance(s.positions, str) and min(s.positions) >= n_positions:
+            raise ValueError(f"the steer on latent {s.feature} at {s.hook} acts at positions {list(s.positions)}, but "
+                             f"the model only sees positions 0..{n_positions - 1} (longest prompt plus the generated "
+                             "tokens); use smaller positions, or more max_new_tokens")
+
+
 def check_conflicts(steers: Sequence[Steer]) -> None:
     """Refuse two clamp / scale / ablate steers of one latent at one hook point."""
     seen: set[tuple[str, int]] = set()
@@ -107,4 +116,5 @@ def check_conflicts(steers: Sequence[Steer]) -> None:
         seen.add((s.hook, s.feature))
 
 
-__all__ = ["MODES", "POSITION_KEYWORDS", "Steer", "SteerMode", "SteerRegistry", "SteeringHandle", "check_conflicts"]
+__all__ = ["MODES", "POSITION_KEYWORDS", "Steer", "SteerMode", "SteerRegistry", "SteeringHandle", "check_conflicts",
+           "check_positions_reached"]

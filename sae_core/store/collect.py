@@ -19,7 +19,6 @@ The shard files and their writer live in :mod:`sae_core.store.shards`, reading r
 from __future__ import annotations
 
 import importlib.metadata
-import itertools
 import logging
 import os
 import shutil
@@ -36,6 +35,14 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from sae_core.activations import ActivationBatch, batch_activations, select_positions
+from sae_core.checks import (
+    StreamDigest,
+    check_against_model,
+    check_positions,
+    check_texts,
+    model_fingerprint,
+    texts_digest,
+)
 from sae_core.config import StoreConfig, TextSourceConfig, to_json, with_overrides
 from sae_core.data import WindowBatch, WindowedTextDataset, pad_id_of, windowed_dataset
 from sae_core.files import (
@@ -48,7 +55,7 @@ from sae_core.hooks import resolve_hook
 from sae_core.loader import make_dataloader
 from sae_core.model_loading import model_summary, resolve_dtype
 from sae_core.store.shards import ACTIVATIONS_DIR, META_FILENAME, ShardWriter
-from sae_core.texts import corpus_digest, limit_texts, load_texts
+from sae_core.texts import limit_texts, load_texts
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +81,8 @@ def _texts_of(dataset: Any, cfg: StoreConfig) -> tuple[Any, dict[str, Any]]:
     texts = limit_texts(list(texts) if isinstance(texts, tuple) else texts, cfg.sample_limit, cfg.random_sample,
                         cfg.windows.seed)
     if hasattr(texts, "__len__"):
-        description.update(n_documents=len(texts), sha256=corpus_digest(texts, cfg.windows.text_field))
+        check_texts(texts, cfg.windows.text_field)
+        description.update(n_documents=len(texts), sha256=texts_digest(texts, cfg.windows.text_field))
     else:
         description.update(streaming=True, info=str(getattr(texts, "info", None) and texts.info.dataset_name))
     if hasattr(texts, "__len__") and len(texts) == 0:
@@ -195,7 +203,10 @@ def save(model: HookedTransformer, layer_signature: str | int | Sequence[str | i
     streaming = not hasattr(texts, "__len__")
     keys = {h: h for h in hooks} if cfg.shard_format == "safetensors" else (
         {hooks[0]: "activations"} if len(hooks) == 1 else {h: f"activations.{h}" for h in hooks})
+    check_against_model(model, cfg.windows.max_text_length, "StoreConfig")
+    check_positions(cfg.positions, cfg.windows.max_text_length, "StoreConfig")
     identity = {"model": model.cfg.model_name, "d_model": model.cfg.d_model, "n_layers": model.cfg.n_layers,
+                "model_fingerprint": model_fingerprint(model),
                 "hooks": hooks, "tokenizer": getattr(tokenizer, "name_or_path", None), "dataset": data_description,
                 "token_policy": policy.to_json(tokenizer), **_identity_knobs(cfg, streaming)}
     header = {"model": model_summary(model), "hooks": hooks, "d_model": model.cfg.d_model, "tensor_keys": keys,
@@ -239,6 +250,24 @@ def _identity_knobs(cfg: StoreConfig, streaming: bool) -> dict[str, Any]:
             **{k: v for k, v in to_json(cfg).items() if k not in ("windows", "loader", "forward")}}
 
 
+def _digested(batches: Any, start: int, writer: ShardWriter, digest: StreamDigest) -> Any:
+    """Streamed ``(number, batch)`` after the first ``start``, hashing every batch read (skipped ones too).
+
+    A resume re-reads the batches its shards cover; when the hash of the first ones differs from
+    the one recorded with the last shard, or the stream ends before them, the texts have changed.
+    """
+    expected = writer.progress.get("stream_digest")
+    fix = "resume with the same texts in the same order, or pass a new run_id to start fresh"
+    for number, batch in batches:
+        digest.update(batch.input_ids, batch.doc_index)
+        digest.check(expected, f"cannot resume run {writer.run_dir.name}", fix)
+        if number >= start:
+            yield number, batch
+    if digest.count < start:
+        raise ValueError(f"cannot resume run {writer.run_dir.name}: the text stream ended after {digest.count} "
+                         f"batches but the run's shards already cover {start}; {fix}")
+
+
 def _check_world(run_dir: Path, world_size: int) -> None:
     if (run_dir / META_FILENAME).exists():
         old = read_json(run_dir / META_FILENAME).get("world_size", 1)
@@ -266,8 +295,10 @@ def _collect(model: HookedTransformer, hooks: list[str], texts: Any, cfg: StoreC
         batches: Any = enumerate(loader, start=start)
         total = None if cfg.loader.batch_tokens else start + len(loader)  # a token budget knows no length up front
     else:
-        batches = itertools.islice(enumerate(make_dataloader(windows, cfg.loader)), start, None)
+        digest = StreamDigest()
+        batches = _digested(enumerate(make_dataloader(windows, cfg.loader)), start, writer, digest)
         total = None
+    digest_of = (lambda: {"stream_digest": digest.state()}) if not hasattr(texts, "__len__") else dict
     buffer = ShardBuffer(hooks, keys, cfg.shard_format == "npz", resolve_dtype(cfg.storage_dtype))
     pad_id = pad_id_of(tokenizer)
     number = start - 1
@@ -285,10 +316,11 @@ def _collect(model: HookedTransformer, hooks: list[str], texts: Any, cfg: StoreC
         buffer.counts["tokens"] += acts.n_tokens_seen
         buffer.add(acts, batch, keep)
         if buffer.rows >= cfg.shard_size:
-            writer.write(buffer.tensors(pad_id), number + 1, buffer.counts, rows=buffer.rows)
+            writer.write(buffer.tensors(pad_id), number + 1, buffer.counts, rows=buffer.rows,
+                         progress_fields=digest_of())
             buffer.reset()
     if buffer.rows:
-        writer.write(buffer.tensors(pad_id), number + 1, buffer.counts, rows=buffer.rows)
+        writer.write(buffer.tensors(pad_id), number + 1, buffer.counts, rows=buffer.rows, progress_fields=digest_of())
         buffer.reset()
     totals = writer.totals()
     for key, value in buffer.counts.items():  # trailing batches that produced no rows

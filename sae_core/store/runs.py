@@ -5,6 +5,23 @@ Reading back (:class:`ActivationRun`): the whole run is one lazily concatenating
 gives the byte offsets; ``safe_open`` would hand out tensors read into memory), so nothing is
 copied into RAM until rows are indexed. Rejected: a single preallocated ``.npy`` per hook finalized
 at the end, which doubles the disk writes and leaves a partial or multi-rank run unreadable.
+
+What a read checks. Opening a run checks, without reading any data: ``meta.json`` has the keys of
+a run, the shards are numbered in order with each file listed once, every shard has its recorded
+size, a well-formed safetensors header whose tensors hold the recorded row count in the recorded
+storage dtype, and (complete runs) ``row_count`` equals the shards' rows. Before any value is
+returned (the first column view, each shard of :meth:`ActivationRun.iter_shards`), every shard it
+comes from is SHA-256 hashed once per :class:`ActivationRun`, so a flipped byte is an error, never a
+wrong number. That costs one sequential read of the run, paid on the first access: on a 291 MiB run
+(4 shards, the shared 2-core dev machine, warm page cache) opening took 0.3 ms, reading every row
+1.18 s instead of 0.47 s, the first 4,096 random rows 0.59 s instead of 0.04 s (later reads cost
+nothing extra), ``iter_shards`` 0.73 s instead of 0.002 s (safetensors maps the file lazily);
+``check_hashes=False`` skips the hashes for a run already verified. :meth:`ActivationRun.verify`
+re-does every check, hashes included, and counts the kept rows of NPZ chunks (which opening leaves
+alone: it would decompress them). Not checked: that a shard was written by this run (a shard of
+another run with the same size, rows and hash recorded would pass; only a rewritten meta.json can
+do that). An incomplete run opens with a warning; whole-run statistics refuse it unless asked
+(:meth:`ActivationRun.require_complete`).
 """
 
 from __future__ import annotations
@@ -155,27 +172,71 @@ def _npz_rows(path: Path, key: str) -> np.ndarray:
         return data[key][mask]
 
 
-class ActivationRun:
-    """A run folder written by :func:`save`: metadata, shards, activations and row origins."""
+REQUIRED_META = ("hooks", "tensor_keys", "shard_format", "shards")
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+
+class ActivationRun:
+    """A run folder written by :func:`save`: metadata, shards, activations and row origins.
+
+    Opening checks every listed shard without reading its data (size, header, rows and dtype
+    against the metadata, its index against its name); the first read of values (a column view,
+    :meth:`iter_shards`) also checks each shard's SHA-256 once, unless ``check_hashes=False``.
+    An interrupted run opens with a warning.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], check_hashes: bool = True) -> None:
         self.path = Path(path)
         if not (self.path / META_FILENAME).exists():
             raise FileNotFoundError(f"{self.path} is not an activation run (no {META_FILENAME})")
-        self.meta: dict[str, Any] = read_json(self.path / META_FILENAME)
-        self.shards = [ShardRecord.from_json(r) for r in self.meta.get("shards", [])]
+        meta_path = self.path / META_FILENAME
+        self.meta: dict[str, Any] = read_json(meta_path)
+        missing = [k for k in REQUIRED_META if not isinstance(self.meta, dict) or k not in self.meta]
+        if missing:
+            raise ValueError(f"{meta_path} lacks {missing}: it is not the metadata of an activation run, or it "
+                             "was damaged; restore it or delete the run and extract again")
+        try:
+            self.shards = [ShardRecord.from_json(r) for r in self.meta["shards"]]
+        except TypeError as err:
+            raise ValueError(f"{meta_path} lists a malformed shard ({err}); restore it or delete the run") from None
+        _check_records(meta_path, self.shards)
         for record in self.shards:
             check_shard(self.path / record.file, record)
+            if self.meta["shard_format"] == "safetensors":
+                _check_layout(self.path / record.file, record, self.meta)
+        if self.meta.get("complete") and "row_count" in self.meta and self.meta["row_count"] != len(self):
+            raise ValueError(f"{meta_path} records row_count={self.meta['row_count']} but its shards hold "
+                             f"{len(self)} rows; restore it or delete the run and extract again")
+        if not self.meta.get("complete"):
+            logger.warning("run %s is incomplete (interrupted?): %d shards so far; resume it with save(..., "
+                           "run_id=%r)", self.path, len(self.shards), self.path.name)
+        self.check_hashes = check_hashes
+        self._hashed: set[str] = set()
         self._columns: dict[str, ShardedRows] = {}
 
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta.get("complete"))
+
+    def require_complete(self, what: str) -> None:
+        """Raise unless the run is complete (statistics over part of a run are refused unless asked for)."""
+        if not self.complete:
+            raise ValueError(f"{what} over run {self.path} would cover only the {len(self.shards)} shards written "
+                             "before it was interrupted; resume the extraction first, or pass "
+                             "allow_incomplete=True to use the partial run")
+
+    def _hash_once(self, record: ShardRecord) -> None:
+        if self.check_hashes and record.file not in self._hashed:
+            check_shard(self.path / record.file, record, full=True)
+            self._hashed.add(record.file)
+
     @classmethod
-    def open(cls, store: str | os.PathLike[str], run_id: str) -> ActivationRun:
+    def open(cls, store: str | os.PathLike[str], run_id: str, check_hashes: bool = True) -> ActivationRun:
         """The run ``run_id`` of a store folder."""
         path = Path(store) / ACTIVATIONS_DIR / run_id
         if not path.exists():
             known = [r.run_id for r in list_runs(store)]
             raise FileNotFoundError(f"no run {run_id!r} in {Path(store) / ACTIVATIONS_DIR}; runs: {known}")
-        return cls(path)
+        return cls(path, check_hashes)
 
     @property
     def run_id(self) -> str:
@@ -190,6 +251,8 @@ class ActivationRun:
 
     def _column(self, key: str) -> ShardedRows:
         if key not in self._columns:
+            for record in self.shards:
+                self._hash_once(record)
             paths = [self.path / r.file for r in self.shards]
             lengths = [r.rows for r in self.shards]
             if self.meta["shard_format"] == "npz":
@@ -231,6 +294,7 @@ class ActivationRun:
         """Each shard's rows in order (ranks in order, then shard number)."""
         for record in self.shards:
             path = self.path / record.file
+            self._hash_once(record)
             if self.meta["shard_format"] == "npz":
                 cols = {k: torch.from_numpy(_npz_rows(path, k))
                         for k in {*self.meta["tensor_keys"].values(), "token_ids", "doc_index", "position"}}
@@ -240,9 +304,46 @@ class ActivationRun:
             yield ShardRows(record, acts, cols["token_ids"], cols["doc_index"], cols["position"])
 
     def verify(self) -> None:
-        """Check every shard's size, header and SHA-256; raises naming the first bad file."""
+        """Check every shard's size, header, rows, dtype and SHA-256; raises naming the first bad file."""
         for record in self.shards:
             check_shard(self.path / record.file, record, full=True)
+            if self.meta["shard_format"] == "safetensors":
+                _check_layout(self.path / record.file, record, self.meta)
+            else:
+                kept = int(np.load(self.path / record.file)["attention_mask"].astype(bool).sum())
+                if kept != record.rows:
+                    raise ValueError(f"shard {self.path / record.file} holds {kept} kept rows but the run metadata "
+                                     f"records {record.rows}; restore meta.json or delete the run")
+            self._hashed.add(record.file)
+
+
+def _check_records(meta_path: Path, records: list[ShardRecord]) -> None:
+    """Each rank's shards are numbered 0, 1, ... in order, each file listed once."""
+    by_rank: dict[int, list[int]] = {}
+    for record in records:
+        by_rank.setdefault(record.rank, []).append(record.index)
+    files = [r.file for r in records]
+    if len(set(files)) != len(files) or any(v != list(range(len(v))) for v in by_rank.values()):
+        raise ValueError(f"{meta_path} lists shards out of order or twice ({files}); restore it or delete the run")
+
+
+def _check_layout(path: Path, record: ShardRecord, meta: dict[str, Any]) -> None:
+    """Rows, dtype and width of a safetensors shard's tensors against what the run metadata records."""
+    _, header = safetensors_layout(path)
+    keys = {*meta["tensor_keys"].values(), "token_ids", "doc_index", "position"}
+    storage = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.get(meta.get("storage_dtype", ""))
+    for key in sorted(keys):
+        info = header.get(key)
+        problem = None
+        if info is None:
+            problem = f"has no tensor {key!r}"
+        elif not info["shape"] or info["shape"][0] != record.rows:
+            problem = f"holds {info['shape'][:1]} rows of {key!r} but the run metadata records {record.rows}"
+        elif key in meta["tensor_keys"].values() and storage is not None and info["dtype"] != storage:
+            problem = f"stores {key!r} as {info['dtype']}, the run metadata says {meta['storage_dtype']}"
+        if problem:
+            raise ValueError(f"shard {path} {problem}; the shard or meta.json is corrupted: restore it, or delete "
+                             "the run and extract again")
 
 
 class RunSummary(NamedTuple):

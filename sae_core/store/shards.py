@@ -24,7 +24,6 @@ tokens), -1 for a prepended BOS.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -39,7 +38,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sae_core.checks import differences
 from sae_core.files import (
+    FolderLock,
     atomic_path,
     atomic_write_json,
     ensure_writable_dir,
@@ -172,6 +173,9 @@ def safetensors_layout(path: Path) -> tuple[int, dict[str, Any]]:
 
 def check_shard(path: Path, record: ShardRecord | None = None, full: bool = False) -> None:
     """Raise naming ``path`` if the shard is missing, truncated, of the wrong size or (``full``) hash."""
+    if record is not None and (path.name != record.file or not record.file.split(".")[0].endswith(f"{record.index:05d}")):
+        raise ValueError(f"shard {path} is listed as shard {record.index} of rank {record.rank} under the name "
+                         f"{record.file!r}; the run metadata is corrupted, delete the run or restore meta.json")
     if not path.exists():
         raise FileNotFoundError(f"shard {path} is listed in the run metadata but missing")
     if record is not None and path.stat().st_size != record.nbytes:
@@ -180,7 +184,8 @@ def check_shard(path: Path, record: ShardRecord | None = None, full: bool = Fals
     if path.suffix == ".safetensors":
         safetensors_layout(path)
     if full and record is not None and file_sha256(path) != record.sha256:
-        raise ValueError(f"shard {path} is corrupted: its SHA-256 differs from the one recorded when it was written")
+        raise ValueError(f"shard {path} is corrupted: its SHA-256 differs from the one recorded when it was written; "
+                         "restore the file, or delete the run and extract again")
 
 
 def load_shard(path: str | os.PathLike[str]) -> dict[str, Tensor]:
@@ -253,13 +258,8 @@ class ShardWriter:
             previous.close()
             previous._superseded = True
         self._superseded = False
-        self._lock = open(self._lock_path, "w")  # noqa: SIM115 - held for the writer's lifetime
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            raise RuntimeError(f"run {self.run_dir.name} (rank {self.rank}) is being written by another "
-                               "process; wait for it or stop it before resuming") from None
+        self._lock = FolderLock(self._lock_path, f"run {self.run_dir.name} (rank {self.rank}) is being written by "
+                                "another process; wait for it or stop it before resuming").acquire()
         _LOCAL_WRITERS[key] = self
 
     def __enter__(self) -> ShardWriter:
@@ -271,9 +271,9 @@ class ShardWriter:
     def _resume(self, verify_hashes: bool) -> None:
         progress = read_json(self.progress_path)
         old = progress.get("identity", {})
-        differ = sorted(k for k in set(old) | set(self.identity) if old.get(k) != self.identity.get(k))
+        differ = differences(old, self.identity)
         if differ:
-            details = "; ".join(f"{k}: run has {old.get(k)!r}, now {self.identity.get(k)!r}" for k in differ)
+            details = "; ".join(differ)
             raise ValueError(f"cannot resume run {self.run_dir.name} with different settings ({details}); "
                              "use the original settings or a new run_id")
         self._shards = [ShardRecord.from_json(r) for r in progress.get("shards", [])]
@@ -288,6 +288,7 @@ class ShardWriter:
         listed = {r.file for r in self._shards}
         ext = SHARD_FORMATS[self.shard_format]
         leftovers = [p for p in self.run_dir.glob(f".{self.prefix}*.tmp")]
+        leftovers += list(self.run_dir.glob(f".{self.progress_path.name}.*.tmp"))  # a cut-short meta.json write
         leftovers += [p for p in self.run_dir.glob(f"{self.prefix}[0-9]*{ext}") if p.name not in listed]
         for path in leftovers:
             logger.warning("removing %s, left over by an interrupted write", path)
@@ -328,18 +329,20 @@ class ShardWriter:
         return totals
 
     def write(self, tensors: Mapping[str, Tensor | np.ndarray | Sequence[Tensor | np.ndarray]], batches_end: int,
-              counts: Mapping[str, int] | None = None, rows: int | None = None) -> ShardRecord:
+              counts: Mapping[str, int] | None = None, rows: int | None = None,
+              progress_fields: Mapping[str, Any] | None = None) -> ShardRecord:
         """Write the next shard atomically, then list it; returns its record.
 
         Each value is a tensor / array, or a list of row blocks of one tensor (written one after
         the other, never concatenated in memory for safetensors). ``batches_end``: batches consumed
         so far (what a resume skips). ``rows`` defaults to the first tensor's length.
+        ``progress_fields`` are stored in the progress file in the same write that lists the shard.
         """
         if batches_end < self.batches_done:
             raise ValueError(f"batches_end {batches_end} is before the last shard's {self.batches_done}")
         if self.complete:
             raise RuntimeError(f"run {self.run_dir.name} is already complete; start a new run_id")
-        if self._superseded or self._lock.closed:
+        if self._superseded or not self._lock.held:
             raise RuntimeError(f"this writer of run {self.run_dir.name} was closed or replaced by a newer one")
         data = {k: _pieces(v) for k, v in tensors.items()}
         if self.float_dtype is not None:
@@ -353,6 +356,7 @@ class ShardWriter:
         record = ShardRecord(index, path.name, self.rank, int(n_rows), int(batches_end),
                              path.stat().st_size, digest, {k: int(v) for k, v in (counts or {}).items()})
         self._shards.append(record)
+        self._progress.update(progress_fields or {})
         self._save()
         return record
 
@@ -373,10 +377,8 @@ class ShardWriter:
 
     def close(self) -> None:
         """Release the run's write lock (done by :meth:`finish` and on leaving a ``with`` block)."""
-        if not self._lock.closed:
-            if self.complete and not self._superseded:
-                self._lock_path.unlink(missing_ok=True)
-            self._lock.close()
+        if self._lock.held:
+            self._lock.release(remove=self.complete and not self._superseded)
             key = str(self._lock_path.resolve())
             if _LOCAL_WRITERS.get(key) is self:
                 del _LOCAL_WRITERS[key]

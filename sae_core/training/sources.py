@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader
 from transformer_lens import HookedTransformer
 
 from sae_core.activations import batch_activations, run_to_hooks
+from sae_core.checks import StreamDigest
 from sae_core.config import LoaderConfig, TokenPolicy
 from sae_core.data import PadCollate, WindowedTextDataset, WindowKey, pad_id_of
 from sae_core.loader import SkipBatches
@@ -172,12 +173,19 @@ class ModelActivationSource:
         epoch, start = self._locate(position)
         while True:
             self.dataset.set_epoch(epoch)
+            rows = 0
             for batch in self.loader(start):
                 position += 1
                 if batch.input_ids.numel() == 0:
                     continue
                 acts = batch_activations(self.model, batch, self.hooks, self.policy, self.forward_dtype)
+                rows += len(acts.token_ids)
                 yield acts.acts, position
+            if rows == 0 and start == 0:  # a whole epoch without a row: every later one is the same
+                raise ValueError(
+                    f"a whole epoch over {len(self.sampler.documents)} training documents gave no activation rows: "
+                    f"every window is empty or holds only tokens the token policy drops ({self.policy}); give texts "
+                    "with ordinary tokens, or keep special-token rows (exclude_special_tokens=False)")
             epoch, start = epoch + 1, 0
 
 
@@ -188,6 +196,8 @@ class TensorChunkSource:
         if not hooks:
             raise ValueError("name the hook point(s) the rows come from (hooks=[...])")
         self.open, self.hooks = open_chunks, list(hooks)
+        self.expected_digest: dict[str, Any] | None = None  # what a checkpoint recorded of the stream
+        self.digest_state: dict[str, Any] | None = None  # the stream up to the last chunk yielded
 
     def _as_chunk(self, item: Tensor | Chunk, number: int) -> Chunk:
         if isinstance(item, Tensor):
@@ -204,16 +214,30 @@ class TensorChunkSource:
         return {h: item[h] for h in self.hooks}
 
     def chunks(self, position: int) -> Iterator[tuple[Chunk, int]]:
+        """Chunks after ``position``; every chunk read (skipped ones too) goes into a running digest,
+        checked against :attr:`expected_digest` (set by a resumed run) once the stream passes it."""
         rank, world = rank_and_world()
         index = 0  # chunk number in the whole stream, across epochs
+        digest = StreamDigest()
         while True:
-            start = index
+            start, rows = index, 0
             for item in self.open():
+                chunk = self._as_chunk(item, index)
+                digest.update(*chunk.values())
                 index += 1
-                if index > position and (index - 1) % world == rank:
-                    yield self._as_chunk(item, index - 1), index
+                digest.check(self.expected_digest, "cannot resume training",
+                             "resume on the same activation rows in the same order, or delete the checkpoint "
+                             "folder (or pass resume=False) to start over")
+                if (index - 1) % world == rank:
+                    rows += _rows(chunk)
+                    if index > position:
+                        self.digest_state = digest.state()
+                        yield chunk, index
             if index == start:
                 raise ValueError("the activation source yielded no chunks; check the run / iterable")
+            if rows == 0:
+                raise ValueError(f"a whole pass over the activation source ({index - start} chunks) gave rank {rank} "
+                                 "no rows (every chunk has 0 rows); check the run / iterable")
 
 
 def _rows(chunk: Chunk) -> int:

@@ -38,8 +38,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from sae_core.activations import forward_context
+from sae_core.checks import differences
 from sae_core.config import TrainingConfig
-from sae_core.files import atomic_path, atomic_write_json, read_json
+from sae_core.files import atomic_path, atomic_write_json, file_sha256, read_json
 from sae_core.model_loading import resolve_dtype
 from sae_core.training.sources import BlockShuffler, rank_and_world
 from sae_core.training.sparse_topk import topk_training_step
@@ -81,6 +82,18 @@ def build_training_sae(cfg: TrainingConfig, d_in: int, hook: str, seed: int,
         return sae_class(sae_cfg)
 
 
+def check_sizes(cfg: TrainingConfig, widths: Mapping[str, int]) -> None:
+    """Sizes only the hook widths can check: ``1 <= k <= d_sae`` for the TopK family, ``d_sae >= 1``."""
+    for hook, d_in in widths.items():
+        d_sae = cfg.sae.d_sae_for(d_in)
+        if d_sae < 1:
+            raise ValueError(f"TrainingConfig: the SAE for {hook} (d_in={d_in}) would have d_sae={d_sae}; "
+                             "raise d_sae or expansion_factor")
+        if cfg.sae.architecture in ("topk", "batchtopk") and not 1 <= cfg.sae.k <= d_sae:
+            raise ValueError(f"TrainingConfig: k={cfg.sae.k} active latents do not fit the d_sae={d_sae} latents of the "
+                             f"SAE for {hook} (d_in={d_in}); set 1 <= k <= {d_sae}, or raise d_sae / expansion_factor")
+
+
 def to_inference_sae(sae: TrainingSAE) -> SAE:
     """The inference SAE that ``save_inference_model`` would write, built in memory."""
     state = {name: t.detach().clone() for name, t in sae.state_dict().items()}
@@ -88,6 +101,18 @@ def to_inference_sae(sae: TrainingSAE) -> SAE:
     inference = SAE.from_dict(sae.cfg.get_inference_sae_cfg_dict())
     inference.load_state_dict(state)
     return inference.eval()
+
+
+def _explain_non_finite_loss(hook: str, step: int, loss: float, x: Tensor) -> None:
+    """Raise ``FloatingPointError`` naming why the loss of ``step`` is not finite: the rows, or the SAE."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        raise FloatingPointError(f"the training rows of {hook} for step {step} (batch {step}) hold {int(bad.sum())} "
+                                 f"NaN / inf value(s) (first in row {int(bad.any(-1).nonzero()[0])}); fix or drop them "
+                                 "at the source. Checkpoints are unchanged")
+    raise FloatingPointError(f"the loss of the SAE for {hook} is {loss} at step {step} (batch {step}, largest |value| "
+                             f"{float(x.abs().max()):.3g}): float32 overflows on rows this large, or the weights "
+                             "diverged; scale or whiten the activations, or lower lr. Checkpoints are unchanged")
 
 
 class StepStats(NamedTuple):
@@ -147,6 +172,8 @@ class SAEState:
         _, world = rank_and_world()
         self.sae.train()
         loss, sae_out, fired, active = self._forward(x, step)
+        if not bool(torch.isfinite(loss)):  # one scalar per step; the rows are looked at only then
+            _explain_non_finite_loss(self.hook, step, float(loss.detach()), x)
         loss.backward()
         params = [p for p in self.sae.parameters() if p.requires_grad]
         if world > 1:
@@ -156,6 +183,8 @@ class SAEState:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.optimizer.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if log:
+            self.check_parameters(step)
         self.scheduler.step()
         for scheduler in self.coefficients.values():
             scheduler.step()
@@ -167,6 +196,14 @@ class SAEState:
         self.input_sum += x.double().sum(0)
         self.rows_seen += x.shape[0]
         return step_stats(loss.detach(), x, sae_out, active, world) if log else None
+
+    def check_parameters(self, step: int) -> None:
+        """Raise if an update made a parameter non-finite (run on log steps and before every save:
+        a pass over the parameters costs about a tenth of a step, and the loss shows it next step)."""
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.sae.parameters()]).all()):
+            raise FloatingPointError(f"the parameters of the SAE for {self.hook} are non-finite after the update of "
+                                     f"step {step} (batch {step}; lr={self.lr}); lower lr or max_grad_norm. "
+                                     "Checkpoints are unchanged")
 
     def input_mean(self) -> Tensor:
         """Mean SAE input over every rank's rows so far (float64)."""
@@ -235,6 +272,7 @@ class Checkpoint(NamedTuple):
     tokens: int
     complete: bool
     curves: dict[str, list[dict[str, Any]]]
+    source_digest: dict[str, Any] | None = None  # this rank's activation stream up to the checkpoint
 
 
 def _save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
@@ -248,12 +286,24 @@ def _barrier() -> None:
 
 
 def save_checkpoint(directory: Path, step: int, tokens: int, states: list[SAEState], shuffler: BlockShuffler,
-                    curves: dict[str, list[dict[str, Any]]], config: dict[str, Any], complete: bool) -> Path:
-    """Write this rank's part of checkpoint ``step``; rank 0 commits it once every rank is done."""
+                    curves: dict[str, list[dict[str, Any]]], config: dict[str, Any], complete: bool,
+                    source_digest: dict[str, Any] | None = None) -> Path:
+    """Write this rank's part of checkpoint ``step``; rank 0 commits it once every rank is done.
+
+    ``latest.json`` (the commit) records the size and SHA-256 of every file of the folder, so a
+    resume reads nothing that was damaged since; ``source_digest`` (this rank's stream so far)
+    lets a resume refuse another activation stream.
+    """
     rank, world = rank_and_world()
+    for state in states:
+        state.check_parameters(step - 1)
     folder = directory / f"step-{step:08d}"
     folder.mkdir(parents=True, exist_ok=True)
-    _save_tensors(folder / f"data-rank{rank}.safetensors", {**shuffler.state_tensors(), "torch_rng": torch.get_rng_state()})
+    data = {**shuffler.state_tensors(), "torch_rng": torch.get_rng_state()}
+    if source_digest is not None:
+        data.update({"source_digest.items": torch.tensor(source_digest["items"]),
+                     "source_digest.sha256": torch.frombuffer(bytearray.fromhex(source_digest["sha256"]), dtype=torch.uint8)})
+    _save_tensors(folder / f"data-rank{rank}.safetensors", data)
     if rank == 0:
         for index, state in enumerate(states):
             _save_tensors(folder / f"sae-{index}.safetensors", state.state_tensors())
@@ -262,7 +312,10 @@ def save_checkpoint(directory: Path, step: int, tokens: int, states: list[SAESta
             "hooks": [s.hook for s in states], "saes": [s.state_json() for s in states], "curves": curves})
     _barrier()
     if rank == 0:
-        atomic_write_json(directory / LATEST_FILENAME, {"folder": folder.name, "step": step, "complete": complete})
+        files = {p.name: {"nbytes": p.stat().st_size, "sha256": file_sha256(p)}
+                 for p in sorted(folder.iterdir()) if not p.name.startswith(".")}
+        atomic_write_json(directory / LATEST_FILENAME, {"folder": folder.name, "step": step, "complete": complete,
+                                                        "files": files})
         for old in directory.glob("step-*"):
             if old != folder:
                 shutil.rmtree(old, ignore_errors=True)
@@ -273,42 +326,57 @@ def save_checkpoint(directory: Path, step: int, tokens: int, states: list[SAESta
 
 
 def _check_compatible(saved: dict[str, Any], config: dict[str, Any], world: int, folder: Path) -> None:
-    old, new = _flat(saved["config"]), _flat(json.loads(json.dumps(config)))  # tuples as lists, as saved
-    changed = sorted(k for k in set(old) | set(new)
-                     if k.rsplit(".", 1)[-1] not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+    config = json.loads(json.dumps(config))  # tuples as lists, as they were saved
+    changed = [k for k in differences(saved["config"], config)
+               if k.split(":")[0].rsplit(".", 1)[-1] not in RESUMABLE_CHANGES]
     if changed:
-        raise ValueError(f"the checkpoint in {folder} was written with a different config ({', '.join(changed)}); "
-                         "restore those settings to resume, or delete the checkpoint folder to start over")
+        raise ValueError(f"the checkpoint in {folder} was written for other inputs or settings ({'; '.join(changed)}); "
+                         "restore them to resume, or delete the checkpoint folder (or pass resume=False) to start over")
     if saved["world_size"] != world:
         raise ValueError(f"the checkpoint in {folder} was written by {saved['world_size']} ranks, this run has "
                          f"{world}; resume with the same number of processes")
 
 
-def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config sections as dotted keys (``optimizer.lr``), so a change is named by its path."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and key != "extra":
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
+def _read_checked(folder: Path, name: str, files: dict[str, Any]) -> Path:
+    """``folder / name`` after checking its size and SHA-256 against ``latest.json``."""
+    path, fix = folder / name, "delete the checkpoint folder (or pass resume=False) to start over"
+    record = files.get(name)
+    if record is None:
+        raise ValueError(f"{folder.parent / LATEST_FILENAME} records no hash for {name}; it was written by an "
+                         f"older sae_core or damaged: {fix}")
+    if not path.exists() or path.stat().st_size != record["nbytes"] or file_sha256(path) != record["sha256"]:
+        state = "missing" if not path.exists() else "damaged (its size or SHA-256 differs from the recorded one)"
+        raise ValueError(f"checkpoint file {path} is {state}; {fix}")
+    return path
 
 
 def load_checkpoint(directory: Path, states: list[SAEState], shuffler: BlockShuffler,
                     config: dict[str, Any]) -> Checkpoint | None:
-    """Restore the newest committed checkpoint into ``states`` and ``shuffler`` (None if there is none)."""
+    """Restore the newest committed checkpoint into ``states`` and ``shuffler`` (None if there is none).
+
+    Every file is checked against the sizes and hashes in ``latest.json`` before it is read.
+    """
     pointer = directory / LATEST_FILENAME
     if not pointer.exists():
         return None
     rank, world = rank_and_world()
-    folder = directory / read_json(pointer)["folder"]
-    saved = read_json(folder / STATE_FILENAME)
+    latest = read_json(pointer)
+    if not isinstance(latest, dict) or "folder" not in latest:
+        raise ValueError(f"{pointer} is not a checkpoint pointer; delete {directory} to start over")
+    folder, files = directory / str(latest["folder"]), latest.get("files", {})
+    if rank == 0:  # temp files of writes cut short (the committed files are named by latest.json)
+        for leftover in [*directory.glob(".*.tmp"), *folder.glob(".*.tmp")]:
+            logger.warning("removing %s, left over by an interrupted write", leftover)
+            leftover.unlink(missing_ok=True)
+    saved = read_json(_read_checked(folder, STATE_FILENAME, files))
     _check_compatible(saved, config, world, folder)
     for index, state in enumerate(states):
-        state.load(load_file(str(folder / f"sae-{index}.safetensors")), saved["saes"][index])
-    data = load_file(str(folder / f"data-rank{rank}.safetensors"))
+        state.load(load_file(str(_read_checked(folder, f"sae-{index}.safetensors", files))), saved["saes"][index])
+    data = load_file(str(_read_checked(folder, f"data-rank{rank}.safetensors", files)))
     torch.set_rng_state(data.pop("torch_rng"))
+    digest = None
+    if "source_digest.items" in data:
+        digest = {"items": int(data.pop("source_digest.items")), "sha256": bytes(data.pop("source_digest.sha256").tolist()).hex()}
     shuffler.load_state_tensors(data)
     logger.info("resuming from %s (step %d, %d tokens)", folder, saved["step"], saved["tokens"])
-    return Checkpoint(saved["step"], saved["tokens"], saved["complete"], saved["curves"])
+    return Checkpoint(saved["step"], saved["tokens"], saved["complete"], saved["curves"], digest)

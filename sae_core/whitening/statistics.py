@@ -45,12 +45,13 @@ from typing import Any
 
 import torch
 from jaxtyping import Bool, Float
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sae_core.files import atomic_path, atomic_write_json, read_json
+from sae_core.checks import safetensors_header
+from sae_core.files import atomic_path, atomic_write_json, file_sha256, read_json
 from sae_core.store import ActivationRun
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,11 @@ class IncrementalWhitener:
             rows = rows[mask.reshape(-1).to(self.device)]
         if rows.shape[0] == 0:
             return 0
+        bad = ~torch.isfinite(rows).all(dim=-1)
+        if bool(bad.any()):
+            raise FloatingPointError(f"{int(bad.sum())} of {rows.shape[0]} rows hold NaN or inf (first: row "
+                                     f"{int(bad.nonzero()[0])}); the statistics are unchanged. Find where the "
+                                     "activations overflow (e.g. a float16 forward) and fix or drop those rows")
         rows = rows.to(torch.float64)
         mean_b = rows.mean(dim=0)
         centred = rows - mean_b  # (rows, d)
@@ -161,7 +167,7 @@ class IncrementalWhitener:
             save_file({"n": torch.tensor(self.n, dtype=torch.int64), "mean": self.mean.cpu().contiguous(),
                        "m2": self.m2.cpu().contiguous()}, str(tmp))
         atomic_write_json(folder / STATS_JSON, {"format_version": FORMAT_VERSION, "d": self.d, "n": self.n,
-                                                **metadata})
+                                                "sha256": file_sha256(folder / STATS_FILENAME), **metadata})
         return folder
 
     @classmethod
@@ -170,10 +176,11 @@ class IncrementalWhitener:
         """Statistics saved by :meth:`save` (a folder or the ``.safetensors`` file)."""
         path = Path(path)
         file = path / STATS_FILENAME if path.is_dir() else path
-        tensors = _read_safetensors(file, ("n", "mean", "m2"), "IncrementalWhitener.save", device)
+        tensors = _read_safetensors(file, ("n", "mean", "m2"), "IncrementalWhitener.save", device, STATS_JSON)
         d = tensors["mean"].shape[0]
-        if tensors["m2"].shape != (d, d):
-            raise ValueError(f"{file}: m2 has shape {tuple(tensors['m2'].shape)}, expected ({d}, {d})")
+        if tensors["mean"].ndim != 1 or tensors["m2"].shape != (d, d) or int(tensors["n"]) < 0:
+            raise ValueError(f"{file}: mean {tuple(tensors['mean'].shape)}, m2 {tuple(tensors['m2'].shape)}, n "
+                             f"{int(tensors['n'])} are not statistics of one width; {_FIX}")
         _check_expected_d(file, d, expected_d)
         stats = cls(d, device)
         stats.n, stats.mean, stats.m2 = int(tensors["n"]), tensors["mean"].double(), tensors["m2"].double()
@@ -186,16 +193,33 @@ def _check_expected_d(path: Path, d: int, expected_d: int | None) -> None:
                          "it belongs to another model or hook point")
 
 
-def _read_safetensors(file: Path, keys: Sequence[str], writer: str,
-                      device: str | torch.device) -> dict[str, Tensor]:
+_FIX = "restore the file, or compute the whitening again (scripts.compute_whitening)"
+
+
+def _read_safetensors(file: Path, keys: Sequence[str], writer: str, device: str | torch.device,
+                      json_name: str | None = None) -> dict[str, Tensor]:
+    """Every tensor of ``file``, after checking its header, the hash its JSON records and finiteness."""
     if not file.exists():
         raise FileNotFoundError(f"{file} does not exist; write it with {writer}")
-    with safe_open(str(file), framework="pt", device=str(device)) as fh:
-        missing = [k for k in keys if k not in fh.keys()]
-        if missing:
-            raise KeyError(f"{file} lacks the tensors {missing} (has {sorted(fh.keys())}); "
-                           f"it was not written by {writer}")
-        return {k: fh.get_tensor(k) for k in fh.keys()}
+    safetensors_header(file, _FIX)
+    record = file.parent / json_name if json_name else None
+    if record is not None and record.exists():
+        expected = read_json(record).get("sha256") if isinstance(read_json(record), dict) else None
+        if expected is not None and file_sha256(file) != expected:
+            raise ValueError(f"{file} differs from the SHA-256 recorded in {record} (damaged or replaced); {_FIX}")
+    try:
+        with safe_open(str(file), framework="pt", device=str(device)) as fh:
+            missing = [k for k in keys if k not in fh.keys()]
+            if missing:
+                raise KeyError(f"{file} lacks the tensors {missing} (has {sorted(fh.keys())}); "
+                               f"it was not written by {writer}")
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except SafetensorError as err:
+        raise ValueError(f"{file} cannot be read ({err}); {_FIX}") from None
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{file}: {name} holds NaN or inf; {_FIX}")
+    return tensors
 
 
 def spectrum_summary(eigenvalues: Tensor, eps: float) -> dict[str, float | int]:
@@ -328,7 +352,7 @@ class Whitener:
         meta = {k: str(v) for k, v in self.summary().items() if k != "eigenvalues"}
         with atomic_path(folder / WHITENING_FILENAME) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in self._tensors().items()}, str(tmp), metadata=meta)
-        atomic_write_json(folder / WHITENING_JSON, self.summary())
+        atomic_write_json(folder / WHITENING_JSON, {**self.summary(), "sha256": file_sha256(folder / WHITENING_FILENAME)})
         return folder
 
     def save_torch(self, path: str | os.PathLike[str]) -> Path:
@@ -348,12 +372,17 @@ class Whitener:
         if path.suffix == ".pt":
             if not path.exists():
                 raise FileNotFoundError(f"{path} does not exist; write it with Whitener.save_torch")
-            record = torch.load(path, map_location=device, weights_only=True)
+            try:
+                record = torch.load(path, map_location=device, weights_only=True)
+            except Exception as err:  # zip / pickle errors of a damaged file
+                raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err}); {_FIX}") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path} holds {type(record).__name__}, not a Whitener record; {_FIX}")
             meta = {k: v for k, v in record.items() if not isinstance(v, Tensor)}
             tensors = {k: v for k, v in record.items() if isinstance(v, Tensor)}
         else:
             file = path / WHITENING_FILENAME if path.is_dir() else path
-            tensors = _read_safetensors(file, (), "Whitener.save", device)
+            tensors = _read_safetensors(file, (), "Whitener.save", device, WHITENING_JSON)
             with safe_open(str(file), framework="pt") as fh:
                 meta = dict(fh.metadata() or {})
             if (file.parent / WHITENING_JSON).exists():
@@ -365,6 +394,11 @@ class Whitener:
             raise KeyError(f"{path} lacks {missing}; it was not written by Whitener.save / save_torch "
                            f"(needed: {list(WHITENER_KEYS)} plus method and eps)")
         d = tensors["mean"].shape[0]
+        shapes = {k: tuple(tensors[k].shape) for k in ("mean", "transform", "reverse_transform")}
+        if shapes != {"mean": (d,), "transform": (d, d), "reverse_transform": (d, d)} or \
+                str(meta["method"]) not in METHODS or not math.isfinite(float(meta["eps"])):
+            raise ValueError(f"{path} is not a consistent whitening (shapes {shapes}, method {meta['method']!r}, "
+                             f"eps {meta['eps']!r}); {_FIX}")
         _check_expected_d(path, d, expected_d)
         if "eigenvalues" in tensors:
             lam = tensors["eigenvalues"].double()
@@ -378,13 +412,17 @@ class Whitener:
 
 
 def statistics_from_run(run_dir: str | os.PathLike[str], hook: str | None = None,
-                        device: str | torch.device = "cpu") -> IncrementalWhitener:
+                        device: str | torch.device = "cpu", allow_incomplete: bool = False) -> IncrementalWhitener:
     """Pass one over an existing activation run of ``sae_core.store`` (no model needed).
+
+    An interrupted run is refused unless ``allow_incomplete`` (statistics of part of the texts).
 
     Reads the run shard by shard with ``ActivationRun.iter_shards`` (row shards and padded NPZ
     chunks alike hold only the rows the run's token policy kept), so memory stays one shard.
     """
     run = ActivationRun(run_dir)
+    if not allow_incomplete:
+        run.require_complete("whitening statistics")
     hook = hook or (run.hooks[0] if len(run.hooks) == 1 else None)
     if hook not in run.hooks:
         raise KeyError(f"run {run.run_id} has no hook {hook!r}; name one of {run.hooks}")
@@ -394,7 +432,10 @@ def statistics_from_run(run_dir: str | os.PathLike[str], hook: str | None = None
     for shard in tqdm(run.iter_shards(), total=len(run.shards), desc="shards", leave=False):
         x = shard.acts[hook].to(device)
         stats = stats or IncrementalWhitener(x.shape[-1], device)
-        stats.update(x)
+        try:
+            stats.update(x)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"{hook} rows of shard {run.path / shard.record.file}: {err}") from None
     assert stats is not None
     return stats
 

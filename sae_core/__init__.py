@@ -2,7 +2,8 @@
 
 The modules read like the pipeline, each importing only from earlier stages:
 model_loading -> hooks -> data -> activations -> store (shards, runs) -> whitening
-(whitened_extraction) -> evaluation -> training -> saes -> latents / similarity -> steering -> plots
+(whitened_extraction) -> evaluation -> training -> saes -> latents / similarity -> browser_data /
+browser_export / browser (the static feature browser and its Neuronpedia export) -> steering -> plots
 -> pipeline (the stages as the scripts run them); ``tests/test_layout.py`` keeps it so.
 Nothing heavy happens at import time: import the stage you need.
 """

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -37,14 +38,11 @@ from sae_core._io import atomic_write_text
 from sae_core.browser_data import (
     BrowserConfig,
     ChunkColumns,
-    Scratch,
     chunk_stats,
-    cluster_order,
     cooccurrence_neighbours,
     decoder_neighbours,
     example_ranks,
     gather_contexts,
-    heatmap_latents,
     histograms,
     logit_lens,
     partition_by_latent,
@@ -55,6 +53,7 @@ from sae_core.browser_data import (
 )
 from sae_core.browser_export import NeuronpediaWriter
 from sae_core.latents import LatentCSR, as_host_array
+from sae_core.similarity import Neighbours
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +185,47 @@ def _chunk_records(cols: ChunkColumns, tables: _Tables, vocab: list[str]) -> lis
     return records
 
 
+def heatmap_latents(max_activation: np.ndarray, counts: np.ndarray, neighbours: Neighbours, size: int) -> np.ndarray:
+    """Latents for the heatmap: the most strongly firing live latents, each followed by its neighbours."""
+    alive = np.flatnonzero(counts > 0)
+    seeds = alive[np.argsort(-max_activation[alive], kind="stable")]
+    chosen: dict[int, None] = {}
+    per_seed = min(3, neighbours.indices.shape[1])
+    for seed in seeds.tolist():
+        if len(chosen) >= size:
+            break
+        for latent in [seed, *np.asarray(neighbours.indices[seed, :per_seed]).tolist()]:
+            if len(chosen) < size:
+                chosen.setdefault(int(latent))
+    return np.asarray(list(chosen), np.int64)
+
+
+def cluster_order(sub: np.ndarray) -> np.ndarray:
+    """Average-linkage leaf order of a similarity submatrix (distance ``1 - similarity``)."""
+    from scipy.cluster.hierarchy import leaves_list, linkage
+    from scipy.spatial.distance import squareform
+
+    if sub.shape[0] < 3:
+        return np.arange(sub.shape[0])
+    dist = np.clip(1.0 - (sub + sub.T) / 2, 0.0, None)
+    np.fill_diagonal(dist, 0.0)
+    return leaves_list(linkage(squareform(dist, checks=False), "average", optimal_ordering=True))
+
+
+class Scratch:
+    """A temporary folder beside the output (same filesystem), removed on exit."""
+
+    def __init__(self, parent: Path) -> None:
+        parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=".browser-scratch.", dir=parent))
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
 def _heatmap(W_dec: np.ndarray, stats: dict[str, np.ndarray], neighbours: Any, size: int,
              similarity_path: str | os.PathLike[str] | None) -> dict[str, Any]:
     ids = heatmap_latents(stats["max"], stats["count"], neighbours, size)
@@ -223,6 +263,28 @@ def _check_inputs(csr: LatentCSR, W_dec: np.ndarray, W_U: np.ndarray) -> None:
         raise ValueError(f"{csr.folder} holds no rows; encode some tokens before building a browser")
 
 
+def _write_chunks(staging: Path, scratch: Path, n_chunks: int, tables: _Tables, vocab: list[str],
+                  W_dec: np.ndarray, writer: NeuronpediaWriter | None, progress: bool) -> dict[str, list[Any]]:
+    """Write every chunk's records (and Neuronpedia batch); return the index table's columns."""
+    from tqdm.auto import tqdm
+
+    csr, size = tables.csr, tables.config.chunk_latents
+    index: dict[str, list[Any]] = {key: [] for key in ("count", "density", "max", "mean", "top_tokens", "summary")}
+    for chunk in tqdm(range(n_chunks), desc="browser chunks", disable=not progress):
+        start = chunk * size
+        cols = ChunkColumns.load(scratch, chunk, start, min(start + size, csr.n_features), csr.n_rows)
+        records = _chunk_records(cols, tables, vocab)
+        _write_data(staging, chunk_file(chunk), f"chunk:{chunk}", records)
+        if writer is not None:
+            writer.write_batch(records, vocab, W_dec)
+        for record in records:
+            for key in index:
+                index[key].append(record[key])
+    if writer is not None:
+        writer.close()
+    return index
+
+
 def build_browser(out_dir: str | os.PathLike[str], csr: LatentCSR, W_dec: Any, W_U: Any, tokenizer: Any, *,
                   similarity_path: str | os.PathLike[str] | None = None,
                   cooccurrence_path: str | os.PathLike[str] | None = None, cooccurrence_metric: str | None = None,
@@ -242,12 +304,10 @@ def build_browser(out_dir: str | os.PathLike[str], csr: LatentCSR, W_dec: Any, W
     ``neuronpedia``: keyword arguments of :class:`~sae_core.browser_export.NeuronpediaWriter`
     (``model_id``, ``layer``, ``sae_set``, ...) to also write ``out_dir / "neuronpedia"``.
     """
-    from tqdm.auto import tqdm
-
     config, out_dir, started = config or BrowserConfig(), Path(out_dir), time.perf_counter()
     W_dec, W_U = as_host_array(W_dec, np.float32, "W_dec"), as_host_array(W_U, np.float32, "W_U")
     _check_inputs(csr, W_dec, W_U)
-    vocab = vocab_strings(tokenizer, W_U.shape[1])
+    vocab = vocab_strings(tokenizer, max(W_U.shape[1], int(np.max(csr.token_ids)) + 1))
     neighbours = decoder_neighbours(W_dec, config.n_neighbours, neighbours_path)
     jaccard, pmi = cooccurrence_neighbours(csr, config.n_neighbours, config.pmi_min_count, cooccurrence_path,
                                            cooccurrence_metric, progress)
@@ -258,21 +318,7 @@ def build_browser(out_dir: str | os.PathLike[str], csr: LatentCSR, W_dec: Any, W
         (staging / DATA_DIR).mkdir(parents=True)
         writer = NeuronpediaWriter(staging / "neuronpedia", **neuronpedia) if neuronpedia else None
         sizes = partition_by_latent(csr, config.chunk_latents, scratch, config.nnz_block, progress)
-        index: dict[str, list[Any]] = {key: [] for key in ("count", "density", "max", "mean", "top_tokens", "summary")}
-        for chunk in tqdm(range(len(sizes)), desc="browser chunks", disable=not progress):
-            start = chunk * config.chunk_latents
-            cols = ChunkColumns.load(scratch, chunk, start, min(start + config.chunk_latents, csr.n_features),
-                                     csr.n_rows)
-            records = _chunk_records(cols, tables, vocab)
-            _write_data(staging, chunk_file(chunk), f"chunk:{chunk}", records)
-            if writer is not None:
-                writer.write_batch(records, vocab, W_dec)
-            for record in records:
-                for key in index:
-                    index[key].append(record[key])
-            del cols, records
-        if writer is not None:
-            writer.close()
+        index = _write_chunks(staging, scratch, len(sizes), tables, vocab, W_dec, writer, progress)
         stats = {"count": np.asarray(index["count"]), "max": np.asarray(index["max"])}
         meta = {"title": title or f"Feature browser ({csr.meta.get('hook') or csr.folder.name})",
                 "n_features": csr.n_features, "n_rows": csr.n_rows, "chunk_latents": config.chunk_latents,

@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -425,44 +423,3 @@ def cooccurrence_neighbours(csr: LatentCSR, k: int, min_count: int, path: str | 
                 out[name][0][start:start + rows.size], out[name][1][start:start + rows.size] = found
             bar.update(rows.size)
     return Neighbours(*out["jaccard"]), Neighbours(*out["pmi"])
-
-
-def heatmap_latents(max_activation: np.ndarray, counts: np.ndarray, neighbours: Neighbours, size: int) -> np.ndarray:
-    """Latents for the heatmap: the most strongly firing live latents, each followed by its neighbours."""
-    alive = np.flatnonzero(counts > 0)
-    seeds = alive[np.argsort(-max_activation[alive], kind="stable")]
-    chosen: dict[int, None] = {}
-    per_seed = min(3, neighbours.indices.shape[1])
-    for seed in seeds.tolist():
-        if len(chosen) >= size:
-            break
-        for latent in [seed, *np.asarray(neighbours.indices[seed, :per_seed]).tolist()]:
-            if len(chosen) < size:
-                chosen.setdefault(int(latent))
-    return np.asarray(list(chosen), np.int64)
-
-
-def cluster_order(sub: np.ndarray) -> np.ndarray:
-    """Average-linkage leaf order of a similarity submatrix (distance ``1 - similarity``)."""
-    from scipy.cluster.hierarchy import leaves_list, linkage
-    from scipy.spatial.distance import squareform
-
-    if sub.shape[0] < 3:
-        return np.arange(sub.shape[0])
-    dist = np.clip(1.0 - (sub + sub.T) / 2, 0.0, None)
-    np.fill_diagonal(dist, 0.0)
-    return leaves_list(linkage(squareform(dist, checks=False), "average", optimal_ordering=True))
-
-
-class Scratch:
-    """A temporary folder beside the output (same filesystem), removed on exit."""
-
-    def __init__(self, parent: Path) -> None:
-        parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=".browser-scratch.", dir=parent))
-
-    def __enter__(self) -> Path:
-        return self.path
-
-    def __exit__(self, *exc: object) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)

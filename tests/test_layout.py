@@ -12,7 +12,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).parents[1] / "sae_core"
 STAGES = ["_io", "models", "default_model", "model_loading", "hooks", "data", "activations", "shards", "runs",
           "store", "whitening", "whitened_extraction", "evaluation", "sparse_topk", "training_data",
-          "training_state", "training", "saes", "latents", "similarity", "steering", "plots", "pipeline"]
+          "training_state", "training", "saes", "latents", "similarity", "browser_data",
+          "browser_export", "browser", "steering", "plots", "pipeline"]
 
 
 def _runtime_imports(tree: ast.AST) -> set[str]:

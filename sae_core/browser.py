@@ -186,7 +186,7 @@ def _chunk_records(cols: ChunkColumns, tables: _Tables, vocab: list[str]) -> lis
 
 
 def heatmap_latents(max_activation: np.ndarray, counts: np.ndarray, neighbours: Neighbours, size: int) -> np.ndarray:
-    """Latents for the heatmap: the most strongly firing live latents, each followed by its neighbours."""
+    """Latents for the heatmap: the most strongly firing live latents, each followed by its live neighbours."""
     alive = np.flatnonzero(counts > 0)
     seeds = alive[np.argsort(-max_activation[alive], kind="stable")]
     chosen: dict[int, None] = {}
@@ -195,7 +195,7 @@ def heatmap_latents(max_activation: np.ndarray, counts: np.ndarray, neighbours: 
         if len(chosen) >= size:
             break
         for latent in [seed, *np.asarray(neighbours.indices[seed, :per_seed]).tolist()]:
-            if len(chosen) < size:
+            if len(chosen) < size and counts[latent] > 0:
                 chosen.setdefault(int(latent))
     return np.asarray(list(chosen), np.int64)
 

@@ -131,6 +131,30 @@ def context_bounds(starts: np.ndarray, n_rows: int, rows: np.ndarray, window: in
     return np.maximum(rows - window, starts[segment]), np.minimum(rows + window, seg_end)
 
 
+def small_ints(n: int) -> type:
+    """The narrowest unsigned dtype for ids below ``n``: numpy's stable sort is a radix sort up to 16 bits."""
+    return np.uint8 if n <= 1 << 8 else np.uint16 if n <= 1 << 16 else np.int64
+
+
+def by_group_then_value(groups: np.ndarray, values: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
+    """Order by group, then value descending, then ``tiebreak`` ascending.
+
+    One unstable argsort of a 64-bit key (group, order-preserving bits of the float32 value), then
+    the rare runs of equal keys re-sorted by ``tiebreak``: ~5x faster than a stable multi-key sort.
+    """
+    bits = np.ascontiguousarray(values, np.float32).view(np.uint32)
+    ascending = np.where(bits >> 31, ~bits, bits | np.uint32(0x80000000))  # orders like the float
+    key = (groups.astype(np.uint64) << np.uint64(32)) | (~ascending).astype(np.uint64)
+    order = np.argsort(key)
+    sorted_key = key[order]
+    tied = np.flatnonzero(sorted_key[1:] == sorted_key[:-1])
+    if tied.size:
+        at = np.union1d(tied, tied + 1)
+        sub = order[at]
+        order[at] = sub[np.lexsort((tiebreak[sub], key[sub]))]
+    return order
+
+
 def partition_by_latent(csr: LatentCSR, chunk_latents: int, scratch: Path, block: int = 1 << 22,
                         progress: bool = True) -> list[int]:
     """Bucket the nonzeros by latent chunk into ``scratch/<chunk>.{rows,cols,vals}`` (rows ascending).
@@ -155,8 +179,8 @@ def partition_by_latent(csr: LatentCSR, chunk_latents: int, scratch: Path, block
                 cols = np.asarray(csr.indices[lo:hi], np.int64)
                 rows = np.repeat(np.arange(row, stop, dtype=np.int64), np.diff(np.asarray(indptr[row:stop + 1])))
                 vals = np.asarray(csr.data[lo:hi], np.float32)
-                chunk = cols // chunk_latents
-                order = np.argsort(chunk, kind="stable")
+                chunk = (cols // chunk_latents).astype(small_ints(n_chunks))
+                order = np.argsort(chunk, kind="stable")  # radix sort for 16-bit keys
                 bounds = np.searchsorted(chunk[order], np.arange(n_chunks + 1))
                 for c in np.flatnonzero(np.diff(bounds)):
                     take = order[bounds[c]:bounds[c + 1]]
@@ -184,9 +208,9 @@ class ChunkColumns:
         self.start, self.stop, self.n_rows = start, stop, n_rows
         counts = np.bincount(cols, minlength=stop - start)
         self.indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        by_value = np.lexsort((rows, -vals, cols))
+        by_value = by_group_then_value(cols, vals, rows)
         self.rows_value, self.vals_value = rows[by_value], vals[by_value]
-        by_row = np.argsort(cols, kind="stable")  # rows are ascending within each latent already
+        by_row = np.argsort(cols.astype(small_ints(stop - start)), kind="stable")  # rows ascending per latent
         self.keys_row = cols[by_row].astype(np.int64) * n_rows + rows[by_row]
         self.vals_row = vals[by_row]
 
@@ -224,10 +248,12 @@ def chunk_stats(cols: ChunkColumns, n_rows: int) -> dict[str, np.ndarray]:
 
 
 def histograms(values: np.ndarray, owner: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-               n_bins: int) -> np.ndarray:
+               n_bins: int, exact: bool = True) -> np.ndarray:
     """(n, n_bins) counts of ``values`` per owner row, ``n_bins`` equal bins over ``[lo, hi]`` each.
 
-    Bin edges and boundary handling are those of ``numpy.histogram(v, n_bins, range=(lo, hi))``.
+    Bin edges and boundary handling are those of ``numpy.histogram(v, n_bins, range=(lo, hi))``;
+    ``exact=False`` skips numpy's edge corrections (a value within rounding of an edge may land
+    in the neighbouring bin), a third of the cost for the logit histograms.
     """
     n = lo.size
     degenerate = hi <= lo  # numpy widens an empty range by 0.5 each side
@@ -236,6 +262,8 @@ def histograms(values: np.ndarray, owner: np.ndarray, lo: np.ndarray, hi: np.nda
     v = values.astype(np.float64)
     index = ((v - lo[owner]) / span[owner] * n_bins).astype(np.int64)
     index[index == n_bins] -= 1
+    if not exact:
+        return np.bincount(owner * n_bins + index, minlength=n * n_bins).reshape(n, n_bins)
     edges = lo[:, None] + np.arange(n_bins + 1) * (span / n_bins)[:, None]  # np.linspace's values
     edges[:, -1] = hi
     index[v < edges[owner, index]] -= 1
@@ -273,6 +301,16 @@ def gather_contexts(rows: np.ndarray, starts: np.ndarray, n_rows: int, window: i
     return Contexts(flat, offsets, rows - lo)
 
 
+def first_occurrences(keys: np.ndarray) -> np.ndarray:
+    """Index of the first occurrence of each distinct non-negative key (one sort of key x size + index)."""
+    size = keys.size
+    if size == 0 or int(keys.max()) >= np.iinfo(np.int64).max // max(size, 1):
+        return np.unique(keys, return_index=True)[1]
+    composite = np.sort(keys.astype(np.int64) * size + np.arange(size))
+    distinct, position = np.divmod(composite, size)
+    return position[np.concatenate([[True], distinct[1:] != distinct[:-1]])]
+
+
 def top_tokens(cols: ChunkColumns, token_ids: np.ndarray, n: int) -> list[list[tuple[int, float]]]:
     """Per latent, the ``n`` distinct tokens with the highest activation on them: (token, max value)."""
     m = cols.stop - cols.start
@@ -281,9 +319,9 @@ def top_tokens(cols: ChunkColumns, token_ids: np.ndarray, n: int) -> list[list[t
     tokens = np.asarray(token_ids[cols.rows_value], np.int64)
     local = np.repeat(np.arange(m, dtype=np.int64), cols.counts)
     vocab = int(tokens.max()) + 1
-    _, first = np.unique(local * vocab + tokens, return_index=True)  # first = highest value (by_value order)
+    first = first_occurrences(local * vocab + tokens)  # by_value order: the first is the highest value
     lat, tok, val = local[first], tokens[first], cols.vals_value[first]
-    order = np.lexsort((tok, -val, lat))
+    order = by_group_then_value(lat, val, tok)
     lat, tok, val = lat[order], tok[order], val[order]
     rank = np.arange(lat.size) - np.searchsorted(lat, lat, side="left")
     keep = rank < n
@@ -330,7 +368,7 @@ def logit_lens(directions: np.ndarray, W_U: np.ndarray, n: int, n_bins: int) -> 
         np.negative(logits, out=logits)
         lo, hi = logits.min(axis=1).astype(np.float64), logits.max(axis=1).astype(np.float64)
         owner = np.repeat(np.arange(logits.shape[0]), logits.shape[1])
-        counts = histograms(logits.reshape(-1), owner, lo, hi, n_bins)
+        counts = histograms(logits.reshape(-1), owner, lo, hi, n_bins, exact=False)
         parts.append((top, Neighbours(bottom.indices, -bottom.values), lo, hi, counts))
     return LogitLens(Neighbours(*(np.concatenate([p[0][i] for p in parts]) for i in range(2))),
                      Neighbours(*(np.concatenate([p[1][i] for p in parts]) for i in range(2))),

@@ -43,10 +43,11 @@ def june(tiny_model) -> int:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, june):
-    """A synthetic CSR: random firings, two dead latents, latent 7 firing hard on ' June'."""
+    """A synthetic CSR: random firings, two dead latents, ties in latent 9, latent 7 firing hard on ' June'."""
     rng = np.random.default_rng(0)
     dense = np.where(rng.random((ROWS, N)) < 0.1, rng.random((ROWS, N)) + 0.05, 0).astype(np.float32)
     dense[:, DEAD] = 0
+    dense[rng.choice(ROWS, 30, replace=False), 9] = 0.5  # tied values: ties go to the lower row
     tokens = rng.integers(200, 700, ROWS)
     tokens[rng.choice(ROWS, 12, replace=False)] = june
     dense[tokens == june, JUNE_LATENT] = 2.0 + rng.random(int((tokens == june).sum()))

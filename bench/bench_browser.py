@@ -52,8 +52,12 @@ CASES = {"build_n4608_t262144": {"n": 4608, "n_tokens": 262_144, "similarity": T
 def prepare(scratch: Path, params: dict) -> dict:
     """Inputs of a build case (reused when present): store, decoder, W_U, memmaps, neighbours."""
     from sae_core.latents import LatentCSR
-    from sae_core.similarity import compute_feature_cooccurrence, compute_feature_similarity, similarity_blocks, \
-        top_k_neighbours
+    from sae_core.similarity import (
+        compute_feature_cooccurrence,
+        compute_feature_similarity,
+        similarity_blocks,
+        top_k_neighbours,
+    )
 
     n, folder = params["n"], scratch / f"inputs_n{params['n']}_t{params['n_tokens']}"
     folder.mkdir(parents=True, exist_ok=True)

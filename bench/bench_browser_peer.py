@@ -2,8 +2,8 @@
 
 Same model (SmolLM2-135M, float32), hook (``blocks.10.hook_resid_post``), SAE (an SAELens TopK SAE,
 k=32, d_sae 4,608, random weights with unit decoder rows and ``rescale_acts_by_decoder_norm`` so
-SAEDashboard's ``fold_W_dec_norm`` is allowed and a no-op), tokens (``N_PROMPTS`` windows of ``CONTEXT`` tokens of the default corpus, BOS first) and
-latents (the first ``N_FEATURES``; BOS / EOS / pad positions ignored on both sides).
+SAEDashboard's ``fold_W_dec_norm`` is allowed and a no-op), tokens (``N_PROMPTS`` windows of
+``CONTEXT`` tokens of the default corpus, BOS first) and latents (the first ``N_FEATURES``; BOS / EOS / pad positions ignored on both sides).
 
 - ours: one forward over the tokens, encode, CSR of those latents (``CSRBuilder``), then
   :func:`sae_core.browser.build_browser` (co-occurrence and neighbours computed, no memmap given).

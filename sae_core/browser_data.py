@@ -391,8 +391,15 @@ def decoder_neighbours(W_dec: np.ndarray, k: int, neighbours_path: str | os.Path
         raise ValueError(f"{neighbours_path} holds {stored.shape} neighbours but W_dec has {W_dec.shape[0]} rows; "
                          "recompute them for this SAE (sae_core.similarity.top_k_neighbours)")
     indices = np.asarray(stored[:, :k], np.int64)
-    unit = unit_rows(W_dec)
-    return Neighbours(indices, np.einsum("nd,nkd->nk", unit, unit[indices]))
+    norms = np.linalg.norm(W_dec, axis=1)
+    inverse = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    values = np.empty(indices.shape, np.float64)
+    step = max(1, BLOCK_ENTRIES // (indices.shape[1] * W_dec.shape[1]))  # rows per (rows, k, d) gather
+    for start in range(0, indices.shape[0], step):
+        rows, ids = slice(start, start + step), indices[start:start + step]
+        dots = np.einsum("nd,nkd->nk", W_dec[rows], W_dec[ids], dtype=np.float64)
+        values[rows] = dots * inverse[rows, None] * inverse[ids]
+    return Neighbours(indices, values)
 
 
 # --- co-occurrence: Jaccard and PMI ---------------------------------------------------------------

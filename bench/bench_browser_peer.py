@@ -150,4 +150,5 @@ def peer_case(scratch: Path, sd_python: str) -> dict[str, Any]:
     record["peer"] = "saedashboard" if peer else "rerun_baseline"
     record["ratio"] = round((peer or record["rerun_baseline_seconds"]) / ours["seconds"], 2)
     record["ratio_rerun_baseline"] = round(record["rerun_baseline_seconds"] / ours["seconds"], 2)
+    record["ratio_build_only"] = round((peer or record["rerun_baseline_seconds"]) / ours["build_seconds"], 2)
     return record

@@ -195,6 +195,9 @@ def browser_rows(result: dict[str, Any]) -> list[str]:
         rows.append(f"| feature browser, {peer['n_features']} latents x {peer['n_prompts'] * peer['context']:,} tokens "
                     f"(encode + build, s) vs {label} | {peer['ours']['seconds']:,.1f} | {theirs:,.1f} | "
                     f"{peer['ratio']:.2f} | >= 10x | {_fmt(peer['ratio'] >= 10)} |")
+        if peer.get("ratio_build_only"):
+            rows.append(f"| … build alone from the CSR on disk (s) vs {label} | {peer['ours']['build_seconds']:,.1f} | "
+                        f"{theirs:,.1f} | {peer['ratio_build_only']:.2f} | reference | – |")
     return rows
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-BENCHES = ["bench_whitening", "bench_activations", "bench_training", "bench_analysis"]
+BENCHES = ["bench_whitening", "bench_activations", "bench_training", "bench_analysis", "bench_browser"]
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
@@ -177,13 +177,38 @@ def analysis_rows(result: dict[str, Any]) -> list[str]:
     return rows
 
 
+def browser_rows(result: dict[str, Any]) -> list[str]:
+    """Feature browser: build time and peak RSS per size; against SAEDashboard (or the re-run baseline)."""
+    cases, targets = result.get("cases", {}), {t["target"]: t for t in result.get("targets", [])}
+    rows = []
+    for name, what in (("build_n4608_t262144", "4,608 latents, 262,144 tokens"),
+                       ("build_n65536_t1000000", "65,536 latents, 1M tokens")):
+        case = cases.get(name)
+        if case and "seconds" in case:
+            met = targets.get("peak RSS at 65,536 latents over 1M tokens < 2 GB", {}).get("met") if "65" in what else None
+            rows.append(f"| feature browser build, {what} (time, peak RSS; from disk) | {_case(case)} | – | – | "
+                        f"{'peak RSS < 2 GB' if met is not None else 'reported'} | {_fmt(met)} |")
+    peer = cases.get("saedashboard")
+    if peer and "ratio" in peer:
+        theirs = peer["saedashboard"].get("seconds") or peer["rerun_baseline_seconds"]
+        label = "SAEDashboard SaeVisRunner" if peer["peer"] == "saedashboard" else "per-latent-batch model re-run"
+        rows.append(f"| feature browser, {peer['n_features']} latents x {peer['n_prompts'] * peer['context']:,} tokens "
+                    f"(encode + build, s) vs {label} | {peer['ours']['seconds']:,.1f} | {theirs:,.1f} | "
+                    f"{peer['ratio']:.2f} | >= 10x | {_fmt(peer['ratio'] >= 10)} |")
+        if peer.get("ratio_build_only"):
+            rows.append(f"| … build alone from the CSR on disk (s) vs {label} | {peer['ours']['build_seconds']:,.1f} | "
+                        f"{theirs:,.1f} | {peer['ratio_build_only']:.2f} | reference | – |")
+    return rows
+
+
 def table() -> str:
     lines = ["| benchmark | ours | peer (SAELens) | ratio | target | met |", "|---|---|---|---|---|---|"]
     machine = None
     for names, rows in ((("bench_activations", "bench_activations_quick"), activation_rows),
                         (("training", "training_quick"), training_rows),
                         (("whitening",), whitening_rows),
-                        (("analysis", "analysis_quick"), analysis_rows)):
+                        (("analysis", "analysis_quick"), analysis_rows),
+                        (("browser",), browser_rows)):
         result = _load(*names)
         if result is None:
             lines.append(f"| {names[0]}: not run yet | | | | | |")

@@ -1,9 +1,10 @@
 """sae_core: sparse-autoencoder interpretability of language models on TransformerLens and SAELens.
 
 The modules read like the pipeline, each importing only from earlier stages:
-checks -> model_loading -> hooks -> data -> activations -> store (shards, runs) -> whitening
--> sae_folder (SAE files) -> (whitened_extraction) -> evaluation -> training -> saes -> latents / similarity -> steering -> plots
--> pipeline (the stages as the scripts run them); ``tests/test_layout.py`` keeps it so.
+files -> checks -> config -> models -> default_model -> model_loading -> hooks -> corpora -> texts
+-> data -> loader -> activations -> store/ -> whitening/ -> sae_folders -> evaluation -> training/
+-> saes -> latents -> similarity -> browser/ -> steering/ -> plots -> pages -> pipeline (the stages
+as the scripts run them); ``tests/test_layout.py`` keeps it so.
 Nothing heavy happens at import time: import the stage you need.
 """
 

@@ -195,6 +195,7 @@ def analyse(model: Any, manager: Any, texts: list[str], run: RunConfig, out: Pat
     """CSR latents over held-out documents, density, top examples, decoder similarity, co-occurrence
     and decoder nearest neighbours (``ANALYSIS`` knobs); every file already on disk is reused."""
     from sae_core.activations import iter_activation_batches
+    from sae_core.browser import build_browser
     from sae_core.data import windowed_dataset
     from sae_core.latents import LatentCSR, encode_to_csr, latent_density, top_activating_examples
     from sae_core.loader import make_dataloader
@@ -228,6 +229,12 @@ def analyse(model: Any, manager: Any, texts: list[str], run: RunConfig, out: Pat
     if not paths["neighbours"].exists():
         top_k_neighbours(similarity_blocks(W_dec, "cosine", knobs.similarity_chunk_size), k=knobs.n_neighbours,
                          out=folder, name="decoder_neighbours")
+    paths["browser"] = out / "browser" / hook / "index.html"
+    if not paths["browser"].exists():
+        build_browser(paths["browser"].parent, csr, W_dec, model.W_U, model.tokenizer,
+                      similarity_path=paths["similarity"], cooccurrence_path=paths["cooccurrence"],
+                      neighbours_path=paths["neighbours"], whitener=manager[hook].whitener,
+                      title=f"{run.model_name} {hook}")
 
     max_activation = np.asarray(csr.to_scipy().max(axis=0).todense()).ravel()
     candidates = np.flatnonzero((density > 1e-3) & (density < 0.1))
@@ -348,7 +355,8 @@ def write_index(out: Path, title: str) -> Path:
     have written so far (activation runs, whitening files, SAEs, CSR latents, memmaps)."""
     from sae_core import pages
 
-    entries = []
+    entries = [pages.IndexEntry(f"Feature browser, every latent ({path.parent.name})", str(path.relative_to(out)))
+               for path in sorted(out.glob("browser/*/index.html"))]
     for path in sorted((out / "figures").glob("*.html")):
         hook, _, name = path.stem.rpartition(".")
         entries.append(pages.IndexEntry(f"{FIGURE_TITLES.get(name, name)} ({hook})", str(path.relative_to(out))))

@@ -33,7 +33,7 @@ index = pipeline.write_figures(out, f"sae_core: {run_config.model_name}", analys
 for analysis in analyses:
     alive = int((analysis.density > 0).sum())
     print(f"{analysis.hook}: {analysis.csr.n_rows:,} tokens, {alive:,} of {analysis.density.size:,} latents fire; "
-          f"files in {analysis.folder}")
+          f"files in {analysis.folder}; feature browser {analysis.paths['browser']}")
     for latent, tokens in pipeline.top_tokens(analysis, model.tokenizer).items():
         print(f"  latent {latent:5d} (density {analysis.density[latent]:.4f}): top tokens {tokens}")
 print(f"figures: {index.resolve()}")

@@ -95,4 +95,5 @@ for latent, tokens in top_tokens.items():
     print(f"latent {latent:5d} (density {first.density[latent]:.4f}): top tokens {tokens}")
 print(f"steering latent {feature}: {comparison.before.completions[0]!r} -> {comparison.after.completions[0]!r}")
 print("stage wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in stage_seconds.items()))
+print(f"feature browser: {first.paths['browser'].resolve()}")
 print(f"done in {summary['seconds']:.0f} s; open {index.resolve()}")

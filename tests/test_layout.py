@@ -9,14 +9,15 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / "sae_core"
 STAGES = ["files", "checks", "config", "models", "default_model", "model_loading", "hooks", "corpora", "texts", "data", "loader", "activations", "store",
-          "whitening", "sae_folders", "evaluation", "training", "saes", "latents", "similarity", "steering",
+          "whitening", "sae_folders", "evaluation", "training", "saes", "latents", "similarity", "browser", "steering",
           "plots", "pages", "pipeline"]
 """Top-level modules and packages in pipeline order."""
 PACKAGES = {"config": ["base", "sections", "training", "run"],
             "store": ["shards", "runs", "collect"],
             "whitening": ["statistics", "extraction"],
             "training": ["sparse_topk", "sources", "state", "loop"],
-            "steering": ["registry", "hooks", "generation"]}
+            "steering": ["registry", "hooks", "generation"],
+            "browser": ["data", "relations", "export", "site"]}
 """Modules of each stage package in order; ``__init__`` (the package's public face) comes last."""
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 450, 60
 

@@ -1,0 +1,161 @@
+"""Benchmark of the feature browser build (``sae_core.browser.build_browser``): time and peak RSS,
+and the comparison with SAEDashboard (or, where it cannot run, a per-latent-batch model re-run).
+
+    python -m bench.bench_browser                          # every case (~20 min, ~18 GB scratch disk)
+    python -m bench.bench_browser --cases build_n4608_t262144
+    python -m bench.bench_browser --cases saedashboard --sd-python /tmp/sd_venv/bin/python
+
+Synthetic cases: a random CSR with ~32 uniformly drawn active latents per token (``bench_analysis``'s
+generator), Gaussian decoder rows (d_in 576, SmolLM2's d_model), a Gaussian ``W_U`` (576 x 49,152,
+SmolLM2's vocabulary), the co-occurrence (Jaccard) memmap and decoder top-k neighbours made with
+``sae_core.similarity`` beforehand (not timed: they are artifacts of the analysis stage), plus the
+similarity memmap at 4,608 latents (the heatmap reads it; at 65,536 it would be 17 GB, so the
+heatmap uses the decoder there). Each build runs in a fresh subprocess that reports its time and
+peak RSS (``VmHWM``), inputs loaded included. Targets: < 2 GB peak RSS at 65,536 latents over 1M
+tokens.
+
+The SAEDashboard case (``saedashboard``) runs on SmolLM2-135M, ``blocks.10.hook_resid_post``, an
+SAELens TopK SAE (random weights, k=32, d_sae 4,608) and the same token windows of the default
+corpus on both sides: ``SaeVisRunner`` (the engine of its Neuronpedia runner) in its own virtualenv
+(``--sd-python``; its pins, transformer-lens < 3, conflict with ours), against ours = encode the
+windows into a CSR (one forward) + :func:`build_browser`. ``bench/saedashboard_child.py`` is the
+script run there. Where it cannot run, the reference is a per-latent-batch model re-run: one forward
+over all tokens per batch of 128 latents, as SAEDashboard does, computing only their top examples.
+Results: ``bench/results/browser.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.bench_analysis import D_IN, decoder, peak_rss_mb, synthetic_store
+from bench.common import RESULTS_DIR, write_result
+from sae_core.files import read_json
+
+REPO = Path(__file__).resolve().parent.parent
+VOCAB = 49_152
+RSS_LIMIT_MB = 2048
+CASES = {"build_n4608_t262144": {"n": 4608, "n_tokens": 262_144, "similarity": True},
+         "build_n65536_t1000000": {"n": 65_536, "n_tokens": 1_000_000, "similarity": False}}
+
+
+def prepare(scratch: Path, params: dict) -> dict:
+    """Inputs of a build case (reused when present): store, decoder, W_U, memmaps, neighbours."""
+    from sae_core.latents import LatentCSR
+    from sae_core.similarity import (
+        compute_feature_cooccurrence,
+        compute_feature_similarity,
+        similarity_blocks,
+        top_k_neighbours,
+    )
+
+    n, folder = params["n"], scratch / f"inputs_n{params['n']}_t{params['n_tokens']}"
+    folder.mkdir(parents=True, exist_ok=True)
+    store = synthetic_store(scratch, params["n_tokens"], n, 32)
+    paths = {"store": str(store), "W_dec": str(folder / "W_dec.npy"), "W_U": str(folder / "W_U.npy"),
+             "cooccurrence": str(folder / "cooccurrence_jaccard.npy"),
+             "neighbours": str(folder / "decoder_neighbours_indices.npy")}
+    started = time.perf_counter()
+    W = decoder(n)
+    np.save(paths["W_dec"], W)
+    np.save(paths["W_U"], np.random.default_rng(1).standard_normal((D_IN, VOCAB), dtype=np.float32) / D_IN**0.5)
+    if not Path(paths["cooccurrence"]).exists():
+        compute_feature_cooccurrence(LatentCSR.load(store), "jaccard", 512, out=folder)
+    if not Path(paths["neighbours"]).exists():
+        top_k_neighbours(similarity_blocks(W, "cosine", 1024), 8, out=folder, name="decoder_neighbours")
+    if params["similarity"]:
+        paths["similarity"] = str(folder / "similarity_cosine.npy")
+        if not Path(paths["similarity"]).exists():
+            compute_feature_similarity(W, "cosine", 1024, out=folder)
+    return {**paths, "prepare_seconds": round(time.perf_counter() - started, 1)}
+
+
+def run_build(params: dict) -> dict:
+    """One timed build in this process (the child)."""
+    from sae_core.browser import build_browser
+    from sae_core.latents import LatentCSR
+
+    csr = LatentCSR.load(params["store"])
+    W_dec, W_U = np.load(params["W_dec"]), np.load(params["W_U"])
+    vocab = [f"tok{i}" for i in range(W_U.shape[1])]
+    out = Path(params["out"])
+    baseline, start = peak_rss_mb(), time.perf_counter()
+    build_browser(out, csr, W_dec, W_U, vocab, cooccurrence_path=params["cooccurrence"],
+                  neighbours_path=params["neighbours"], similarity_path=params.get("similarity"), progress=False)
+    seconds = time.perf_counter() - start
+    sizes = [p.stat().st_size for p in (out / "data").iterdir()]
+    return {"seconds": round(seconds, 2), "peak_rss_mb": round(peak_rss_mb(), 1), "baseline_rss_mb": round(baseline, 1),
+            "nnz": csr.nnz, "data_files": len(sizes), "data_mb": round(sum(sizes) / 1e6, 1),
+            "largest_file_mb": round(max(sizes) / 1e6, 2)}
+
+
+def build_case(name: str, params: dict, scratch: Path) -> dict:
+    inputs = prepare(scratch, params)
+    out = scratch / f"browser_{name}"
+    record = {**params, "prepare_seconds": inputs.pop("prepare_seconds"),
+              "load_average_at_start": os.getloadavg()[0]}
+    command = [sys.executable, "-m", "bench.bench_browser", "--child",
+               json.dumps({**inputs, "similarity": inputs.get("similarity"), "out": str(out)})]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=REPO)
+    shutil.rmtree(out, ignore_errors=True)
+    if done.returncode != 0:
+        return {**record, "error": done.stderr[-3000:]}
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**record, **result, "latents_per_s": round(params["n"] / result["seconds"], 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="*", help="run only these cases (build_*, saedashboard)")
+    parser.add_argument("--scratch", default=os.path.join(tempfile.gettempdir(), "sae_core_bench_browser"))
+    parser.add_argument("--sd-python", default="/tmp/sd_venv/bin/python",
+                        help="python of a virtualenv with sae-dashboard installed")
+    parser.add_argument("--keep-scratch", action="store_true", help="keep the (large) co-occurrence memmaps")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_build(json.loads(args.child))))
+        return
+    scratch = Path(args.scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    previous = RESULTS_DIR / "browser.json"
+    cases = read_json(previous)["cases"] if previous.exists() else {}
+    for name in [*CASES, "saedashboard"]:
+        if args.cases and name not in args.cases:
+            continue
+        if name == "saedashboard":
+            from bench.bench_browser_peer import peer_case
+
+            cases[name] = peer_case(scratch, args.sd_python)
+        else:
+            cases[name] = build_case(name, CASES[name], scratch)
+        print(name, json.dumps(cases[name]), flush=True)
+        write_result("browser", {"cases": cases, "targets": targets(cases)})
+    if not args.keep_scratch:
+        for path in scratch.glob("inputs_*/*.npy"):
+            path.unlink()
+    for check in targets(cases):
+        print(json.dumps(check))
+
+
+def targets(cases: dict) -> list[dict]:
+    big = cases.get("build_n65536_t1000000", {}).get("peak_rss_mb")
+    ratio = cases.get("saedashboard", {}).get("ratio")
+    return [{"target": "peak RSS at 65,536 latents over 1M tokens < 2 GB", "value": big, "limit": RSS_LIMIT_MB,
+             "met": None if big is None else big < RSS_LIMIT_MB},
+            {"target": ">= 10x faster than SAEDashboard (or the per-latent re-run) on the same SAE and tokens",
+             "value": ratio, "limit": 10, "met": None if ratio is None else ratio >= 10}]
+
+
+if __name__ == "__main__":
+    main()

@@ -167,8 +167,9 @@ def check_positions(positions: Any, max_text_length: int, what: str) -> None:
                          f"{max_text_length} tokens; use positions in -{max_text_length}..{max_text_length - 1}")
 
 
-def safetensors_header(path: Path, fix: str) -> dict[str, Any]:
-    """The header of a safetensors file after checking it against the file's size; raises naming ``path``."""
+def safetensors_layout(path: Path, fix: str, what: str = "") -> tuple[int, dict[str, Any]]:
+    """(data offset, header) of a safetensors file after checking the header against the file's size;
+    errors name ``what`` + ``path`` and ``fix``."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as fh:
@@ -179,7 +180,13 @@ def safetensors_header(path: Path, fix: str) -> dict[str, Any]:
         header.pop("__metadata__", None)
         end = max((info["data_offsets"][1] for info in header.values()), default=0)
     except (struct.error, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({err}); {fix}") from None
+        raise ValueError(f"{what}{path} is not a readable safetensors file ({err}); {fix}") from None
     if 8 + n + end != size:
-        raise ValueError(f"{path} is truncated or corrupted: {size} bytes, its header expects {8 + n + end}; {fix}")
-    return header
+        raise ValueError(f"{what}{path} is truncated or corrupted: {size} bytes, its header expects {8 + n + end}; "
+                         f"{fix}")
+    return 8 + n, header
+
+
+def safetensors_header(path: Path, fix: str) -> dict[str, Any]:
+    """The header of a safetensors file after checking it against the file's size; raises naming ``path``."""
+    return safetensors_layout(path, fix)[1]

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sae_core import checks
 from sae_core.checks import differences
 from sae_core.files import (
     FolderLock,
@@ -153,22 +154,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def safetensors_layout(path: Path) -> tuple[int, dict[str, Any]]:
-    """(data offset, header) of a safetensors file; raises naming the file if it is truncated."""
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > size:
-                raise ValueError("header length beyond the end of the file")
-            header = json.loads(fh.read(n))
-        header.pop("__metadata__", None)
-        end = max((info["data_offsets"][1] for info in header.values()), default=0)
-    except (struct.error, ValueError, KeyError, UnicodeDecodeError) as err:
-        raise ValueError(f"shard {path} is corrupted ({err}); delete the run or restore the file") from None
-    if 8 + n + end != size:
-        raise ValueError(f"shard {path} is truncated or corrupted: {size} bytes, header expects {8 + n + end}; "
-                         "delete the run or restore the file")
-    return 8 + n, header
+    """(data offset, header) of a safetensors shard; raises naming the file if it is truncated."""
+    return checks.safetensors_layout(path, "delete the run or restore the file", what="shard ")
 
 
 def check_shard(path: Path, record: ShardRecord | None = None, full: bool = False) -> None:

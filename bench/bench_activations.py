@@ -112,8 +112,8 @@ def run_save(model: Any, hooks: list[str], docs: list[str], precision: str, root
     store = Path(tempfile.mkdtemp(dir=root))
     try:
         run_id = save(model, hooks, docs, store, batch_size=BATCH, batch_tokens=batch_tokens, max_text_length=CONTEXT,
-                      forward_dtype=precision, storage_dtype="float32", progress=False, pack_windows=pack,
-                      compile_forward=compile_forward)
+                      dtype=precision, storage_dtype="float32", progress=False, pack_windows=pack,
+                      compile=compile_forward, prepend_bos=False)  # no BOS: as the README table was measured
         return int(ActivationRun.open(store, run_id).meta["token_count"])
     finally:
         shutil.rmtree(store, ignore_errors=True)

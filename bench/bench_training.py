@@ -31,7 +31,6 @@ per CPU-second (``time.process_time``), which other processes' load disturbs les
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import statistics
 import tempfile
@@ -42,6 +41,7 @@ from typing import Any
 import torch
 
 from bench.common import RESULTS_DIR, load_smollm2, write_result
+from sae_core.config import with_overrides
 from sae_core.files import read_json
 
 HOOK = "blocks.10.hook_resid_post"
@@ -79,7 +79,7 @@ def serial_limit(model: Any, texts: list[str], documents: list[int], cfg: Any, t
     from sae_core.training import build_training_sae
     from sae_core.training.state import SAEState
 
-    cfg = dataclasses.replace(cfg, dtype="bfloat16", sae_dtype="bfloat16")
+    cfg = with_overrides(cfg, "bench", dtype="bfloat16", sae_dtype="bfloat16")
     rows, chunks = 0, []
     source = model_source(model, texts, documents, cfg)  # window lengths read before the clock starts
     start = time.perf_counter()
@@ -127,7 +127,7 @@ def serial_pairs(model: Any, texts: list[str], documents: list[int], base: Any, 
     tokens end to end, then measures forward-alone on the same rows and the step alone; the
     fraction is the median over pairs.
     """
-    cfg = dataclasses.replace(base, dtype="bfloat16", sae_dtype="bfloat16", total_training_tokens=tokens)
+    cfg = with_overrides(base, "bench", dtype="bfloat16", sae_dtype="bfloat16", total_training_tokens=tokens)
     pairs = []
     for repeat in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
@@ -217,7 +217,7 @@ def main() -> None:
         add_serial_limit(record, model, texts, train_docs, base, args)
         finish(record)
         return
-    evaluator = HeldOutEvaluator(model, texts, eval_docs, dataclasses.replace(base, dtype="float32"))
+    evaluator = HeldOutEvaluator(model, texts, eval_docs, with_overrides(base, "bench", dtype="float32"))
     record: dict[str, Any] = {"tokens_per_run": tokens, "quick": args.quick, "hook": HOOK,
                               "config": base.to_json()}
     record["end_to_end"] = {}
@@ -225,8 +225,8 @@ def main() -> None:
         for precision in ("float32", "bfloat16"):
             if not budgets[precision]:
                 continue
-            cfg = dataclasses.replace(base, forward_dtype=precision, sae_dtype=precision,
-                                      total_training_tokens=budgets[precision])
+            cfg = with_overrides(base, "bench", dtype=precision, sae_dtype=precision,
+                                 total_training_tokens=budgets[precision])
             print(f"{precision}: sae_core...", flush=True)
             run, ours_rate, ours_cpu = run_ours(model, texts, train_docs, cfg, Path(tmp) / precision)
             ours_eval = evaluator(HOOK, run.saes[HOOK].sae)
@@ -242,7 +242,7 @@ def main() -> None:
         add_serial_limit(record, model, texts, train_docs, base, args)
 
         if not args.skip_multi:
-            cfg = dataclasses.replace(base, hook_points=MULTI_HOOKS, dtype="bfloat16", sae_dtype="bfloat16",
+            cfg = with_overrides(base, "bench", hook_points=MULTI_HOOKS, dtype="bfloat16", sae_dtype="bfloat16",
                                       total_training_tokens=args.multi_tokens or tokens)
             print("three hooks: sae_core...", flush=True)
             _, ours_rate, ours_cpu = run_ours(model, texts, train_docs, cfg, Path(tmp) / "multi")

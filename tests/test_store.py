@@ -411,8 +411,8 @@ def test_stored_activations_equal_an_hf_forward_hook(smollm2, smollm2_hf, corpus
             WindowedTextDataset(docs, smollm2.tokenizer, 64), LoaderConfig(batch_size=4, pack_windows=True)))
         assert rows < len(docs)
     run = ActivationRun.open(tmp_path, save(smollm2, hook, docs, tmp_path, batch_size=4, shard_size=128,
-                                            max_text_length=64, forward_dtype="float32", progress=False,
-                                            pack_windows=pack_windows, compile_forward=compile_forward))
+                                            max_text_length=64, dtype="float32", progress=False,
+                                            pack_windows=pack_windows, compile=compile_forward))
     if compile_forward:  # the compiled forward did run (it falls back to the eager one when it cannot)
         from sae_core.activations import compiled_forward
 
@@ -428,12 +428,12 @@ def test_stored_activations_equal_an_hf_forward_hook(smollm2, smollm2_hf, corpus
             full = tok(text, add_special_tokens=False)["input_ids"]
             rows = torch.nonzero(doc_index == doc).flatten()
             start = int(position[rows].min())
-            window = full[start:start + 64]
+            window = [tok.bos_token_id] + full[start:start + 63]  # the default prepends BOS, as the model saw it
             with torch.no_grad():
                 smollm2_hf(torch.tensor([window]))
             reference = captured["x"][0]
-            keep = [p for p, t in enumerate(window) if t not in special]
-            assert position[rows].tolist() == [start + p for p in keep]
+            keep = [p for p, t in enumerate(window) if t not in special]  # the BOS row is dropped
+            assert position[rows].tolist() == [start + p - 1 for p in keep]
             assert ids[rows].tolist() == [window[p] for p in keep]
             # to 1e-4 of each row's scale: every SmolLM2 residual row holds one entry of ~40-110 (a
             # massive-activation dimension), where float32 rounding through 11 layers reaches a few 1e-4

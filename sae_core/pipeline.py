@@ -60,6 +60,9 @@ def run_from_argv(argv: Sequence[str]) -> RunConfig:
     return load_run_config(name, args)
 
 
+_PROVENANCE: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+
 def corpus_record(run: RunConfig) -> dict[str, Any] | None:
     """Package, version, licence and file-list sha256 of the run's corpus (None: a source of the user's)."""
     from sae_core import corpora
@@ -67,7 +70,10 @@ def corpus_record(run: RunConfig) -> dict[str, Any] | None:
     source = run.dataset.source
     if source not in (*corpora.CORPUS_NAMES, "mixed"):
         return None
-    return corpora.corpus_provenance(source, run.dataset.weights, run.dataset.seed)
+    key = (source, tuple(sorted((run.dataset.weights or {}).items())), run.dataset.seed)
+    if key not in _PROVENANCE:  # loading a corpus takes seconds; every stage records it
+        _PROVENANCE[key] = corpora.corpus_provenance(source, run.dataset.weights, run.dataset.seed)
+    return _PROVENANCE[key]
 
 
 def write_run_config(run: RunConfig, folder: Path) -> Path:

@@ -1,0 +1,102 @@
+"""What moves the default SAE's quality: training variants on the default run's stream, one forward.
+
+    python -m bench.quality_sweep [--tokens 300000] [--variant NAME=section.key=value,section.key=value ...]
+
+The default run's training stream is drawn once exactly as ``train_from_model`` draws it (see
+``bench.lr_sweep``, whose row drawing and held-out scoring this reuses), cached under
+``--cache`` so later invocations skip the forward, then every variant (overrides of the default
+run's config) trains on the same rows in the same order and is scored on the same held-out rows:
+explained variance (1 - FVU), L0, latents never firing on held-out rows, the run's dead fraction.
+A variant's budget may exceed the stream (``training.total_training_tokens``): the stream is drawn
+for the largest budget asked. Writes ``bench/results/quality_sweep.json`` (merged by name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import RESULTS_DIR, write_result
+from bench.lr_sweep import _rows, held_out_scores
+
+VARIANTS = {
+    "default": [],
+    "batch_2048": ["training.train_batch_size_tokens=2048"],
+    "batch_1024": ["training.train_batch_size_tokens=1024"],
+    "batch_1024_lr_2e-3": ["training.train_batch_size_tokens=1024", "optimizer.lr=2e-3"],
+    "aux_4": ["sae.aux_loss_coefficient=4.0"],
+    "dead_window_25k": ["training.dead_window_tokens=25000"],
+    "cosine": ["optimizer.lr_scheduler=cosineannealing"],
+    "tokens_600k": ["training.total_training_tokens=600000"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=300_000, help="budget of the variants that do not set one")
+    parser.add_argument("--variant", action="append", default=None, help="NAME=override,override (repeatable)")
+    parser.add_argument("--only", nargs="*", help="run only these of the built-in variants")
+    parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "sae_core_quality_stream.pt"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    from sae_core import pipeline
+    from sae_core.data import windowed_dataset
+    from sae_core.models import load_run_config
+    from sae_core.texts import DocumentSplit
+    from sae_core.training import model_source, train_from_activations
+
+    variants = {k: v for k, v in VARIANTS.items() if not args.only or k in args.only}
+    for text in args.variant or []:
+        name, _, overrides = text.partition("=")
+        variants[name] = [o for o in overrides.split(",") if o]
+    configs = {name: load_run_config("smollm2_135m_instruct", [f"training.total_training_tokens={args.tokens}",
+                                                               "training.checkpoint_every_tokens=None", *overrides])
+               for name, overrides in variants.items()}
+    run = load_run_config("smollm2_135m_instruct")
+    hook = run.hook_points[0]
+    budget = max(c.training.total_training_tokens for c in configs.values())
+    cache = Path(args.cache)
+    stream = torch.load(cache) if cache.exists() else None
+    if stream is None or stream["train"].shape[0] < budget:
+        model, texts = pipeline.load_model_of(run), pipeline.load_texts_of(run)
+        cfg = run.training
+        split = DocumentSplit.of(texts, run.evaluation.held_out_documents, run.windows.seed)
+        began = time.perf_counter()
+        windows = windowed_dataset(texts, model.tokenizer, cfg.windows, windows_per_document=cfg.windows_per_document)
+        train = _rows(model_source(model, windows, cfg, split.train), hook, budget)
+        held_out = _rows(model_source(model, windowed_dataset(texts, model.tokenizer, cfg.windows), cfg,
+                                      split.held_out), hook, None)
+        stream = {"train": train, "held_out": held_out, "seconds": time.perf_counter() - began}
+        torch.save(stream, cache)
+    train, held_out = stream["train"], stream["held_out"]
+    path = RESULTS_DIR / "quality_sweep.json"
+    results = {}
+    if path.exists():
+        import json
+
+        results = json.loads(path.read_text()).get("results", {})
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, run_cfg in configs.items():
+            cfg = run_cfg.training
+            started = time.perf_counter()
+            trained = train_from_activations(lambda cfg=cfg: torch.split(train[:cfg.total_training_tokens],
+                                                                         cfg.loader.training_batch_tokens),
+                                             cfg, Path(tmp) / name, resume=False)
+            results[name] = {"overrides": variants[name], "tokens": cfg.total_training_tokens,
+                             "steps": cfg.total_steps, "seconds": round(time.perf_counter() - started, 1),
+                             "train_dead_fraction": trained.saes[hook].curve[-1]["dead_fraction"],
+                             **held_out_scores(trained.saes[hook].sae, held_out)}
+            print(name, results[name], flush=True)
+    write_result("quality_sweep", {"model": run.model_name, "hook": hook, "corpus": run.dataset.source,
+                                   "train_rows": int(train.shape[0]), "held_out_rows": int(held_out.shape[0]),
+                                   "results": results})
+
+
+if __name__ == "__main__":
+    main()

@@ -116,9 +116,9 @@ class ActivationCollector:
         hooks = {layer: self.model_wrapper.layer_hook(layer) for layer in layer_indices}
         acts = run_to_hooks(self.model_wrapper.model, list(dict.fromkeys(hooks.values())), input_ids,
                             self.forward_dtype)
-        self.activations.clear()
+        self.activations = {}  # a new dict per call: an earlier result stays as it was
         if positions == "all":
-            self.activations.update({layer: acts[hook] for layer, hook in hooks.items()})
+            self.activations = {layer: acts[hook] for layer, hook in hooks.items()}
             return self.activations
         keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         chosen = select_positions(keep.cpu(), positions)  # (batch, pos)

@@ -84,7 +84,7 @@ def test_collector_positions_equal_run_with_cache(tiny_model, tokens):
     torch.testing.assert_close(last[1], cache["blocks.1.hook_resid_post"][:, -1], rtol=1e-5, atol=1e-5)
     listed = collector.collect(tokens, [1], positions=[5, 0, -1])
     torch.testing.assert_close(listed[1], cache["blocks.1.hook_resid_post"][:, [0, 5, 11]], rtol=1e-5, atol=1e-5)
-    assert collector.activations is listed and list(listed) == [1]  # cleared between calls
+    assert collector.activations is listed and list(listed) == [1] and list(every) == [0, -1, "blocks.0.hook_attn_out"]
     assert not any(h.fwd_hooks for h in tiny_model.hook_dict.values())
 
 

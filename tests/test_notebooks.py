@@ -8,7 +8,10 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+FOLDER = Path(__file__).parents[1] / "notebooks"
+NOTEBOOKS = sorted([*FOLDER.glob("[0-9][0-9]_*.ipynb"), *FOLDER.glob("seed_*.ipynb")], key=lambda p: p.name)
+"""The numbered notebooks, then one per design document (``seed_NN``); sorted by name, so the
+``seed_`` ones run after 04_training_an_sae and reuse its SAE."""
 
 
 def test_notebooks_exist():

@@ -14,13 +14,16 @@ heatmap uses the decoder there). Each build runs in a fresh subprocess that repo
 peak RSS (``VmHWM``), inputs loaded included. Targets: < 2 GB peak RSS at 65,536 latents over 1M
 tokens.
 
-The SAEDashboard case (``saedashboard``) runs on SmolLM2-135M, ``blocks.10.hook_resid_post``, an
-SAELens TopK SAE (random weights, k=32, d_sae 4,608) and the same token windows of the default
-corpus on both sides: ``SaeVisRunner`` (the engine of its Neuronpedia runner) in its own virtualenv
-(``--sd-python``; its pins, transformer-lens < 3, conflict with ours), against ours = encode the
-windows into a CSR (one forward) + :func:`build_browser`. ``bench/saedashboard_child.py`` is the
-script run there. Where it cannot run, the reference is a per-latent-batch model re-run: one forward
-over all tokens per batch of 128 latents, as SAEDashboard does, computing only their top examples.
+The SAEDashboard cases (``saedashboard``: 512 latents, 3 alternated pairs; ``saedashboard_n4608``:
+every latent, one pair) run on SmolLM2-135M, ``blocks.10.hook_resid_post``, an SAELens TopK SAE
+(random weights, k=32, d_sae 4,608), the same token windows of the default corpus and the same
+examples per latent on both sides, float32: ``SaeVisRunner`` (the engine of its Neuronpedia
+runner) in its own virtualenv (``--sd-python``; its pins, transformer-lens < 3, conflict with
+ours), against ours = forward + encode into a CSR + :func:`build_browser`; both clocks start with
+the model loaded and record wall and process CPU seconds (``bench/bench_browser_peer.py`` says
+what each includes). ``bench/saedashboard_child.py`` is the script run there. Where it cannot run,
+the reference is a per-latent-batch model re-run: one forward over all tokens per batch of 128
+latents, as SAEDashboard does, computing only their top examples.
 Results: ``bench/results/browser.json``.
 """
 

@@ -5,8 +5,12 @@
 Imports nothing from sae_core (its pins differ). The model is SmolLM2 from the float32 HF folder,
 converted with TransformerLens 2's own Llama converter (TransformerLens 2 has no SmolLM2 entry),
 no weight processing, like ``sae_core.model_loading``; its ``rotary_base`` is set from the config's
-``rope_theta`` (TransformerLens 2 leaves it at 10,000, which changes every activation). Prints one JSON line: seconds and, per
-feature, the largest activation and its token id in SAEDashboard's top group.
+``rope_theta`` (TransformerLens 2 leaves it at 10,000, which changes every activation). The layout is
+the Neuronpedia runner's (sequences, activation and logit histograms, logit table, feature tables
+of 3 rows) with the spec's example counts. The clock starts after the model, SAE and tokens are
+loaded and stops when ``SaeVisRunner.run`` returns (all its forwards included). Prints one JSON
+line: wall and process CPU seconds and, per feature, the largest activation and its token id in
+SAEDashboard's top group.
 """
 
 from __future__ import annotations
@@ -54,6 +58,14 @@ def load_model(folder: str):
 
 def main() -> None:
     import torch
+    from sae_dashboard.components_config import (
+        ActsHistogramConfig,
+        FeatureTablesConfig,
+        LogitsHistogramConfig,
+        LogitsTableConfig,
+        SequencesConfig,
+    )
+    from sae_dashboard.layout import Column, SaeVisLayoutConfig
     from sae_dashboard.sae_vis_data import SaeVisConfig
     from sae_dashboard.sae_vis_runner import SaeVisRunner
     from sae_lens import SAE
@@ -64,15 +76,21 @@ def main() -> None:
     sae = SAE.load_from_disk(spec["sae_folder"], device="cpu")
     tokens = torch.load(spec["tokens"])
     tokenizer = model.tokenizer
+    examples = spec["examples"]
+    layout = SaeVisLayoutConfig(columns=[Column(
+        SequencesConfig(stack_mode="stack-all", buffer=(examples["context"], examples["context"]),
+                        compute_buffer=True, n_quantiles=examples["n_quantiles"], top_acts_group_size=examples["top"],
+                        quantile_group_size=examples["per_quantile"]),
+        ActsHistogramConfig(), LogitsHistogramConfig(), LogitsTableConfig(), FeatureTablesConfig(n_rows=3))])
     config = SaeVisConfig(hook_point=spec["hook"], features=list(range(spec["n_features"])),
                           minibatch_size_features=spec["features_per_batch"],
                           minibatch_size_tokens=spec["prompts_per_forward"], device="cpu", dtype="float32",
                           ignore_tokens={t for t in (tokenizer.pad_token_id, tokenizer.bos_token_id,
                                                      tokenizer.eos_token_id) if t is not None},
-                          perform_ablation_experiments=False, verbose=False)
-    start = time.perf_counter()
+                          feature_centric_layout=layout, perform_ablation_experiments=False, verbose=False)
+    start, cpu = time.perf_counter(), time.process_time()
     data = SaeVisRunner(config).run(encoder=sae, model=model, tokens=tokens)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     top = {}
     for feature, fd in data.feature_data_dict.items():
         group = fd.sequence_data.seq_group_data[0] if fd.sequence_data.seq_group_data else None
@@ -82,7 +100,9 @@ def main() -> None:
         seq = group.seq_data[0]
         best = max(range(len(seq.feat_acts)), key=lambda i: seq.feat_acts[i])
         top[feature] = [float(seq.feat_acts[best]), int(seq.token_ids[best])]
-    print(json.dumps({"seconds": round(seconds, 2), "top": top}))
+    n_examples = {len(g.seq_data) for fd in data.feature_data_dict.values() for g in fd.sequence_data.seq_group_data[:1]}
+    print(json.dumps({"seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2),
+                      "top_group_sizes": sorted(n_examples), "top": top}))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Drive headless Chromium over the DevTools protocol with a minimal standard-library websocket client.
 
 Only what the browser test needs: start Chromium on ``about:blank``, attach to its page, collect
-console errors and exceptions, evaluate JavaScript, click at a point. Hand-written (about 100
+console errors and exceptions, evaluate JavaScript, move the mouse and click at a point. Hand-written (about 100
 lines) so the test needs no extra package; ``websocket-client`` / ``playwright`` would do the same.
 """
 
@@ -103,6 +103,8 @@ class Chromium:
         self.next_id, self.errors = 0, []
         for domain in ("Runtime", "Log", "Page"):
             self.call(f"{domain}.enable")
+        # a desktop-sized viewport: mouse events outside it are dropped (headless starts at 800 x 600)
+        self.call("Emulation.setDeviceMetricsOverride", width=1280, height=1024, deviceScaleFactor=1, mobile=False)
 
     def _event(self, message: dict[str, Any]) -> None:
         method, params = message.get("method"), message.get("params", {})
@@ -147,12 +149,26 @@ class Chromium:
         self.call("Page.navigate", url=url)
         self.wait_for("document.readyState === 'complete'")
 
-    def click(self, selector: str) -> None:
-        """A real mouse click (press and release) at the centre of the first element matching ``selector``."""
-        box = self.evaluate(f"(() => {{ const e = document.querySelector({json.dumps(selector)}); e.scrollIntoView();"
-                            " const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+    def point(self, selector: str, fx: float = 0.5, fy: float = 0.5) -> tuple[float, float]:
+        """Viewport coordinates of the point at fractions ``(fx, fy)`` of the element's box (scrolled into view)."""
+        x, y, inside = self.evaluate(
+            f"(() => {{ const e = document.querySelector({json.dumps(selector)}); e.scrollIntoView();"
+            f" const r = e.getBoundingClientRect(); const x = r.x + r.width * {fx}, y = r.y + r.height * {fy};"
+            " return [x, y, x >= 0 && y >= 0 && x < innerWidth && y < innerHeight]; })()")
+        if not inside:
+            raise RuntimeError(f"point ({x:.0f}, {y:.0f}) of {selector!r} is outside the viewport: mouse events there are dropped")
+        return x, y
+
+    def click(self, selector: str, fx: float = 0.5, fy: float = 0.5) -> None:
+        """A real mouse click (press and release) at ``point(selector, fx, fy)`` (default: the centre)."""
+        x, y = self.point(selector, fx, fy)
         for kind in ("mousePressed", "mouseReleased"):
-            self.call("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
+            self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+
+    def hover(self, selector: str, fx: float = 0.5, fy: float = 0.5) -> None:
+        """Move the mouse to ``point(selector, fx, fy)``."""
+        x, y = self.point(selector, fx, fy)
+        self.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
 
     def close(self) -> None:
         self.process.terminate()

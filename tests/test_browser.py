@@ -314,3 +314,25 @@ def test_pages_in_headless_chromium(chromium, built, store):
     chromium.navigate(f"{index.with_name('latent.html').as_uri()}#5")  # a latent with a steering curve
     chromium.wait_for("!!document.querySelector('#steering polyline')")
     assert chromium.errors == []
+
+
+def test_heatmap_cell_opens_its_row_latent(chromium, built, store):
+    """Hovering a cell of the index's heatmap names its pair and cosine; clicking it opens the row's latent."""
+    index, _ = built
+    _, _, W_dec = store
+    heat = read_data(index.parent / "data" / "index.js")["heatmap"]
+    ids, n = heat["ids"], len(heat["ids"])
+    unit = W_dec / np.linalg.norm(W_dec, axis=1, keepdims=True)
+    chromium.navigate(index.as_uri())
+    chromium.wait_for("document.querySelectorAll('#latents tbody tr').length")
+    row, col = n - 2, 1  # an off-diagonal cell away from the first row, so rows and columns cannot be swapped
+    at = ((col + 0.5) / n, (row + 0.5) / n)
+    chromium.hover("#heatmap", *at)
+    title = chromium.wait_for("document.getElementById('heatmap').title")
+    pair, _, value = title.rpartition(" ")
+    assert pair == f"#{ids[row]} x #{ids[col]}: cosine"
+    assert abs(float(value) - unit[ids[row]] @ unit[ids[col]]) < 2e-3  # shown at 3 decimals
+    chromium.click("#heatmap", *at)
+    chromium.wait_for(f"!!document.querySelector('#latent-title[data-latent=\"{ids[row]}\"]')")
+    assert chromium.evaluate("location.pathname.endsWith('/latent.html') && location.hash") == f"#{ids[row]}"
+    assert chromium.errors == []

@@ -240,13 +240,25 @@ def analyse(model: Any, manager: Any, texts: list[str], run: RunConfig, out: Pat
         build_browser(paths["browser"].parent, csr, W_dec, model.W_U, model.tokenizer,
                       similarity_path=paths["similarity"], cooccurrence_path=paths["cooccurrence"],
                       neighbours_path=paths["neighbours"], whitener=manager[hook].whitener,
-                      title=f"{run.model_name} {hook}")
+                      title=f"{run.model_name} {hook}", neuronpedia=neuronpedia_header(run, hook, csr))
 
     max_activation = np.asarray(csr.to_scipy().max(axis=0).todense()).ravel()
     candidates = np.flatnonzero((density > 1e-3) & (density < 0.1))
     shown = candidates[np.argsort(-max_activation[candidates])][:knobs.n_shown].tolist()
     examples = top_activating_examples(csr, shown, k=knobs.top_k_examples, context_window=knobs.context_window)
     return LatentAnalysis(hook, folder, csr, density, W_dec, shown, examples, paths)
+
+
+def neuronpedia_header(run: RunConfig, hook: str, csr: Any) -> dict[str, Any] | None:
+    """What the Neuronpedia export names (model, layer, SAE set, dataset), or None when it is off."""
+    from sae_core.hooks import hook_layer
+
+    if not run.analysis.neuronpedia_export:
+        return None
+    return {"model_id": run.model_name, "layer": hook_layer(hook) or 0, "sae_set": f"sae_core-{run.name}",
+            "sae_id_suffix": hook, "dataset": run.dataset.source,
+            "n_prompts_total": int(np.unique(np.asarray(csr.doc_index)).size),
+            "n_tokens_in_prompt": run.windows.max_text_length}
 
 
 def analysis_documents(run: RunConfig, texts: Sequence[str], sae_folder: Path) -> tuple[list[int], str]:

@@ -222,6 +222,15 @@ def test_one_held_out_split_per_run_reaches_the_analysis(tiny_model, tmp_path):
     used = json.loads((analysis.folder / pipeline.DOCUMENTS_FILENAME).read_text())
     assert used["documents"] == split.held_out[:6] and used["origin"].startswith("held out")
     assert set(np.unique(analysis.csr.doc_index).tolist()) <= set(split.held_out[:6])  # no training document
+    # the analysis also writes the Neuronpedia export: one feature per latent, density from the CSR
+    batches = sorted((analysis.paths["browser"].parent / "neuronpedia").glob("batch-*.json"))
+    features = [f for b in batches for f in json.loads(b.read_text())["features"]]
+    header = json.loads(batches[0].read_text())
+    assert header["model_id"] == run.model_name and header["layer"] == 1 and header["sae_id_suffix"] == hook
+    fires = np.bincount(analysis.csr.indices, minlength=analysis.csr.n_features) / analysis.csr.n_rows
+    assert sorted(f["feature_index"] for f in features) == list(range(analysis.csr.n_features))
+    for f in features:
+        assert f["frac_nonzero"] == pytest.approx(fires[f["feature_index"]], rel=1e-4, abs=1e-7)
 
     with pytest.raises(ValueError, match="another corpus"):
         pipeline.analysis_documents(run, texts[:-1], tmp_path / "sae" / hook)

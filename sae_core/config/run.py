@@ -67,6 +67,9 @@ class AnalysisConfig:
     """Nearest decoder neighbours kept per latent."""
     n_shown: int = 5
     """Latents the summary and figures show (the most active in the 0.1%-10% density band)."""
+    neuronpedia_export: bool = True
+    """Also write the browser's per-latent data in the JSON layout of SAEDashboard's Neuronpedia runner
+    (``browser/<hook>/neuronpedia/batch-<i>.json``), ready to upload."""
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -68,7 +68,7 @@ def test_each_sweep_unit_equals_training_it_alone(tiny_model, corpus_texts, tmp_
                      tmp_path / "sweep")
     assert list(run.saes) == NAMES
     assert [run.saes[n].sae.cfg.d_sae for n in NAMES] == [64, 96, 64]
-    assert SAE.load_from_disk(str(tmp_path / "sweep" / NAMES[2])).cfg.architecture() == "jumprelu"  # SAELens's save
+    _check_matryoshka_folder(tmp_path / "sweep" / NAMES[2])
     for index, unit in enumerate(cfg.units()):
         assert unit.name == NAMES[index] and not unit.config.sweep
         forwards: list[int] = []
@@ -102,6 +102,31 @@ def test_sweep_resume_equals_uninterrupted(tiny_model, corpus_texts, tmp_path, m
     for name in NAMES:
         _assert_same_weights(tmp_path / "a" / name, tmp_path / "b" / name)
         assert straight.saes[name].curve == resumed.saes[name].curve
+
+
+def _check_matryoshka_folder(folder) -> None:
+    """SAELens saves Matryoshka BatchTopK as JumpReLU (levels recorded); SAEManager encodes it as the
+    JumpReLU formula on the saved weights does (numpy): relu(pre) where pre > threshold."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from sae_core.saes import SAEManager
+
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu" and cfg["apply_b_dec_to_input"]
+    assert cfg["metadata"]["training_architecture_details"]["matryoshka_widths"] == [16, 32, 64]
+    weights = load_file(str(folder / "sae_weights.safetensors"))
+    x = np.random.default_rng(0).normal(size=(16, 32)).astype(np.float32) * 3
+    pre = (x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]
+    expected = np.where(pre > weights["threshold"], np.maximum(pre, 0), 0)
+    manager = SAEManager()
+    manager.load_from_disk(folder)
+    with torch.no_grad():
+        encoded = manager.encode(HOOK, torch.from_numpy(x)).numpy()
+    assert (expected > 0).any()
+    np.testing.assert_allclose(encoded, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_resume_refuses_another_sweep(tiny_model, corpus_texts, tmp_path, monkeypatch):

@@ -254,18 +254,7 @@ def _train(cfg: TrainingConfig, source: ActivationSource, widths: Mapping[str, i
             _init_b_dec(states, rows, feed)
         log = (step + 1) % cfg.log_every_steps == 0 or step + 1 == cfg.total_steps
         tokens = (step + 1) * batch
-        inputs: dict[str, Tensor] = {}  # per hook, shared by its units
-        for state in states:
-            if state.hook not in inputs:
-                x = rows[state.hook].to(device=cfg.device, dtype=torch.float32)  # the SAE may sit elsewhere than the model
-                inputs[state.hook] = feed.forward(x) if feed is not None else x
-            lr = state.lr
-            try:
-                stats = state.step(inputs[state.hook], step, log)
-            except FloatingPointError as err:
-                raise FloatingPointError(f"{err} (source position {shuffler.position})") from None
-            if stats is not None:
-                append_curve(curves[state.name], **_curve_point(state, stats, tokens, lr))
+        _step_units(states, rows, feed, step, log, tokens, curves, shuffler)
         step += 1
         progress.update(batch)
         if log:
@@ -286,6 +275,23 @@ def _train(cfg: TrainingConfig, source: ActivationSource, widths: Mapping[str, i
                             world, metadata) for s in states}
     trained = (step - first) * batch
     return TrainingRun(saes, step, step * batch, seconds, trained / seconds if seconds > 0 else float("nan"))
+
+
+def _step_units(states: list[SAEState], rows: Chunk, feed: Any, step: int, log: bool, tokens: int,
+                curves: dict[str, list[dict[str, Any]]], shuffler: BlockShuffler) -> None:
+    """One step of every unit on this batch; the units of a hook share its rows (moved and whitened once)."""
+    inputs: dict[str, Tensor] = {}
+    for state in states:
+        if state.hook not in inputs:
+            x = rows[state.hook].to(device=state.cfg.device, dtype=torch.float32)  # the SAE may sit elsewhere than the model
+            inputs[state.hook] = feed.forward(x) if feed is not None else x
+        lr = state.lr
+        try:
+            stats = state.step(inputs[state.hook], step, log)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"{err} (source position {shuffler.position})") from None
+        if stats is not None:
+            append_curve(curves[state.name], **_curve_point(state, stats, tokens, lr))
 
 
 def _evaluate_now(states: list[SAEState], evaluator: Evaluator, whitener: Any,

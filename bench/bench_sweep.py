@@ -62,7 +62,10 @@ def run_saelens_multi(model: Any, texts: list[str], cfg: Any) -> float:
     """``MultiSAETrainingRunner`` with the sweep's SAEs on ``HOOK``: wall seconds of ``run()`` and set-up."""
     import datasets
     from sae_lens import LoggingConfig
-    from sae_lens.multi_sae_training_runner import MultiSAETrainingRunner, MultiSAETrainingRunnerConfig
+    from sae_lens.multi_sae_training_runner import (
+        MultiSAETrainingRunner,
+        MultiSAETrainingRunnerConfig,
+    )
     from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
 
     steps, context, d_in = cfg.total_steps, cfg.windows.max_text_length, model.cfg.d_model

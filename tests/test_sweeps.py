@@ -156,6 +156,7 @@ def test_resume_refuses_another_sweep(tiny_model, corpus_texts, tmp_path, monkey
     ({"k": 128}, r"TRAINING.sweep\[0\].*k \(128\) must not exceed d_sae \(64\)"),
     ({"architecture": "matryoshka"}, r"TRAINING.sweep\[0\].architecture should be"),
     ({"name": "a/b"}, r"name 'a/b' should be a non-empty folder name"),
+    ({"name": ".."}, r"name '..' should be a non-empty folder name"),
 ])
 def test_bad_sweep_entries_are_refused_at_load(entry, message):
     from sae_core.models import load_run_config

@@ -225,9 +225,9 @@ class TrainingConfig:
                 raise ConfigError(f"{section}: unknown key {key!r} (a sweep entry sets SAE / OPTIMIZER knobs or its "
                                   f"name); {closest(str(key), [*sae_keys, *optimizer_keys, 'name'])}")
         name = entry.get("name", sweep_name(entry))
-        if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+        if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or not name.strip("."):
             raise ConfigError(f"{section}: name {name!r} should be a non-empty folder name of letters, digits, "
-                              "'.', '_', '-', '=' (no '/')")
+                              "'.', '_', '-', '=' (no '/', not only dots)")
         names = [e.get("name", sweep_name(e)) for e in self.sweep]
         if names.count(name) > 1:
             raise ConfigError(f"{section}: the name {name!r} is used by {names.count(name)} sweep entries; give each "

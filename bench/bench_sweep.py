@@ -1,7 +1,8 @@
 """A sweep of four SAEs on one hook from one forward pass versus four separate runs, and versus SAELens.
 
-    python -m bench.bench_sweep --quick              # 8,192 tokens per run, 1 repeat: a smoke run (~3 min)
-    python -m bench.bench_sweep --tokens 49152       # 3 interleaved repeats (~10-15 min here)
+    python -m bench.bench_sweep --quick              # 8,192 tokens per run, 1 repeat (~9 min on the loaded machine)
+    python -m bench.bench_sweep --tokens 8192        # 3 interleaved repeats: 28 min at load ~12 on 2 cores
+    python -m bench.bench_sweep                      # 49,152 tokens per run, 3 repeats (an idle machine)
 
 Work: SmolLM2-135M-Instruct (float32 weights), ``blocks.10.hook_resid_post``, bfloat16 forward and
 SAE step (SAELens ``autocast_lm=True, autocast=True``), the settings of ``bench.bench_training``

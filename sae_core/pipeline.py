@@ -152,29 +152,39 @@ class SAEReport:
 
 def train_saes(model: Any, texts: list[str], run: RunConfig, out: Path,
                hooks: list[str] | None = None) -> dict[str, SAEReport]:
-    """Train one SAE per hook (all from one forward pass) with the run's training sections and evaluate
-    it on held-out documents, unless every SAE already has its ``eval.json``; an interrupted run resumes."""
+    """Train one SAE per hook, or per hook and ``TRAINING['sweep']`` entry (all from one forward pass), with
+    the run's training sections and evaluate each on held-out documents, unless every SAE already has its
+    ``eval.json``; an interrupted run resumes. Keyed by unit: the hook, or ``<hook>/<sweep name>``."""
     from sae_core.evaluation import read_curve, read_eval
     from sae_core.training import train_from_model
 
     cfg = run.training_for(hooks)
-    folders = {hook: out / "sae" / hook for hook in cfg.hook_points}
+    units = {unit.name: unit.hook for unit in cfg.units()}
+    folders = {name: out / "sae" / name for name in units}
     if not all((folder / "eval.json").exists() for folder in folders.values()):
         logger.info("training %s SAEs on %s (%s tokens)", cfg.sae.architecture, cfg.hook_points,
                     f"{cfg.total_training_tokens:,}")
         train_from_model(model, texts, cfg, out / "sae")
         for folder in folders.values():
             write_run_config(run, folder)
-    return {hook: SAEReport(hook, folder, read_eval(folder), read_curve(folder)) for hook, folder in folders.items()}
+    return {name: SAEReport(units[name], folder, read_eval(folder), read_curve(folder)) for name, folder in folders.items()}
 
 
 def load_saes(model: Any, run: RunConfig, out: Path, hooks: Sequence[str] | None = None) -> Any:
-    """An :class:`~sae_core.saes.SAEManager` holding the SAEs trained into ``out / "sae"``, on the run's device."""
+    """An :class:`~sae_core.saes.SAEManager` holding the SAEs trained into ``out / "sae"``, on the run's device.
+
+    ``hooks`` may name sweep units (``<hook>/<sweep name>``), at most one per hook (the manager holds
+    one SAE per hook point); default: every unit of the run (its hook points when it has no sweep)."""
     from sae_core.saes import SAEManager
 
+    names = list(hooks or [unit.name for unit in run.training.units()])
+    hook_of = {name: name.split("/", 1)[0] for name in names}  # hook names hold no '/'
+    if len(set(hook_of.values())) < len(names):
+        raise ValueError(f"{', '.join(names)}: an SAEManager holds one SAE per hook point; load sweep units of "
+                         "one hook one at a time (load_saes(..., hooks=['<hook>/<sweep name>']))")
     manager = SAEManager(model)
-    for hook in hooks or run.hook_points:
-        folder = out / "sae" / hook
+    for name, hook in hook_of.items():
+        folder = out / "sae" / name
         if not (folder / "cfg.json").exists():
             raise FileNotFoundError(f"no SAE for {hook} in {folder}; train one first "
                                     "(python -m scripts.train_sae)")

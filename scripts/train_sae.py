@@ -11,7 +11,9 @@ one of them for this run (``training.lr`` reaches the optimiser section). Output
 ``sae_weights.safetensors`` (SAELens format: ``sae_lens.SAE.load_from_disk``), ``eval.json``,
 ``training_curve.json``, ``training_config.json`` and ``run_config.json``. Checkpoints go to
 ``outputs/<model>/sae/checkpoints/``; running the same command again resumes an interrupted run.
-Set ``SAE_CORE_OUTPUTS`` to write somewhere other than ``./outputs``.
+Set ``SAE_CORE_OUTPUTS`` to write somewhere other than ``./outputs``. ``TRAINING['sweep']`` (a list of
+SAE / OPTIMIZER overrides) trains several SAEs per hook from the same forward pass, each written to
+``outputs/<model>/sae/<hook>/<sweep name>/``.
 """
 
 import logging

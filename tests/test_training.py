@@ -112,8 +112,10 @@ def _small_cfg(**overrides) -> TrainingConfig:
 
 
 ARCHITECTURES = [("topk", {}), ("topk", {"fast_topk": False}), ("batchtopk", {}),
-                 ("jumprelu", {"l0_coefficient": 0.01}), ("standard", {"l1_coefficient": 0.05})]
-INFERENCE_CLASS = {"topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "standard": "standard"}
+                 ("jumprelu", {"l0_coefficient": 0.01}), ("standard", {"l1_coefficient": 0.05}),
+                 ("matryoshka_batchtopk", {"matryoshka_widths": (16, 32)})]
+INFERENCE_CLASS = {"topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "standard": "standard",
+                   "matryoshka_batchtopk": "jumprelu"}
 
 
 @pytest.mark.parametrize(("architecture", "extra"), ARCHITECTURES)

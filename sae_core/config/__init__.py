@@ -31,10 +31,11 @@ from sae_core.config.training import (
     EvaluationConfig,
     OptimizerConfig,
     SAEConfig,
+    SweepUnit,
     TrainingConfig,
 )
 
 __all__ = ["ARCHITECTURES", "FORTUNE_FILES", "KEEP_ALL_BUT_PAD", "AnalysisConfig", "ConfigError", "ConfigTypeError",
            "EvaluationConfig", "ForwardConfig", "LoaderConfig", "OptimizerConfig", "RunConfig", "SAEConfig",
-           "SteeringConfig", "StoreConfig", "TextSourceConfig", "TokenPolicy", "TrainingConfig", "WhiteningConfig",
+           "SteeringConfig", "StoreConfig", "SweepUnit", "TextSourceConfig", "TokenPolicy", "TrainingConfig", "WhiteningConfig",
            "WindowConfig", "build", "build_flat", "parse_override", "to_json", "with_overrides"]

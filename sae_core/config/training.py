@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
-from sae_core.config.base import ConfigError, check_fields, positive, raise_problems
+from sae_core.config.base import (
+    ConfigError,
+    ConfigTypeError,
+    check_fields,
+    closest,
+    field_types,
+    positive,
+    raise_problems,
+    with_overrides,
+)
 from sae_core.config.sections import Dtype, ForwardConfig, LoaderConfig, TokenPolicy, WindowConfig
 
-Architecture = Literal["topk", "batchtopk", "jumprelu", "standard"]
-ARCHITECTURES: tuple[str, ...] = ("topk", "batchtopk", "jumprelu", "standard")
+Architecture = Literal["topk", "batchtopk", "jumprelu", "standard", "matryoshka_batchtopk"]
+ARCHITECTURES: tuple[str, ...] = ("topk", "batchtopk", "jumprelu", "standard", "matryoshka_batchtopk")
 
 
 @dataclass(frozen=True)
@@ -18,13 +30,14 @@ class SAEConfig:
     """The SAE trained per hook point (``SAE``): SAELens training classes."""
 
     architecture: Architecture = "topk"
-    """``topk``, ``batchtopk``, ``jumprelu`` or ``standard`` (ReLU + L1)."""
+    """``topk``, ``batchtopk``, ``jumprelu``, ``standard`` (ReLU + L1) or ``matryoshka_batchtopk``
+    (BatchTopK with nested reconstruction losses over the first ``matryoshka_widths`` latents)."""
     d_sae: int | None = None
     """Latents per SAE; or give ``expansion_factor`` (d_sae = factor * d_in); neither: 8x the hook's width."""
     expansion_factor: float | None = None
     """d_sae as a multiple of the hook's width (give this or ``d_sae``, not both)."""
     k: int = 32
-    """TopK / BatchTopK: active latents per token (on average over the batch for BatchTopK)."""
+    """TopK family: active latents per token (on average over the batch for (Matryoshka) BatchTopK)."""
     aux_loss_coefficient: float = 1.0
     """TopK family: weight of the AuxK loss (dead latents reconstruct the residual)."""
     rescale_acts_by_decoder_norm: bool = True
@@ -43,6 +56,12 @@ class SAEConfig:
     """Initial decoder row norm (SAELens's heuristic init); None keeps Kaiming-uniform rows."""
     b_dec_init: Literal["mean", "zeros"] = "mean"
     """``mean``: decoder bias starts at the first batch's mean; ``zeros``: SAELens's start."""
+    matryoshka_widths: tuple[int, ...] = ()
+    """Matryoshka: the nested prefix widths, strictly increasing, each level adding a reconstruction
+    loss over the first ``width`` latents; d_sae is the last level (appended when missing). Empty:
+    d_sae/8, d_sae/4, d_sae/2, d_sae."""
+    use_matryoshka_aux_loss: bool = False
+    """Matryoshka: dead latents of each level reconstruct that level's residual (slower; SAELens's off)."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -53,7 +72,18 @@ class SAEConfig:
             problems.append("give exactly one of d_sae and expansion_factor (neither: 8x the hook's width)")
         if self.d_sae is not None and self.k > self.d_sae:
             problems.append(f"k ({self.k}) must not exceed d_sae ({self.d_sae})")
+        widths = self.matryoshka_widths
+        if any(w <= 0 for w in widths) or any(a >= b for a, b in zip(widths, widths[1:], strict=False)):
+            problems.append(f"matryoshka_widths must be positive and strictly increasing, got {widths}")
+        if widths and self.d_sae is not None and widths[-1] > self.d_sae:
+            problems.append(f"the last matryoshka width ({widths[-1]}) exceeds d_sae ({self.d_sae})")
         raise_problems("SAEConfig", problems)
+
+    def matryoshka_widths_for(self, d_in: int) -> list[int]:
+        """The Matryoshka levels of the SAE on a hook of width ``d_in``, ending at its d_sae."""
+        d_sae = self.d_sae_for(d_in)
+        widths = list(self.matryoshka_widths) or sorted({max(1, d_sae // 8), max(1, d_sae // 4), max(1, d_sae // 2)})
+        return [w for w in widths if w < d_sae] + [d_sae]
 
     def d_sae_for(self, d_in: int) -> int:
         """Latents of the SAE on a hook of width ``d_in``."""
@@ -150,10 +180,16 @@ class TrainingConfig:
     """Train on whitened activations (``sae_core.whitening.Whitener.load`` path); single hook only."""
     device: str = "cpu"
     """Device of the SAEs and their rows: the run's device (``MODEL_LOAD_CONFIG['device']``)."""
+    sweep: tuple[dict[str, Any], ...] = ()
+    """Several SAEs per hook point from the one forward pass: each entry overrides SAE / OPTIMIZER knobs
+    (``{"k": 64}``, ``{"d_sae": 9216, "lr": 2e-3}``, ``{"architecture": "batchtopk"}``) and may give a
+    ``name``; every hook trains one SAE per entry, saved and resumed as ``<hook>/<name>`` (:meth:`units`).
+    Empty: one SAE per hook, named by the hook."""
 
     def __post_init__(self) -> None:
         check_fields(self)
         object.__setattr__(self, "hook_points", tuple(self.hook_points))
+        object.__setattr__(self, "sweep", tuple(dict(entry) for entry in self.sweep))
         problems: list[str] = []
         if not self.hook_points:
             problems.append("hook_points is empty: name at least one hook point")
@@ -169,6 +205,41 @@ class TrainingConfig:
         if self.whitening_path is not None and len(self.hook_points) != 1:
             problems.append("whitening_path whitens one hook point; train one hook per run when whitening")
         raise_problems("TrainingConfig", problems)
+        for index, entry in enumerate(self.sweep):  # a bad sweep entry fails here, at load
+            self._sweep_config(index, entry)
+
+    def units(self) -> list[SweepUnit]:
+        """The SAEs this run trains: per hook point, one per sweep entry (or one, named by the hook)."""
+        if not self.sweep:
+            return [SweepUnit(hook, hook, dataclasses.replace(self, hook_points=(hook,))) for hook in self.hook_points]
+        configs = [self._sweep_config(index, entry) for index, entry in enumerate(self.sweep)]
+        return [SweepUnit(f"{hook}/{name}", hook, dataclasses.replace(config, hook_points=(hook,)))
+                for hook in self.hook_points for name, config in configs]
+
+    def _sweep_config(self, index: int, entry: Mapping[str, Any]) -> tuple[str, TrainingConfig]:
+        """(name, config) of sweep entry ``index``: the SAE and OPTIMIZER knobs it overrides applied."""
+        section = f"TRAINING.sweep[{index}]"
+        sae_keys, optimizer_keys = field_types(SAEConfig), field_types(OptimizerConfig)
+        for key in entry:
+            if key != "name" and key not in sae_keys and key not in optimizer_keys:
+                raise ConfigError(f"{section}: unknown key {key!r} (a sweep entry sets SAE / OPTIMIZER knobs or its "
+                                  f"name); {closest(str(key), [*sae_keys, *optimizer_keys, 'name'])}")
+        name = entry.get("name", sweep_name(entry))
+        if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or not name.strip("."):
+            raise ConfigError(f"{section}: name {name!r} should be a non-empty folder name of letters, digits, "
+                              "'.', '_', '-', '=' (no '/', not only dots)")
+        names = [e.get("name", sweep_name(e)) for e in self.sweep]
+        if names.count(name) > 1:
+            raise ConfigError(f"{section}: the name {name!r} is used by {names.count(name)} sweep entries; give each "
+                              "entry a distinct name (or distinct knobs)")
+        try:
+            sae = with_overrides(self.sae, section, **{k: v for k, v in entry.items() if k in sae_keys})
+            optimizer = with_overrides(self.optimizer, section, **{k: v for k, v in entry.items() if k in optimizer_keys})
+        except ConfigTypeError:
+            raise
+        except ConfigError as error:  # a range check of the section: name the entry
+            raise ConfigError(f"{section}: {error}") from error
+        return name, dataclasses.replace(self, sae=sae, optimizer=optimizer, sweep=())
 
     @property
     def seed(self) -> int:
@@ -189,4 +260,26 @@ class TrainingConfig:
         return max(1, self.shuffle_buffer_tokens // self.train_batch_size_tokens)
 
 
-__all__ = ["ARCHITECTURES", "ConfigError", "EvaluationConfig", "OptimizerConfig", "SAEConfig", "TrainingConfig"]
+SAFE_NAME = re.compile(r"[A-Za-z0-9._=-]+")
+
+
+def sweep_name(entry: Mapping[str, Any]) -> str:
+    """The default name of a sweep entry from its knobs: ``{"k": 64, "lr": 0.001}`` -> ``k64_lr0.001``,
+    ``{"architecture": "batchtopk"}`` -> ``batchtopk``, ``{}`` -> ``base``."""
+    def text(value: Any) -> str:
+        return "-".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+    parts = [text(v) if k == "architecture" else f"{k}{text(v)}" for k, v in entry.items() if k != "name"]
+    return re.sub(r"[^A-Za-z0-9._=-]", "-", "_".join(parts)) or "base"
+
+
+class SweepUnit(NamedTuple):
+    """One SAE a run trains: its unique name (``<hook>`` or ``<hook>/<sweep name>``), hook, config."""
+
+    name: str
+    hook: str
+    config: TrainingConfig
+    """The unit trained alone: its hook only, its SAE and optimiser knobs, no sweep."""
+
+
+__all__ = ["ARCHITECTURES", "ConfigError", "EvaluationConfig", "OptimizerConfig", "SAEConfig", "SweepUnit",
+           "TrainingConfig", "sweep_name"]

@@ -21,6 +21,16 @@ the norms, so no renormalisation step is needed. The decoder bias starts at the 
 batch (``b_dec_init="mean"``; SAELens starts at zero): the first reconstructions are the mean, so
 training does not spend its first steps learning it.
 
+Sweeps (``TrainingConfig.sweep``): several SAEs per hook point, differing in any SAE or optimiser
+knob (k, width, lr, architecture), from the same forward pass. Every trained SAE is a *unit*
+(:meth:`~sae_core.config.TrainingConfig.units`) keyed by a unique name, the hook itself or
+``<hook>/<sweep name>``: its own state, seed (the config's seed plus the hook's index: the seed a
+run without the sweep gives that hook's SAE), curve, folder (``output_root/<unit>``), evaluation and slot in the
+checkpoints. The units of a hook see the same rows in the same order, so each ends with the weights
+it would have trained alone on that stream (tested). Rejected: one optimiser over concatenated
+SAEs (one step for all): the units differ in shape, architecture and schedule, and the step time
+is small beside the forward pass that the sweep shares.
+
 Data parallelism (``torchrun``; gloo on CPU): each rank streams its own share of documents / chunks
 and trains on ``train_batch_size_tokens / world_size`` rows; after backward one ``all_reduce``
 averages the gradients (flattened into one buffer), so every rank applies the same update to the
@@ -109,10 +119,11 @@ class TrainedSAE(NamedTuple):
     sae: SAE  # the inference SAE (reloaded from disk on rank 0)
     eval: EvalResult | None
     curve: list[dict[str, Any]]
+    name: str  # the unit: the hook, or ``<hook>/<sweep name>``
 
 
 class TrainingRun(NamedTuple):
-    """A finished run: its SAEs and throughput."""
+    """A finished run: its SAEs (by unit name) and throughput."""
 
     saes: dict[str, TrainedSAE]
     steps: int
@@ -145,8 +156,10 @@ def checkpoint_dir_for(output_root: Path, hooks: Sequence[str]) -> Path:
 
 
 def _init_b_dec(states: list[SAEState], batch: Chunk, whitener: Any) -> None:
-    """Decoder bias = mean of the first batch (over all ranks)."""
+    """Decoder bias = mean of the first batch (over all ranks), for the units that start there."""
     for state in states:
+        if state.cfg.sae.b_dec_init != "mean":
+            continue
         x = batch[state.hook].to(device=state.sae.b_dec.device, dtype=torch.float32)
         x = whitener.forward(x) if whitener is not None else x
         total = torch.cat([x.double().sum(0), torch.tensor([float(x.shape[0])], dtype=torch.float64)])
@@ -170,7 +183,8 @@ def train_saes(cfg: TrainingConfig, source: ActivationSource, widths: Mapping[st
                *, evaluator: Evaluator | None = None, whitener: Any = None, inputs_whitened: bool = False,
                metadata: Mapping[str, Any] | None = None, resume: bool = True,
                identity: Mapping[str, Any] | None = None) -> TrainingRun:
-    """Train one SAE per hook point of ``cfg`` on ``source``; write each to ``output_root/<hook>``.
+    """Train the units of ``cfg`` (one SAE per hook point, or per hook and sweep entry) on ``source``;
+    write each to ``output_root/<unit>`` (``<hook>`` or ``<hook>/<sweep name>``).
 
     ``whitener`` (optional): the SAEs see ``whitener.forward(x)`` (or ``x`` itself when the source
     is already whitened, ``inputs_whitened``) and the whitening is saved beside each SAE.
@@ -219,14 +233,16 @@ def _train(cfg: TrainingConfig, source: ActivationSource, widths: Mapping[str, i
         raise ValueError(f"train_batch_size_tokens ({batch}) must divide evenly over {world} ranks")
     if sorted(source.hooks) != sorted(hooks):
         raise ValueError(f"the source streams {source.hooks} but the config trains {hooks}")
-    states = [SAEState(h, build_training_sae(cfg, widths[h], h, cfg.seed + i, metadata), cfg) for i, h in enumerate(hooks)]
+    states = [SAEState(unit.hook, build_training_sae(unit.config, widths[unit.hook], unit.hook,
+                                                     cfg.seed + hooks.index(unit.hook), metadata), unit.config, unit.name)
+              for unit in cfg.units()]
     shuffler = BlockShuffler(batch // world, cfg.batches_per_block, cfg.shuffle_buffer_tokens > 0, cfg.seed * 1_000_003 + rank)
     directory = checkpoint_dir_for(Path(output_root), hooks)
     start = load_checkpoint(directory, states, shuffler, config) if resume else None
     if start is not None and start.source_digest is not None and hasattr(source, "expected_digest"):
         source.expected_digest = start.source_digest
     step = start.step if start else 0
-    curves = start.curves if start else {h: [] for h in hooks}
+    curves = start.curves if start else {s.name: [] for s in states}
     feed = whitener if whitener is not None and not inputs_whitened else None
     batches = shuffler.batches(source, cfg.total_steps - step)
     progress = tqdm(total=cfg.total_steps * batch, initial=step * batch, unit="tok", unit_scale=True,
@@ -234,23 +250,15 @@ def _train(cfg: TrainingConfig, source: ActivationSource, widths: Mapping[str, i
     began, first = time.perf_counter(), step
     while step < cfg.total_steps:
         rows = next(batches)
-        if step == 0 and cfg.sae.b_dec_init == "mean":
+        if step == 0:
             _init_b_dec(states, rows, feed)
         log = (step + 1) % cfg.log_every_steps == 0 or step + 1 == cfg.total_steps
         tokens = (step + 1) * batch
-        for state in states:
-            x = rows[state.hook].to(device=cfg.device, dtype=torch.float32)  # the SAE may sit elsewhere than the model
-            lr = state.lr
-            try:
-                stats = state.step(feed.forward(x) if feed is not None else x, step, log)
-            except FloatingPointError as err:
-                raise FloatingPointError(f"{err} (source position {shuffler.position})") from None
-            if stats is not None:
-                append_curve(curves[state.hook], **_curve_point(state, stats, tokens, lr))
+        _step_units(states, rows, feed, step, log, tokens, curves, shuffler)
         step += 1
         progress.update(batch)
         if log:
-            last = curves[hooks[0]][-1]
+            last = curves[states[0].name][-1]
             progress.set_postfix(loss=f"{last['loss']:.4g}", L0=f"{last['l0']:.1f}", EV=f"{last['explained_variance']:.3f}")
         if evaluator is not None and _due(tokens, cfg.evaluation.eval_every_tokens, batch) and step < cfg.total_steps:
             _evaluate_now(states, evaluator, whitener, curves, tokens)
@@ -263,10 +271,27 @@ def _train(cfg: TrainingConfig, source: ActivationSource, widths: Mapping[str, i
     if not (start and start.complete):
         save_checkpoint(directory, step, step * batch, states, shuffler, curves, config, complete=True,
                         source_digest=getattr(source, "digest_state", None))
-    saes = {s.hook: _finish(s, Path(output_root) / s.hook, cfg, curves[s.hook], evaluator, whitener, seconds,
+    saes = {s.name: _finish(s, Path(output_root) / s.name, curves[s.name], evaluator, whitener, seconds,
                             world, metadata) for s in states}
     trained = (step - first) * batch
     return TrainingRun(saes, step, step * batch, seconds, trained / seconds if seconds > 0 else float("nan"))
+
+
+def _step_units(states: list[SAEState], rows: Chunk, feed: Any, step: int, log: bool, tokens: int,
+                curves: dict[str, list[dict[str, Any]]], shuffler: BlockShuffler) -> None:
+    """One step of every unit on this batch; the units of a hook share its rows (moved and whitened once)."""
+    inputs: dict[str, Tensor] = {}
+    for state in states:
+        if state.hook not in inputs:
+            x = rows[state.hook].to(device=state.cfg.device, dtype=torch.float32)  # the SAE may sit elsewhere than the model
+            inputs[state.hook] = feed.forward(x) if feed is not None else x
+        lr = state.lr
+        try:
+            stats = state.step(inputs[state.hook], step, log)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"{err} (source position {shuffler.position})") from None
+        if stats is not None:
+            append_curve(curves[state.name], **_curve_point(state, stats, tokens, lr))
 
 
 def _evaluate_now(states: list[SAEState], evaluator: Evaluator, whitener: Any,
@@ -277,7 +302,7 @@ def _evaluate_now(states: list[SAEState], evaluator: Evaluator, whitener: Any,
         return
     for state, mean in zip(states, means, strict=True):
         result = evaluator(state.hook, to_inference_sae(state.sae), whitener, _model_space(mean, whitener))
-        append_curve(curves[state.hook], tokens=tokens, eval_explained_variance=result.explained_variance,
+        append_curve(curves[state.name], tokens=tokens, eval_explained_variance=result.explained_variance,
                      eval_l0=result.l0, eval_ce_recovered=result.ce_recovered, eval_dead_fraction=result.dead_fraction)
 
 
@@ -286,17 +311,16 @@ def _model_space(mean: Tensor, whitener: Any) -> Tensor:
     return (whitener.reverse(mean) if whitener is not None else mean).float()
 
 
-def _finish(state: SAEState, folder: Path, cfg: TrainingConfig, curve: list[dict[str, Any]],
-            evaluator: Evaluator | None, whitener: Any, seconds: float, world: int,
-            metadata: Mapping[str, Any] | None) -> TrainedSAE:
-    """Rank 0: write the SAE folder and evaluate the SAE read back from it."""
-    mean = state.input_mean()
+def _finish(state: SAEState, folder: Path, curve: list[dict[str, Any]], evaluator: Evaluator | None,
+            whitener: Any, seconds: float, world: int, metadata: Mapping[str, Any] | None) -> TrainedSAE:
+    """Rank 0: write the unit's SAE folder (with its own config) and evaluate the SAE read back from it."""
+    mean, cfg = state.input_mean(), state.cfg
     if rank_and_world()[0] != 0:
-        return TrainedSAE(state.hook, None, to_inference_sae(state.sae), None, curve)
+        return TrainedSAE(state.hook, None, to_inference_sae(state.sae), None, curve, state.name)
     write_sae_folder(to_inference_sae(state.sae), folder, whitener)
     write_curve(folder, curve)
     atomic_write_json(folder / CONFIG_FILENAME, {
-        "config": to_json(cfg), "hook": state.hook, "d_in": state.sae.cfg.d_in, "d_sae": state.sae.cfg.d_sae,
+        "config": to_json(cfg), "hook": state.hook, "unit": state.name, "d_in": state.sae.cfg.d_in, "d_sae": state.sae.cfg.d_sae,
         "steps": cfg.total_steps, "tokens": cfg.total_steps * cfg.train_batch_size_tokens, "world_size": world,
         "seconds": seconds, "token_policy": cfg.policy.to_json(), "metadata": dict(metadata or {})})
     sae, _ = load_sae_folder(folder, cfg.device)
@@ -304,8 +328,8 @@ def _finish(state: SAEState, folder: Path, cfg: TrainingConfig, curve: list[dict
     if evaluator is not None:
         result = evaluator(state.hook, sae, whitener, _model_space(mean, whitener))
         write_eval(folder, result)
-    logger.info("wrote the SAE for %s to %s", state.hook, folder)
-    return TrainedSAE(state.hook, folder, sae, result, curve)
+    logger.info("wrote the SAE %s to %s", state.name, folder)
+    return TrainedSAE(state.hook, folder, sae, result, curve, state.name)
 
 
 def model_source(model: HookedTransformer, dataset: WindowedTextDataset, cfg: TrainingConfig,

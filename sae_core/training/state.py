@@ -30,6 +30,10 @@ import torch
 from sae_lens import SAE
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
 from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+from sae_lens.saes.matryoshka_batchtopk_sae import (
+    MatryoshkaBatchTopKTrainingSAE,
+    MatryoshkaBatchTopKTrainingSAEConfig,
+)
 from sae_lens.saes.sae import SAEMetadata, TrainingSAE, TrainStepInput
 from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
@@ -56,7 +60,9 @@ RESUMABLE_CHANGES = frozenset({"checkpoint_every_tokens", "eval_every_tokens", "
 SAE_CLASSES = {"topk": (TopKTrainingSAE, TopKTrainingSAEConfig),
                "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig),
                "jumprelu": (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig),
-               "standard": (StandardTrainingSAE, StandardTrainingSAEConfig)}
+               "standard": (StandardTrainingSAE, StandardTrainingSAEConfig),
+               "matryoshka_batchtopk": (MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig)}
+TOPK_FAMILY = ("topk", "batchtopk", "matryoshka_batchtopk")
 
 
 def build_training_sae(cfg: TrainingConfig, d_in: int, hook: str, seed: int,
@@ -73,6 +79,10 @@ def build_training_sae(cfg: TrainingConfig, d_in: int, hook: str, seed: int,
                          jumprelu_init_threshold=cfg.sae.jumprelu_init_threshold,
                          jumprelu_bandwidth=cfg.sae.jumprelu_bandwidth),
         "standard": dict(l1_coefficient=cfg.sae.l1_coefficient, l1_warm_up_steps=warm_up),
+        "matryoshka_batchtopk": dict(k=cfg.sae.k, aux_loss_coefficient=cfg.sae.aux_loss_coefficient,
+                                     rescale_acts_by_decoder_norm=cfg.sae.rescale_acts_by_decoder_norm,
+                                     matryoshka_widths=cfg.sae.matryoshka_widths_for(d_in),
+                                     use_matryoshka_aux_loss=cfg.sae.use_matryoshka_aux_loss),
     }[cfg.sae.architecture]
     sae_cfg = cfg_class(d_in=d_in, d_sae=cfg.sae.d_sae_for(d_in), dtype="float32", device=cfg.device,
                         decoder_init_norm=cfg.sae.decoder_init_norm,
@@ -83,15 +93,20 @@ def build_training_sae(cfg: TrainingConfig, d_in: int, hook: str, seed: int,
 
 
 def check_sizes(cfg: TrainingConfig, widths: Mapping[str, int]) -> None:
-    """Sizes only the hook widths can check: ``1 <= k <= d_sae`` for the TopK family, ``d_sae >= 1``."""
-    for hook, d_in in widths.items():
-        d_sae = cfg.sae.d_sae_for(d_in)
+    """Sizes only the hook widths can check, per unit: ``d_sae >= 1``, ``1 <= k <= d_sae`` for the TopK
+    family, Matryoshka levels within d_sae."""
+    for unit in cfg.units():
+        d_in, sae = widths[unit.hook], unit.config.sae
+        d_sae = sae.d_sae_for(d_in)
         if d_sae < 1:
-            raise ValueError(f"TrainingConfig: the SAE for {hook} (d_in={d_in}) would have d_sae={d_sae}; "
+            raise ValueError(f"TrainingConfig: the SAE {unit.name} (d_in={d_in}) would have d_sae={d_sae}; "
                              "raise d_sae or expansion_factor")
-        if cfg.sae.architecture in ("topk", "batchtopk") and not 1 <= cfg.sae.k <= d_sae:
-            raise ValueError(f"TrainingConfig: k={cfg.sae.k} active latents do not fit the d_sae={d_sae} latents of the "
-                             f"SAE for {hook} (d_in={d_in}); set 1 <= k <= {d_sae}, or raise d_sae / expansion_factor")
+        if sae.architecture in TOPK_FAMILY and not 1 <= sae.k <= d_sae:
+            raise ValueError(f"TrainingConfig: k={sae.k} active latents do not fit the d_sae={d_sae} latents of the "
+                             f"SAE {unit.name} (d_in={d_in}); set 1 <= k <= {d_sae}, or raise d_sae / expansion_factor")
+        if sae.architecture == "matryoshka_batchtopk" and sae.matryoshka_widths and sae.matryoshka_widths[-1] > d_sae:
+            raise ValueError(f"TrainingConfig: the last matryoshka width ({sae.matryoshka_widths[-1]}) of the SAE "
+                             f"{unit.name} exceeds its d_sae ({d_sae}); lower it or raise d_sae / expansion_factor")
 
 
 def to_inference_sae(sae: TrainingSAE) -> SAE:
@@ -126,8 +141,9 @@ class StepStats(NamedTuple):
 class SAEState:
     """One SAE with its optimiser, schedules and dead-latent counters."""
 
-    def __init__(self, hook: str, sae: TrainingSAE, cfg: TrainingConfig) -> None:
+    def __init__(self, hook: str, sae: TrainingSAE, cfg: TrainingConfig, name: str | None = None) -> None:
         self.hook, self.sae, self.cfg = hook, sae, cfg
+        self.name = name or hook  # the unit: the hook, or ``<hook>/<sweep name>``
         self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.optimizer.lr, betas=cfg.optimizer.adam_betas,
                                           fused=torch.device(cfg.device).type in ("cpu", "cuda"))
         steps = cfg.total_steps
@@ -173,7 +189,7 @@ class SAEState:
         self.sae.train()
         loss, sae_out, fired, active = self._forward(x, step)
         if not bool(torch.isfinite(loss)):  # one scalar per step; the rows are looked at only then
-            _explain_non_finite_loss(self.hook, step, float(loss.detach()), x)
+            _explain_non_finite_loss(self.name, step, float(loss.detach()), x)
         loss.backward()
         params = [p for p in self.sae.parameters() if p.requires_grad]
         if world > 1:
@@ -201,7 +217,7 @@ class SAEState:
         """Raise if an update made a parameter non-finite (run on log steps and before every save:
         a pass over the parameters costs about a tenth of a step, and the loss shows it next step)."""
         if not bool(torch.stack([torch.isfinite(p).all() for p in self.sae.parameters()]).all()):
-            raise FloatingPointError(f"the parameters of the SAE for {self.hook} are non-finite after the update of "
+            raise FloatingPointError(f"the parameters of the SAE for {self.name} are non-finite after the update of "
                                      f"step {step} (batch {step}; lr={self.lr}); lower lr or max_grad_norm. "
                                      "Checkpoints are unchanged")
 
@@ -309,7 +325,7 @@ def save_checkpoint(directory: Path, step: int, tokens: int, states: list[SAESta
             _save_tensors(folder / f"sae-{index}.safetensors", state.state_tensors())
         atomic_write_json(folder / STATE_FILENAME, {
             "step": step, "tokens": tokens, "complete": complete, "world_size": world, "config": config,
-            "hooks": [s.hook for s in states], "saes": [s.state_json() for s in states], "curves": curves})
+            "hooks": [s.hook for s in states], "units": [s.name for s in states], "saes": [s.state_json() for s in states], "curves": curves})
     _barrier()
     if rank == 0:
         files = {p.name: {"nbytes": p.stat().st_size, "sha256": file_sha256(p)}
@@ -370,7 +386,12 @@ def load_checkpoint(directory: Path, states: list[SAEState], shuffler: BlockShuf
             leftover.unlink(missing_ok=True)
     saved = read_json(_read_checked(folder, STATE_FILENAME, files))
     _check_compatible(saved, config, world, folder)
-    for index, state in enumerate(states):
+    units = saved.get("units", saved["hooks"])  # keyed by unit; older checkpoints: one unit per hook
+    for state in states:
+        if state.name not in units:
+            raise ValueError(f"the checkpoint in {folder} holds no SAE {state.name} (it holds {', '.join(units)}); "
+                             "delete the checkpoint folder (or pass resume=False) to start over")
+        index = units.index(state.name)
         state.load(load_file(str(_read_checked(folder, f"sae-{index}.safetensors", files))), saved["saes"][index])
     data = load_file(str(_read_checked(folder, f"data-rank{rank}.safetensors", files)))
     torch.set_rng_state(data.pop("torch_rng"))

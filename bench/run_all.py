@@ -21,8 +21,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-BENCHES = ["bench_whitening", "bench_activations", "bench_training", "bench_synthetic", "bench_analysis",
-           "bench_browser"]
+BENCHES = ["bench_whitening", "bench_activations", "bench_training", "bench_sweep", "bench_synthetic",
+           "bench_analysis", "bench_browser"]
 ARGUMENTS = {  # the budgets the README table was measured at, so `make bench` reproduces every row as printed
     "bench_training": ["--tokens", "1048576", "--float32-tokens", "262144", "--multi-tokens", "131072"],
     "bench_synthetic": ["--rows", "300000", "--repeats", "3"],
@@ -148,6 +148,18 @@ def training_rows(result: dict[str, Any]) -> list[str]:
     return rows
 
 
+def sweep_rows(result: dict[str, Any]) -> list[str]:
+    """A sweep of several SAEs on one hook from one forward vs separate runs of ours and vs MultiSAETrainingRunner."""
+    n, tokens, precision = len(result["units"]), result["tokens_per_run"], result["precision"]
+    what = f"sweep of {n} SAEs on one hook, one forward, {precision}, {tokens:,} tokens each"
+    rows = [f"| {what}: time vs {n} separate runs of ours | – | – | {_spread(result['speedup_vs_separate'])} | "
+            f">= 2.5x | {_fmt(result['speedup_vs_separate']['median'] >= 2.5)} |"]
+    if result.get("speedup_vs_saelens_multi"):
+        rows.append(f"| … the same sweep vs SAELens MultiSAETrainingRunner ({n} SAEs on the hook) | – | – | "
+                    f"{_spread(result['speedup_vs_saelens_multi'])} | reported | – |")
+    return rows
+
+
 def synthetic_rows(result: dict[str, Any]) -> list[str]:
     """Ground truth: MCC of both trainers from the same start on the same rows, at equal steps and equal time."""
     rows = []
@@ -247,6 +259,7 @@ def table() -> str:
     machine = None
     for names, rows in ((("bench_activations", "bench_activations_quick"), activation_rows),
                         (("training", "training_quick"), training_rows),
+                        (("sweep", "sweep_quick"), sweep_rows),
                         (("synthetic", "synthetic_quick"), synthetic_rows),
                         (("whitening",), whitening_rows),
                         (("analysis", "analysis_quick"), analysis_rows),

@@ -76,6 +76,7 @@ from sae_core.training.sources import (
     BlockShuffler,
     Chunk,
     ModelActivationSource,
+    StepProfile,
     TensorChunkSource,
     hook_widths,
     rank_and_world,
@@ -99,6 +100,7 @@ logger = logging.getLogger(__name__)
 CONFIG_FILENAME = "training_config.json"
 CHECKPOINTS_DIRNAME = "checkpoints"
 TRAINING_LOCK = ".training.lock"
+PROFILE_FILENAME = "profile.json"  # where the run's wall time went (StepProfile.summary)
 
 
 class TrainedSAE(NamedTuple):
@@ -119,6 +121,7 @@ class TrainingRun(NamedTuple):
     tokens: int
     seconds: float  # wall time of the steps run in this process (a resumed run counts its own)
     tokens_per_second: float
+    profile: dict[str, Any] | None = None  # forward / data / step / other (StepProfile.summary), as in profile.json
 
 
 class HeldOutEvaluator:
@@ -231,6 +234,7 @@ def _train(cfg: TrainingConfig, source: ActivationSource, widths: Mapping[str, i
     batches = shuffler.batches(source, cfg.total_steps - step)
     progress = tqdm(total=cfg.total_steps * batch, initial=step * batch, unit="tok", unit_scale=True,
                     desc="train SAE", disable=rank != 0)
+    profile = StepProfile.of(source)
     began, first = time.perf_counter(), step
     while step < cfg.total_steps:
         rows = next(batches)
@@ -242,7 +246,8 @@ def _train(cfg: TrainingConfig, source: ActivationSource, widths: Mapping[str, i
             x = rows[state.hook].to(device=cfg.device, dtype=torch.float32)  # the SAE may sit elsewhere than the model
             lr = state.lr
             try:
-                stats = state.step(feed.forward(x) if feed is not None else x, step, log)
+                with profile.timed("step"):
+                    stats = state.step(feed.forward(x) if feed is not None else x, step, log)
             except FloatingPointError as err:
                 raise FloatingPointError(f"{err} (source position {shuffler.position})") from None
             if stats is not None:
@@ -265,8 +270,15 @@ def _train(cfg: TrainingConfig, source: ActivationSource, widths: Mapping[str, i
                         source_digest=getattr(source, "digest_state", None))
     saes = {s.hook: _finish(s, Path(output_root) / s.hook, cfg, curves[s.hook], evaluator, whitener, seconds,
                             world, metadata) for s in states}
-    trained = (step - first) * batch
-    return TrainingRun(saes, step, step * batch, seconds, trained / seconds if seconds > 0 else float("nan"))
+    trained, summary = (step - first) * batch, _write_profile(Path(output_root), profile.summary(seconds, step - first))
+    return TrainingRun(saes, step, step * batch, seconds, trained / seconds if seconds > 0 else float("nan"), summary)
+
+
+def _write_profile(output_root: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0 writes where the run's wall time went to ``output_root/profile.json``."""
+    if rank_and_world()[0] == 0:
+        atomic_write_json(output_root / PROFILE_FILENAME, summary)
+    return summary
 
 
 def _evaluate_now(states: list[SAEState], evaluator: Evaluator, whitener: Any,
@@ -312,7 +324,8 @@ def model_source(model: HookedTransformer, dataset: WindowedTextDataset, cfg: Tr
                  documents: Sequence[int]) -> ModelActivationSource:
     """The activation stream of ``cfg``'s hook points over windows of ``documents``."""
     return ModelActivationSource(model, dataset, cfg.hook_points, cfg.policy, cfg.forward.dtype, documents,
-                                 cfg.loader.training_batch_tokens, cfg.loader.length_group_documents, cfg.loader)
+                                 cfg.loader.training_batch_tokens, cfg.loader.length_group_documents, cfg.loader,
+                                 cfg.forward.compile)
 
 
 def train_from_model(model: HookedTransformer, texts: Any, cfg: TrainingConfig, output_root: str | Path,

@@ -9,7 +9,13 @@ into the stream it ends), forever (cycling epochs), starting from any position:
   special rows by policy), one forward pass for every hook, stopped after the last needed block.
   Its position counts loader batches; epoch ``e`` re-draws the windows of long documents and
   re-shuffles the document order (both pure functions of ``(seed, e)``), so a position pins the
-  data exactly and resuming skips batches without tokenising them.
+  data exactly and resuming skips batches without tokenising them. It runs the store's forward:
+  compiled (``ForwardConfig.compile``, eager fallback) and on packed rows
+  (``LoaderConfig.pack_windows``: each length group packed whole, windows masked apart, so the
+  rows are those of the unpacked stream, regrouped); the next window batches are tokenised and
+  collated meanwhile, by DataLoader workers or a prefetch thread
+  (:func:`~sae_core.loader.prefetched`), so the forward does not wait for them. Its
+  :class:`StepProfile` records where the time goes (``profile.json`` of a run).
 * :class:`TensorChunkSource` wraps any re-iterable of ``(rows, d)`` tensors or ``{hook: tensor}``
   dicts, e.g. the shards of a stored (possibly whitened) activation run:
   ``TensorChunkSource(lambda: (s.acts for s in run.iter_shards()), run.hooks)``. Its position

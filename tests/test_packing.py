@@ -253,3 +253,20 @@ def test_packed_batches_are_the_same_from_worker_processes(tiny_model, corpus_te
     for a, b in zip(batches[0], batches[1], strict=True):
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.segment, b.segment)
         assert torch.equal(a.doc_index, b.doc_index)
+
+
+@pytest.mark.slow  # torch.compile from a cold cache
+def test_compiled_packed_training_source_streams_the_eager_unpacked_rows(tiny_model, corpus_texts, monkeypatch):
+    """What training runs with FORWARD compile and LOADER pack_windows: the eager unpacked stream's rows."""
+    from sae_core.activations import compiled_forward
+    from sae_core.training.sources import ModelActivationSource
+
+    texts = sorted(corpus_texts, key=len)[:40] + list(corpus_texts[:20])
+    dataset = WindowedTextDataset(texts, tiny_model.tokenizer, 32, prepend_bos=True)
+    streams = {}
+    for fast in (False, True):
+        source = ModelActivationSource(tiny_model, dataset, HOOKS, TokenPolicy(), "float32", batch_tokens=256,
+                                       loader=LoaderConfig(pack_windows=fast), compile=fast)
+        streams[fast] = epoch_rows(source, monkeypatch)[0]
+    assert compiled_forward(tiny_model).compiled_calls > 0 and compiled_forward(tiny_model).disabled is None
+    assert_same_rows(streams[True], streams[False], atol=1e-4)

@@ -48,7 +48,7 @@ import torch
 
 from bench.bench_training import HOOK, STEP_REPEATS, base_config, model_source
 from bench.common import load_smollm2, write_result
-from sae_core.config import with_overrides
+from sae_core.config import to_json, with_overrides
 
 FULL_TOKENS = 1_048_576
 
@@ -219,7 +219,7 @@ def main() -> None:
                       f"{rows[name]['tokens_per_s']:,.0f} tokens/s", flush=True)
         repeats.append(rows)
     record = {"tokens_per_run": args.tokens, "warm_repeats": args.repeats, "hook": HOOK, "precisions": precisions,
-              "command": " ".join(sys.argv), "config": ours_config(base, precisions[0], args.tokens).to_json(),
+              "command": " ".join(sys.argv), "config": to_json(ours_config(base, precisions[0], args.tokens)),
               "cold": repeats[0], "warm": repeats[1:],
               "summary": summarise(repeats[0], repeats[1:], precisions, args.tokens),
               "wall_seconds": time.perf_counter() - began}

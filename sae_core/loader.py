@@ -5,14 +5,22 @@ list is a pure function of (documents, seed, epoch), and ``start_batch`` skips b
 tokenising them, which is how an interrupted extraction resumes. With ``LoaderConfig.batch_tokens``
 a batch is filled up to that many padded token cells; with ``pack_windows`` a length group's
 windows are packed into shared rows (:class:`~sae_core.data.RowPacker`) first.
+
+:func:`prefetched` makes the batches of a loader ahead in a thread, for loaders without worker
+processes (training: tokenising, window drawing and collation then overlap the forward pass).
+A thread rather than a worker process by default because a worker costs a process start per
+epoch and a copy of every batch through shared memory; a thread needs neither, and the
+tokeniser (Rust) and the forward (ATen kernels) both run outside the GIL.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator, Sequence
-from typing import Any
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -118,6 +126,53 @@ class SkipBatches(torch.utils.data.Sampler):
         return itertools.islice(iter(self.batch_sampler), self.start, None)
 
 
+PREFETCH_BATCHES = 4  # window batches the prefetch thread keeps ready (each a few hundred KB)
+
+
+class _Failure(NamedTuple):
+    error: BaseException
+
+
+def prefetched(items: Iterable[Any], depth: int = PREFETCH_BATCHES) -> Iterator[Any]:
+    """``items`` produced by a background thread up to ``depth`` ahead, in the same order.
+
+    The thread stops when the consumer stops (this generator closed or collected); an error in
+    the thread is raised in the consumer. The producer's Python work (tokenising is in Rust and
+    releases the GIL) interleaves with the forward's, which spends its time in ATen kernels.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop, done = threading.Event(), object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, which raises it
+            put(_Failure(error))
+
+    thread = threading.Thread(target=produce, name="sae_core-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not done:
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
 def make_dataloader(dataset: WindowedTextDataset | IterableWindowedTextDataset,
                     cfg: LoaderConfig | None = None, indices: Sequence[int] | None = None,
                     start_batch: int = 0) -> DataLoader:
@@ -152,4 +207,4 @@ def make_dataloader(dataset: WindowedTextDataset | IterableWindowedTextDataset,
     return DataLoader(source, batch_sampler=SkipBatches(batches, start_batch), **common)
 
 
-__all__ = ["LengthGroupedBatchSampler", "SkipBatches", "make_dataloader"]
+__all__ = ["LengthGroupedBatchSampler", "SkipBatches", "make_dataloader", "prefetched"]

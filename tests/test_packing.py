@@ -179,17 +179,57 @@ def test_save_packed_equals_save_unpacked(tiny_model, corpus_texts, tmp_path):
         save(tiny_model, HOOKS, docs, tmp_path, shard_format="npz", pack_windows=True, **common)
 
 
-def test_training_source_streams_the_same_rows_with_a_packing_loader(tiny_model, corpus_texts):
-    """Training batches windows of one length, so a packing loader changes nothing (documented)."""
+def epoch_rows(source, monkeypatch):
+    """{(document, position): {hook: row}} of one epoch of a training source's chunks, and its padded token
+    cells: a spy on the source's ``batch_activations`` labels every row it yields."""
+    from sae_core.training import sources
+
+    labelled, cells, real = [], [0], sources.batch_activations
+
+    def spy(model, batch, *args, **kwargs):
+        acts = real(model, batch, *args, **kwargs)
+        labelled.append(acts)
+        cells[0] += batch.input_ids.numel()
+        return acts
+
+    monkeypatch.setattr(sources, "batch_activations", spy)
+    stream = source.chunks(0)
+    for _ in range(len(source.sampler.batches(0))):
+        chunk, _ = next(stream)
+        assert all(chunk[h] is labelled[-1].acts[h] for h in source.hooks)  # yielded as computed
+    stream.close()
+    monkeypatch.undo()
+    keys = torch.cat([torch.stack([a.doc_index, a.position], 1) for a in labelled]).numpy()
+    rows = torch.cat([torch.cat([a.acts[h] for h in source.hooks], 1) for a in labelled]).double().numpy()
+    # in (document, position) order; a cell of two overlapping (proportional) windows has two rows
+    order = np.lexsort((rows.sum(1), keys[:, 1], keys[:, 0]))
+    return (keys[order], rows[order]), cells[0]
+
+
+def assert_same_rows(rows, reference, atol=1e-5):
+    np.testing.assert_array_equal(rows[0], reference[0])
+    np.testing.assert_allclose(rows[1], reference[1], rtol=1e-5, atol=atol)
+
+
+@pytest.mark.parametrize("windows_per_document", ["one", "proportional"])
+def test_packed_training_source_streams_the_unpacked_rows_with_less_padding(tiny_model, corpus_texts, monkeypatch,
+                                                                           windows_per_document):
+    """Packing regroups the windows into rows; an epoch holds the same windows with the same activations."""
     from sae_core.training.sources import ModelActivationSource
 
-    dataset = WindowedTextDataset(corpus_texts[:20], tiny_model.tokenizer, 32)
-    chunks = {}
+    texts = sorted(corpus_texts, key=len)[:40] + list(corpus_texts[:20])  # short ones to pack, long ones
+    dataset = WindowedTextDataset(texts, tiny_model.tokenizer, 32, prepend_bos=True,
+                                  windows_per_document=windows_per_document)
+    streams = {}
     for pack in (False, True):
-        source = ModelActivationSource(tiny_model, dataset, HOOKS[:1], TokenPolicy(), "float32",
+        source = ModelActivationSource(tiny_model, dataset, HOOKS, TokenPolicy(), "float32", batch_tokens=256,
                                        loader=LoaderConfig(pack_windows=pack))
-        chunks[pack] = next(source.chunks(0))[0][HOOKS[0]]
-    torch.testing.assert_close(chunks[True], chunks[False], rtol=0, atol=0)
+        streams[pack] = epoch_rows(source, monkeypatch)
+    (packed, packed_cells), (plain, plain_cells) = streams[True], streams[False]
+    assert len(plain[0]) > 500 and len(np.unique(plain[0][:, 0])) == 60
+    assert_same_rows(packed, plain)
+    if windows_per_document == "one":  # here mostly short fortunes: packing removes padding
+        assert packed_cells < plain_cells
 
 
 def test_negative_positions_count_from_each_windows_end(tiny_model):
@@ -213,3 +253,20 @@ def test_packed_batches_are_the_same_from_worker_processes(tiny_model, corpus_te
     for a, b in zip(batches[0], batches[1], strict=True):
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.segment, b.segment)
         assert torch.equal(a.doc_index, b.doc_index)
+
+
+@pytest.mark.slow  # torch.compile from a cold cache
+def test_compiled_packed_training_source_streams_the_eager_unpacked_rows(tiny_model, corpus_texts, monkeypatch):
+    """What training runs with FORWARD compile and LOADER pack_windows: the eager unpacked stream's rows."""
+    from sae_core.activations import compiled_forward
+    from sae_core.training.sources import ModelActivationSource
+
+    texts = sorted(corpus_texts, key=len)[:40] + list(corpus_texts[:20])
+    dataset = WindowedTextDataset(texts, tiny_model.tokenizer, 32, prepend_bos=True)
+    streams = {}
+    for fast in (False, True):
+        source = ModelActivationSource(tiny_model, dataset, HOOKS, TokenPolicy(), "float32", batch_tokens=256,
+                                       loader=LoaderConfig(pack_windows=fast), compile=fast)
+        streams[fast] = epoch_rows(source, monkeypatch)[0]
+    assert compiled_forward(tiny_model).compiled_calls > 0 and compiled_forward(tiny_model).disabled is None
+    assert_same_rows(streams[True], streams[False], atol=1e-4)

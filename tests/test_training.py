@@ -6,7 +6,10 @@ trains on SmolLM2 with a small budget and compares against baselines computed in
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -274,9 +277,11 @@ def _weights(folder) -> dict[str, torch.Tensor]:
     return SAE.load_from_disk(str(folder)).state_dict()
 
 
-def test_resume_equals_uninterrupted(tiny_model, corpus_texts, tmp_path, monkeypatch):
+@pytest.mark.parametrize("forward", [{}, {"pack_windows": True},
+                                     pytest.param({"pack_windows": True, "compile": True}, marks=pytest.mark.slow)])
+def test_resume_equals_uninterrupted(tiny_model, corpus_texts, tmp_path, monkeypatch, forward):
     texts = corpus_texts[:64]
-    cfg = _model_cfg(total_training_tokens=128 * 10, lr_decay_fraction=0.3)
+    cfg = _model_cfg(total_training_tokens=128 * 10, lr_decay_fraction=0.3, **forward)
     widths = hook_widths(tiny_model, [HOOK])
     straight = train_saes(cfg, _model_source(tiny_model, texts, cfg)[0], widths, tmp_path / "a")
 
@@ -300,6 +305,50 @@ def test_resume_equals_uninterrupted(tiny_model, corpus_texts, tmp_path, monkeyp
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert straight.saes[HOOK].curve == resumed.saes[HOOK].curve
+    if forward.get("compile"):  # the compiled forward did run (it falls back to the eager one when it cannot)
+        from sae_core.activations import compiled_forward
+
+        assert compiled_forward(tiny_model).compiled_calls > 0 and compiled_forward(tiny_model).disabled is None
+
+
+def test_prefetched_keeps_order_raises_the_producers_error_and_stops():
+    from sae_core.loader import prefetched
+
+    assert list(prefetched(iter(range(50)), depth=3)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise OSError("disk gone")
+
+    stream = prefetched(failing())
+    assert next(stream) == 1
+    with pytest.raises(OSError, match="disk gone"):
+        next(stream)
+    made = []
+
+    def endless():
+        for i in itertools.count():
+            made.append(i)
+            yield i
+
+    stream = prefetched(endless(), depth=2)
+    assert [next(stream) for _ in range(5)] == list(range(5))
+    stream.close()  # the consumer stops: so does the thread, at most depth + 2 items ahead
+    seen = len(made)
+    time.sleep(0.3)
+    assert len(made) == seen <= 5 + 2 + 1
+
+
+def test_the_profile_of_a_run_accounts_for_its_wall_time(tiny_model, corpus_texts, tmp_path):
+    cfg = _model_cfg(total_training_tokens=128 * 4)
+    run = train_saes(cfg, _model_source(tiny_model, corpus_texts[:64], cfg)[0], hook_widths(tiny_model, [HOOK]),
+                     tmp_path)
+    written = json.loads((tmp_path / "profile.json").read_text())
+    assert written == json.loads(json.dumps(run.profile)) and written["steps"] == 4
+    assert written["wall_seconds"] == pytest.approx(run.seconds)
+    assert all(written["seconds"][part] > 0 for part in ("forward", "step"))
+    assert sum(written["seconds"].values()) == pytest.approx(run.seconds)  # forward + data + step + other
+    assert sum(written["share"].values()) == pytest.approx(1.0)
 
 
 def test_saved_sae_reloads_with_identical_encodings(tiny_model, corpus_texts, tmp_path):

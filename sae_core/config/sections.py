@@ -170,8 +170,8 @@ class LoaderConfig:
     pack_windows: bool = False
     """Let short windows share a row (``sae_core.data.RowPacker``); the forward pass masks attention
     between them, so activations are unchanged and padding nearly vanishes. Needs a causal model with
-    rotary, ALiBi or learned absolute position embeddings. Extraction and analysis pack; training
-    batches windows of one length (``TokenBudgetBatchSampler``), which leaves nothing to pack."""
+    rotary, ALiBi or learned absolute position embeddings. Extraction, analysis and training
+    (``TokenBudgetBatchSampler`` packs each length group) all follow it."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Other ``torch.utils.data.DataLoader`` arguments, passed through."""
 

@@ -86,6 +86,7 @@ from sae_core.training.sources import (
     BlockShuffler,
     Chunk,
     ModelActivationSource,
+    StepProfile,
     TensorChunkSource,
     hook_widths,
     rank_and_world,
@@ -109,6 +110,7 @@ logger = logging.getLogger(__name__)
 CONFIG_FILENAME = "training_config.json"
 CHECKPOINTS_DIRNAME = "checkpoints"
 TRAINING_LOCK = ".training.lock"
+PROFILE_FILENAME = "profile.json"  # where the run's wall time went (StepProfile.summary)
 
 
 class TrainedSAE(NamedTuple):
@@ -130,6 +132,7 @@ class TrainingRun(NamedTuple):
     tokens: int
     seconds: float  # wall time of the steps run in this process (a resumed run counts its own)
     tokens_per_second: float
+    profile: dict[str, Any] | None = None  # forward / data / step / other (StepProfile.summary), as in profile.json
 
 
 class HeldOutEvaluator:
@@ -247,6 +250,7 @@ def _train(cfg: TrainingConfig, source: ActivationSource, widths: Mapping[str, i
     batches = shuffler.batches(source, cfg.total_steps - step)
     progress = tqdm(total=cfg.total_steps * batch, initial=step * batch, unit="tok", unit_scale=True,
                     desc="train SAE", disable=rank != 0)
+    profile = StepProfile.of(source)
     began, first = time.perf_counter(), step
     while step < cfg.total_steps:
         rows = next(batches)
@@ -254,7 +258,8 @@ def _train(cfg: TrainingConfig, source: ActivationSource, widths: Mapping[str, i
             _init_b_dec(states, rows, feed)
         log = (step + 1) % cfg.log_every_steps == 0 or step + 1 == cfg.total_steps
         tokens = (step + 1) * batch
-        _step_units(states, rows, feed, step, log, tokens, curves, shuffler)
+        with profile.timed("step"):
+            _step_units(states, rows, feed, step, log, tokens, curves, shuffler)
         step += 1
         progress.update(batch)
         if log:
@@ -273,8 +278,15 @@ def _train(cfg: TrainingConfig, source: ActivationSource, widths: Mapping[str, i
                         source_digest=getattr(source, "digest_state", None))
     saes = {s.name: _finish(s, Path(output_root) / s.name, curves[s.name], evaluator, whitener, seconds,
                             world, metadata) for s in states}
-    trained = (step - first) * batch
-    return TrainingRun(saes, step, step * batch, seconds, trained / seconds if seconds > 0 else float("nan"))
+    trained, summary = (step - first) * batch, _write_profile(Path(output_root), profile.summary(seconds, step - first))
+    return TrainingRun(saes, step, step * batch, seconds, trained / seconds if seconds > 0 else float("nan"), summary)
+
+
+def _write_profile(output_root: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0 writes where the run's wall time went to ``output_root/profile.json``."""
+    if rank_and_world()[0] == 0:
+        atomic_write_json(output_root / PROFILE_FILENAME, summary)
+    return summary
 
 
 def _step_units(states: list[SAEState], rows: Chunk, feed: Any, step: int, log: bool, tokens: int,
@@ -336,7 +348,8 @@ def model_source(model: HookedTransformer, dataset: WindowedTextDataset, cfg: Tr
                  documents: Sequence[int]) -> ModelActivationSource:
     """The activation stream of ``cfg``'s hook points over windows of ``documents``."""
     return ModelActivationSource(model, dataset, cfg.hook_points, cfg.policy, cfg.forward.dtype, documents,
-                                 cfg.loader.training_batch_tokens, cfg.loader.length_group_documents, cfg.loader)
+                                 cfg.loader.training_batch_tokens, cfg.loader.length_group_documents, cfg.loader,
+                                 cfg.forward.compile)
 
 
 def train_from_model(model: HookedTransformer, texts: Any, cfg: TrainingConfig, output_root: str | Path,

@@ -9,7 +9,13 @@ into the stream it ends), forever (cycling epochs), starting from any position:
   special rows by policy), one forward pass for every hook, stopped after the last needed block.
   Its position counts loader batches; epoch ``e`` re-draws the windows of long documents and
   re-shuffles the document order (both pure functions of ``(seed, e)``), so a position pins the
-  data exactly and resuming skips batches without tokenising them.
+  data exactly and resuming skips batches without tokenising them. It runs the store's forward:
+  compiled (``ForwardConfig.compile``, eager fallback) and on packed rows
+  (``LoaderConfig.pack_windows``: each length group packed whole, windows masked apart, so the
+  rows are those of the unpacked stream, regrouped); the next window batches are tokenised and
+  collated meanwhile, by DataLoader workers or a prefetch thread
+  (:func:`~sae_core.loader.prefetched`), so the forward does not wait for them. Its
+  :class:`StepProfile` records where the time goes (``profile.json`` of a run).
 * :class:`TensorChunkSource` wraps any re-iterable of ``(rows, d)`` tensors or ``{hook: tensor}``
   dicts, e.g. the shards of a stored (possibly whitened) activation run:
   ``TensorChunkSource(lambda: (s.acts for s in run.iter_shards()), run.hooks)``. Its position
@@ -32,8 +38,11 @@ batch counts); a reservoir drawing random rows one batch at a time (same checkpo
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -46,8 +55,16 @@ from transformer_lens import HookedTransformer
 from sae_core.activations import batch_activations, run_to_hooks
 from sae_core.checks import StreamDigest
 from sae_core.config import LoaderConfig, TokenPolicy
-from sae_core.data import PadCollate, WindowedTextDataset, WindowKey, pad_id_of
-from sae_core.loader import SkipBatches
+from sae_core.data import (
+    PackedIndex,
+    PadCollate,
+    RowPacker,
+    WindowBatch,
+    WindowedTextDataset,
+    WindowKey,
+    pad_id_of,
+)
+from sae_core.loader import prefetched
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +103,16 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
     which use the CPU's matmuls poorly. Cost: each document is tokenised twice (~2 s per 14k).
     With the dataset's ``windows_per_document="proportional"`` the items are each document's
     windows (:class:`~sae_core.data.WindowKey`), permuted, grouped and batched the same way.
+    With ``pack`` each sorted group is packed whole into rows as wide as its longest window
+    (:class:`~sae_core.data.RowPacker`, as the extraction loader does) and cut into batches of
+    ``batch_tokens // width`` rows; items then come as :class:`~sae_core.data.PackedIndex` naming
+    their row in the batch, and padding falls to the last rows of a group (<1% on the fortunes).
     """
 
     def __init__(self, dataset: WindowedTextDataset, documents: Sequence[int], batch_tokens: int,
-                 group_documents: int) -> None:
+                 group_documents: int, pack: bool = False) -> None:
         self.dataset, self.documents = dataset, list(documents)
-        self.batch_tokens, self.group = batch_tokens, group_documents
+        self.batch_tokens, self.group, self.pack = batch_tokens, group_documents, pack
         lengths, windows = self._window_lengths(self.documents)
         self.lengths = dict(zip(self.documents, lengths, strict=True))
         # what an epoch draws: each document once, or (proportional) each of its windows
@@ -118,13 +139,27 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
         out: list[list[Any]] = []
         for start in range(0, len(order), self.group):
             ranked = sorted(order[start:start + self.group], key=lambda d: (-self._length(d), d))
-            group: list[list[Any]] = []
-            while ranked:
-                count = max(1, self.batch_tokens // max(self._length(ranked[0]), 1))
-                group.append(ranked[:count])
-                ranked = ranked[count:]
+            group = self._packed(ranked) if self.pack else self._padded(ranked)
             out += [group[i] for i in rng.permutation(len(group))]
         return out
+
+    def _padded(self, ranked: list[Any]) -> list[list[Any]]:
+        """Batches of ``batch_tokens // width`` windows each, longest first (one window a row)."""
+        group: list[list[Any]] = []
+        while ranked:
+            count = max(1, self.batch_tokens // max(self._length(ranked[0]), 1))
+            group.append(ranked[:count])
+            ranked = ranked[count:]
+        return group
+
+    def _packed(self, ranked: list[Any]) -> list[list[PackedIndex]]:
+        """The whole group packed into rows as wide as its longest window, cut into batches of rows."""
+        packer = RowPacker(max(self._length(ranked[0]), 1))
+        for position, item in enumerate(ranked):
+            packer.add(position, self._length(item))
+        per_batch = max(1, self.batch_tokens // packer.width)
+        return [[PackedIndex(ranked[i], row) for row, items in enumerate(packer.rows[b:b + per_batch]) for i in items]
+                for b in range(0, len(packer.rows), per_batch)]
 
     def __len__(self) -> int:
         return len(self.batches(self.dataset.epoch))
@@ -133,17 +168,61 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
         return iter(self.batches(self.dataset.epoch))
 
 
+class StepProfile:
+    """Wall seconds a training run spends per part: ``forward``, ``data``, ``step`` (and, by
+    difference with the run's wall time, ``other``: shuffling, checks, logging, checkpoints).
+
+    ``data`` is the time the forward waits for its next batch (tokenising, window drawing and
+    collation run ahead in a thread or DataLoader workers, so it should be ~0), or for the next
+    stored chunk. On a GPU the parts are not synchronised, so there they say where the host waits.
+    """
+
+    PARTS = ("forward", "data", "step")
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+
+    @classmethod
+    def of(cls, source: Any) -> StepProfile:
+        """The profile ``source`` times its forward / data in (a new one if it has none), zeroed."""
+        profile = getattr(source, "profile", None) or cls()
+        profile.seconds = dict.fromkeys(cls.PARTS, 0.0)
+        return profile
+
+    @contextlib.contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        """Add the wall time of the ``with`` body to ``part``."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] += time.perf_counter() - began
+
+    def summary(self, wall_seconds: float, steps: int) -> dict[str, Any]:
+        """Seconds, seconds per step and share of the wall time of each part, ``other`` included."""
+        parts = {**self.seconds, "other": max(0.0, wall_seconds - sum(self.seconds.values()))}
+        return {"steps": steps, "wall_seconds": wall_seconds, "seconds": parts,
+                "seconds_per_step": {k: v / steps if steps else float("nan") for k, v in parts.items()},
+                "share": {k: v / wall_seconds if wall_seconds > 0 else float("nan") for k, v in parts.items()}}
+
+
 class ModelActivationSource:
     """Activations of ``hooks`` from forward passes over windows of ``documents`` (this rank's share).
 
-    ``batch_tokens`` bounds each forward pass (windows of one length, padding included);
+    ``batch_tokens`` bounds each forward pass (token cells, padding included);
     ``group_documents`` documents are sorted by length together (:class:`TokenBudgetBatchSampler`);
-    ``loader`` gives the DataLoader's workers / pinning.
+    ``loader`` gives the DataLoader's workers / pinning and ``pack_windows`` (short windows share
+    rows, masked apart: the same activations, almost no padding); ``compile`` runs the forward
+    through ``torch.compile`` (``ForwardConfig.compile``; eager fallback), as extraction does.
+    Window batches are made ahead of the forward: by ``num_dataloader_workers`` worker processes,
+    or, with none, by a prefetch thread (:func:`prefetched`). :attr:`profile` times the forward
+    and the waits for data.
     """
 
     def __init__(self, model: HookedTransformer, dataset: WindowedTextDataset, hooks: Sequence[str],
                  policy: TokenPolicy, forward_dtype: str | torch.dtype, documents: Sequence[int] | None = None,
-                 batch_tokens: int = 4096, group_documents: int = 8192, loader: LoaderConfig | None = None) -> None:
+                 batch_tokens: int = 4096, group_documents: int = 8192, loader: LoaderConfig | None = None,
+                 compile: bool = False) -> None:
         rank, world = rank_and_world()
         documents = range(len(dataset)) if documents is None else documents
         share = list(documents)[rank::world]
@@ -151,13 +230,19 @@ class ModelActivationSource:
             raise ValueError(f"rank {rank} of {world} has no training documents; give at least {world} documents")
         self.model, self.dataset, self.hooks = model, dataset, list(hooks)
         self.loader_config, self.policy, self.forward_dtype = loader or LoaderConfig(), policy, forward_dtype
-        self.sampler = TokenBudgetBatchSampler(dataset, share, batch_tokens, group_documents)
+        self.compile, self.profile = compile, StepProfile()
+        self.sampler = TokenBudgetBatchSampler(dataset, share, batch_tokens, group_documents,
+                                               self.loader_config.pack_windows)
 
-    def loader(self, start_batch: int = 0) -> DataLoader:
-        """The current epoch's padded window batches (``pad_collate``), without the first ``start_batch``."""
+    def loader(self, start_batch: int = 0, epoch: int | None = None) -> DataLoader:
+        """Epoch ``epoch``'s (default: the dataset's) padded or packed window batches, without the first
+        ``start_batch``. It reads a copy of the dataset set to that epoch, so a prefetch thread running
+        ahead into the next epoch never changes the windows anyone else draws from ``self.dataset``."""
         cfg = self.loader_config
-        return DataLoader(self.dataset, batch_sampler=SkipBatches(self.sampler, start_batch),
-                          collate_fn=PadCollate(pad_id_of(self.dataset.tokenizer)),
+        dataset = copy.copy(self.dataset)
+        dataset.set_epoch(self.dataset.epoch if epoch is None else epoch)
+        return DataLoader(dataset, batch_sampler=self.sampler.batches(dataset.epoch)[start_batch:],
+                          collate_fn=PadCollate(pad_id_of(self.dataset.tokenizer), cfg.pack_windows),
                           num_workers=cfg.num_dataloader_workers, pin_memory=cfg.pin_memory,
                           persistent_workers=cfg.persistent_workers, **cfg.extra)
 
@@ -169,24 +254,40 @@ class ModelActivationSource:
             epoch += 1
         return epoch, position
 
+    def _window_batches(self, epoch: int, start: int) -> Iterator[tuple[int, WindowBatch]]:
+        """``(epoch, batch)`` for every loader batch from batch ``start`` of ``epoch`` on, forever."""
+        while True:
+            for batch in self.loader(start, epoch):
+                yield epoch, batch
+            epoch, start = epoch + 1, 0
+
     def chunks(self, position: int) -> Iterator[tuple[Chunk, int]]:
         epoch, start = self._locate(position)
+        stream = self._window_batches(epoch, start)
+        if self.loader_config.num_dataloader_workers == 0:
+            stream = prefetched(stream)
+        rows, whole = 0, start == 0  # rows of the current epoch; whether it is read from its start
         while True:
-            self.dataset.set_epoch(epoch)
-            rows = 0
-            for batch in self.loader(start):
-                position += 1
-                if batch.input_ids.numel() == 0:
-                    continue
-                acts = batch_activations(self.model, batch, self.hooks, self.policy, self.forward_dtype)
-                rows += len(acts.token_ids)
-                yield acts.acts, position
-            if rows == 0 and start == 0:  # a whole epoch without a row: every later one is the same
-                raise ValueError(
-                    f"a whole epoch over {len(self.sampler.documents)} training documents gave no activation rows: "
-                    f"every window is empty or holds only tokens the token policy drops ({self.policy}); give texts "
-                    "with ordinary tokens, or keep special-token rows (exclude_special_tokens=False)")
-            epoch, start = epoch + 1, 0
+            with self.profile.timed("data"):
+                batch_epoch, batch = next(stream)
+            if batch_epoch != epoch:
+                self._check_rows(rows, whole)
+                epoch, rows, whole = batch_epoch, 0, True
+            position += 1
+            if batch.input_ids.numel() == 0:
+                continue
+            with self.profile.timed("forward"):
+                acts = batch_activations(self.model, batch, self.hooks, self.policy, self.forward_dtype,
+                                         batch_number=position - 1, compile=self.compile)
+            rows += len(acts.token_ids)
+            yield acts.acts, position
+
+    def _check_rows(self, rows: int, whole: bool) -> None:
+        if rows == 0 and whole:  # a whole epoch without a row: every later one is the same
+            raise ValueError(
+                f"a whole epoch over {len(self.sampler.documents)} training documents gave no activation rows: "
+                f"every window is empty or holds only tokens the token policy drops ({self.policy}); give texts "
+                "with ordinary tokens, or keep special-token rows (exclude_special_tokens=False)")
 
 
 class TensorChunkSource:
@@ -195,7 +296,7 @@ class TensorChunkSource:
     def __init__(self, open_chunks: Callable[[], Iterable[Tensor | Chunk]], hooks: Sequence[str]) -> None:
         if not hooks:
             raise ValueError("name the hook point(s) the rows come from (hooks=[...])")
-        self.open, self.hooks = open_chunks, list(hooks)
+        self.open, self.hooks, self.profile = open_chunks, list(hooks), StepProfile()
         self.expected_digest: dict[str, Any] | None = None  # what a checkpoint recorded of the stream
         self.digest_state: dict[str, Any] | None = None  # the stream up to the last chunk yielded
 
@@ -220,8 +321,12 @@ class TensorChunkSource:
         index = 0  # chunk number in the whole stream, across epochs
         digest = StreamDigest()
         while True:
-            start, rows = index, 0
-            for item in self.open():
+            start, rows, items = index, 0, iter(self.open())
+            while True:
+                with self.profile.timed("data"):
+                    item = next(items, None)
+                if item is None:
+                    break
                 chunk = self._as_chunk(item, index)
                 digest.update(*chunk.values())
                 index += 1

@@ -204,7 +204,7 @@ def analyse(model: Any, manager: Any, texts: list[str], run: RunConfig, out: Pat
     from sae_core.browser import build_browser
     from sae_core.data import windowed_dataset
     from sae_core.latents import LatentCSR, encode_to_csr, latent_density, top_activating_examples
-    from sae_core.loader import make_dataloader
+    from sae_core.loader import document_progress, make_dataloader
     from sae_core.similarity import (
         compute_feature_cooccurrence,
         compute_feature_similarity,
@@ -217,8 +217,9 @@ def analyse(model: Any, manager: Any, texts: list[str], run: RunConfig, out: Pat
     if not (csr_dir / "meta.json").exists():
         documents, origin = analysis_documents(run, texts, out / "sae" / hook)
         loader = make_dataloader(windowed_dataset(texts, model.tokenizer, run.windows), run.loader, documents)
-        batches = iter_activation_batches(model, loader, [hook], run.windows.policy, run.forward.dtype)
-        encode_to_csr(model, lambda x: manager.encode(hook, x), batches, hook, csr_dir, overwrite=True)
+        batches = iter_activation_batches(model, document_progress(loader, f"encode latents {hook}"), [hook],
+                                          run.windows.policy, run.forward.dtype)
+        encode_to_csr(model, lambda x: manager.encode(hook, x), batches, hook, csr_dir, overwrite=True, progress=False)
         atomic_write_json(folder / DOCUMENTS_FILENAME, {"origin": origin, "documents": documents})
         write_run_config(run, folder)
     csr = LatentCSR.load(csr_dir)

@@ -136,16 +136,22 @@ def test_interpretable_latent_reads_density_and_distinct_top_tokens(tmp_path):
     tokens[:4] = 7
     dense[10:30, 1] = rng.uniform(1, 5, 20)  # several tokens, in the band
     dense[:, 2] = 1.0  # fires everywhere: out of the band
+    dense[40:60, 3] = 20.0  # strongest in the band, on many distinct tokens that are not words
+    tokens[40:60] = np.arange(100, 120)
     with CSRBuilder(workdir=tmp_path) as builder:
         builder.add(dense, torch.from_numpy(tokens), np.zeros(n, np.int64), np.arange(n))
         csr = builder.finish(tmp_path / "csr")
     density = (dense != 0).mean(0)
-    choice = interpretable_latent(csr, density, band=(0.005, 0.2), min_distinct_tokens=3, k=10)
+    def decode(token):
+        return str(token) if token >= 100 else " w" + "abcdefghijklmnopqrstuvwxyz"[token % 26] * 2
+
+    assert interpretable_latent(csr, density, band=(0.005, 0.2), min_distinct_tokens=3, k=10).feature == 3
+    choice = interpretable_latent(csr, density, band=(0.005, 0.2), min_distinct_tokens=3, k=10, decode=decode)
     assert choice.feature == 1 and choice.density == pytest.approx(0.05)
     assert choice.mean_activation == pytest.approx(dense[10:30, 1].mean(), rel=1e-6)
     top = np.argsort(-dense[:, 1], kind="stable")[:10]
     assert choice.top_token_ids == list(dict.fromkeys(tokens[top].tolist()))
-    assert interpretable_latent(csr, density, band=(0.005, 0.2), min_distinct_tokens=1).feature == 0
+    assert interpretable_latent(csr, density, band=(0.005, 0.2), min_distinct_tokens=1, decode=decode).feature == 0
     with pytest.raises(ValueError, match="density_band"):
         interpretable_latent(csr, density, band=(0.5, 0.6))
 
@@ -161,34 +167,33 @@ def test_dose_response_figure_plots_the_records():
 
 @pytest.mark.slow
 def test_smollm2_concept_score_rises_with_the_coefficient(smollm2):
-    """A latent whose decoder row is the unembedding direction of " cat": steering it in makes the
-    text about cats, which the unsteered model's activations then show (the SAE's encoder reads the
-    same direction)."""
+    """A latent that reads "the current token is cat" (a probe fitted here: mean activation at " cat"
+    tokens minus elsewhere) and writes the unembedding direction of " cat": steering makes the model
+    write about cats, and the unsteered model's activations on that text then fire the latent."""
     model, hook = smollm2, "blocks.20.hook_resid_post"
     token = model.to_single_token(" cat")
-    direction = model.W_U[:, token] / model.W_U[:, token].norm()
-    sae = StandardSAE(StandardSAEConfig(d_in=model.cfg.d_model, d_sae=2))
-    prompts = ["My favourite animal is the", "Yesterday I saw a", "The house was full of", "She bought a new"]
+    tokens = model.to_tokens(["The cat sat on the mat and my cat ate the fish", "A black cat and a dog saw a cat"])
     with torch.no_grad():
-        _, cache = model.run_with_cache(model.to_tokens(prompts[0]), names_filter=[hook])
-        projection = cache[hook][0, 1:] @ direction  # (pos,), BOS excluded
-        sae.W_dec.zero_()
-        sae.W_dec[0] = direction
-        sae.W_enc.zero_()
-        sae.W_enc[:, 0] = direction
-        sae.b_dec.zero_()
-        sae.b_enc.zero_()
-        sae.b_enc[0] = -float(projection.max()) - 1.0  # silent on the unsteered prompt
-        scale = float(cache[hook][0, 1:].norm(dim=-1).mean())
+        _, cache = model.run_with_cache(tokens, names_filter=[hook])
+        acts, is_cat = cache[hook][:, 1:].reshape(-1, model.cfg.d_model), (tokens[:, 1:] == token).reshape(-1)
+        probe = acts[is_cat].mean(0) - acts[~is_cat].mean(0)
+        probe /= probe.norm()
+        threshold = float((acts[is_cat] @ probe).min() + (acts[~is_cat] @ probe).max()) / 2
+        sae = StandardSAE(StandardSAEConfig(d_in=model.cfg.d_model, d_sae=2))
+        for p in (sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec):
+            p.zero_()
+        sae.W_enc[:, 0], sae.b_enc[0] = probe, -threshold
+        sae.W_dec[0] = model.W_U[:, token] / model.W_U[:, token].norm()
+        scale = float(acts.norm(dim=-1).mean())
+    assert ((acts @ probe > threshold) == is_cat).all()  # the probe separates its own examples
     manager = SAEManager(model)
     manager.add(hook, sae)
-    steering = ModelSteering(model, manager)
-    sweep = dose_response(steering, hook, 0, [0.0, 0.5 * scale], prompts, [token], max_new_tokens=8)
-    zero, strong = sweep.records
+    prompts = ["My favourite animal is the", "Yesterday I saw a"]
+    sweep = dose_response(ModelSteering(model, manager), hook, 0, [0.0, scale], prompts, [token], max_new_tokens=6)
     for i, prompt in enumerate(prompts):
-        plain = model.generate(model.to_tokens(prompt), max_new_tokens=8, do_sample=False, verbose=False,
+        plain = model.generate(model.to_tokens(prompt), max_new_tokens=6, do_sample=False, verbose=False,
                                return_type="tokens")[0]
         assert torch.equal(sweep.generations[0].tokens[i], plain)
-    assert strong.concept_score > zero.concept_score + 0.2, sweep.records
-    assert strong.top_token_probability > zero.top_token_probability + 0.2, sweep.records
-    assert any("cat" in c for c in sweep.generations[1].completions)
+    zero, strong = sweep.records
+    assert strong.concept_score > zero.concept_score + 0.3, sweep.records
+    assert strong.top_token_probability > zero.top_token_probability + 0.3, sweep.records

@@ -7,6 +7,7 @@ trains on SmolLM2 with a small budget and compares against baselines computed in
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
 from sae_core.config import TrainingConfig, build_flat
 from sae_core.data import WindowedTextDataset
+from sae_core.evaluation import evaluate_sae
 from sae_core.loader import make_dataloader
 from sae_core.sae_folders import write_sae_folder
 from sae_core.training import (
@@ -33,6 +35,7 @@ from sae_core.training.sources import BlockShuffler, TensorChunkSource
 from sae_core.training.sparse_topk import topk_training_step
 
 HOOK = "blocks.1.hook_resid_post"
+GOLDEN = Path(__file__).parent / "golden" / "smollm2_training.json"
 
 
 # --- the sparse TopK step --------------------------------------------------------------------------
@@ -332,7 +335,7 @@ def _explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 
 @pytest.mark.slow
-def test_smollm2_sae_beats_baselines(smollm2, tmp_path):
+def test_smollm2_sae_beats_baselines(smollm2, tmp_path, golden):
     from sae_core.corpora import fortunes_corpus
 
     hook, k = "blocks.10.hook_resid_post", 32
@@ -365,3 +368,15 @@ def test_smollm2_sae_beats_baselines(smollm2, tmp_path):
     assert math.isfinite(ev_trained)
     assert ev_trained > ev_untrained + 0.3
     assert ev_trained > 0.5 * ev_pca_k
+
+    # Golden numbers of this fixed-seed run (tests/golden/smollm2_training.json): a regression
+    # anywhere in windows, activations, the training step or the evaluation moves them.
+    result = evaluate_sae(smollm2, trained, hook, make_dataloader(dataset, cfg.loader, eval_docs), cfg.policy)
+    assert result.explained_variance == pytest.approx(ev_trained, abs=1e-4)  # two computations of one number
+    print(f"golden: EV {result.explained_variance!r}, L0 {result.l0!r}, dead {result.dead_fraction!r}, "
+          f"CE recovered {result.ce_recovered!r}")
+    golden(GOLDEN, {"explained_variance": result.explained_variance, "l0": result.l0,
+                    "dead_fraction": result.dead_fraction, "ce_loss_recovered": result.ce_recovered},
+           how="tests/test_training.py::test_smollm2_sae_beats_baselines: 49,152 tokens of the first 3,000 "
+               "fortunes, TopK k=32, d_sae 4608, lr 4e-3, seed 0, blocks.10, evaluated by evaluate_sae on "
+               "its 64 held-out documents (float32 forward, CPU)")

@@ -13,6 +13,7 @@ from sae_core.steering.dose import (
            DoseResponse,
            LatentChoice,
            choose_coefficient,
+           describe_latent,
            dose_response,
            interpretable_latent,
 )
@@ -24,6 +25,6 @@ from sae_core.steering.generation import (
 )
 from sae_core.steering.registry import MODES, Steer, SteeringHandle, SteerMode
 
-__all__ = ["DoseRecord", "DoseResponse", "LatentChoice", "choose_coefficient", "dose_response",
+__all__ = ["DoseRecord", "DoseResponse", "LatentChoice", "choose_coefficient", "describe_latent", "dose_response",
            "interpretable_latent", "MODES", "ModelSteering", "Steer", "SteerMode", "SteeredGeneration", "SteeringCapture",
            "SteeringComparison", "SteeringHandle"]

@@ -37,7 +37,7 @@ Decisions:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -165,29 +165,52 @@ class LatentChoice(NamedTuple):
     """Distinct tokens of its top-activating examples, strongest first."""
 
 
+def describe_latent(csr: LatentCSR, density: np.ndarray, feature: int, examples: Sequence[Any] | None = None,
+                    matrix: Any = None, k: int = 10) -> LatentChoice:
+    """:class:`LatentChoice` of a given latent: its density, mean non-zero activation and distinct top tokens."""
+    if not 0 <= feature < csr.n_features:
+        raise IndexError(f"latent {feature} is outside the SAE's {csr.n_features} latents")
+    column = (csr.to_scipy().tocsc() if matrix is None else matrix)[:, feature]
+    if examples is None:
+        examples = top_activating_examples(csr, [feature], k=k, context_window=0)[feature]
+    tokens = list(dict.fromkeys(int(ex.context_token_ids[ex.focus]) for ex in examples))
+    mean = float(column.sum() / column.nnz) if column.nnz else 0.0
+    return LatentChoice(int(feature), float(density[feature]), mean, tokens)
+
+
+def word_tokens(token_ids: Sequence[int], decode: Callable[[int], str] | None) -> list[int]:
+    """The tokens that decode to a word (3+ letters once stripped); every token without ``decode``."""
+    if decode is None:
+        return list(token_ids)
+    return [t for t in token_ids if len(decode(t).strip()) >= 3 and decode(t).strip().isalpha()]
+
+
 def interpretable_latent(csr: LatentCSR, density: np.ndarray, band: tuple[float, float] = (1e-3, 0.05),
-                         min_distinct_tokens: int = 3, k: int = 10, n_candidates: int = 64) -> LatentChoice:
+                         min_distinct_tokens: int = 3, k: int = 10, n_candidates: int = 64,
+                         decode: Callable[[int], str] | None = None) -> LatentChoice:
     """The most strongly firing latent whose density lies in ``band`` and whose ``k`` top-activating
     examples fire on at least ``min_distinct_tokens`` distinct tokens (a concept, not one token).
 
+    With ``decode`` (token id -> text), only words count, and at least half of the examples must
+    fire on one: the strongest latents of a residual stream are often high-norm ones that fire on
+    fragments and digits (" farther", "sa", "7", "Z"), which count as distinct tokens too but name
+    no concept, while concept latents fire on words (" Thoreau", " Twain", " Emerson").
     Candidates are the ``n_candidates`` of the band with the largest maximum activation; raises,
     naming the knobs, when none qualifies.
     """
     matrix = csr.to_scipy().tocsc()  # (rows, d_sae)
-    counts = np.diff(matrix.indptr)
     max_activation = np.asarray(abs(matrix).max(axis=0).todense()).ravel()
     in_band = np.flatnonzero((density >= band[0]) & (density <= band[1]))
     candidates = in_band[np.argsort(-max_activation[in_band], kind="stable")][:n_candidates].tolist()
     examples = top_activating_examples(csr, candidates, k=k, context_window=0) if candidates else {}
     for feature in candidates:
-        tokens = list(dict.fromkeys(int(ex.context_token_ids[ex.focus]) for ex in examples[feature]))
-        if len(tokens) >= min_distinct_tokens:
-            mean = float(np.asarray(matrix[:, feature].sum()).ravel()[0] / max(counts[feature], 1))
-            return LatentChoice(int(feature), float(density[feature]), mean, tokens)
+        words = word_tokens([int(ex.context_token_ids[ex.focus]) for ex in examples[feature]], decode)
+        if len(set(words)) >= min_distinct_tokens and 2 * len(words) >= len(examples[feature]):
+            return describe_latent(csr, density, feature, examples[feature], matrix)
     raise ValueError(f"no latent with density in {band} fires on {min_distinct_tokens}+ distinct tokens among its "
                      f"top {k} examples ({len(in_band)} in the band); widen STEERING['density_band'], lower "
                      "STEERING['min_distinct_tokens'] or set STEERING['feature']")
 
 
-__all__ = ["DoseRecord", "DoseResponse", "LatentChoice", "choose_coefficient", "dose_response",
+__all__ = ["DoseRecord", "DoseResponse", "LatentChoice", "choose_coefficient", "describe_latent", "dose_response",
            "interpretable_latent", "score_generation"]

@@ -307,8 +307,13 @@ def steering_latent(run: RunConfig, analysis: LatentAnalysis, tokenizer: Any) ->
     knobs = run.steering
     if knobs.feature is not None:
         return describe_latent(analysis.csr, analysis.density, knobs.feature, k=run.analysis.top_k_examples)
-    return interpretable_latent(analysis.csr, analysis.density, knobs.density_band, knobs.min_distinct_tokens,
-                                k=run.analysis.top_k_examples, decode=None if tokenizer is None else lambda t: tokenizer.decode([t]))
+    args = (analysis.csr, analysis.density, knobs.density_band, knobs.min_distinct_tokens, run.analysis.top_k_examples)
+    if tokenizer is not None:
+        try:
+            return interpretable_latent(*args, decode=lambda t: tokenizer.decode([t]))
+        except ValueError as error:
+            logger.warning("%s; counting distinct tokens instead of words", error)
+    return interpretable_latent(*args)
 
 
 def steering_feature(run: RunConfig, analysis: LatentAnalysis, tokenizer: Any = None) -> int:

@@ -370,13 +370,16 @@ def test_smollm2_sae_beats_baselines(smollm2, tmp_path, golden):
     assert ev_trained > 0.5 * ev_pca_k
 
     # Golden numbers of this fixed-seed run (tests/golden/smollm2_training.json): a regression
-    # anywhere in windows, activations, the training step or the evaluation moves them.
-    result = evaluate_sae(smollm2, trained, hook, make_dataloader(dataset, cfg.loader, eval_docs), cfg.policy)
-    assert result.explained_variance == pytest.approx(ev_trained, abs=1e-4)  # two computations of one number
-    print(f"golden: EV {result.explained_variance!r}, L0 {result.l0!r}, dead {result.dead_fraction!r}, "
-          f"CE recovered {result.ce_recovered!r}")
-    golden(GOLDEN, {"explained_variance": result.explained_variance, "l0": result.l0,
-                    "dead_fraction": result.dead_fraction, "ce_loss_recovered": result.ce_recovered},
+    # anywhere in windows, activations, the training step or the evaluation moves them. EV, L0 and
+    # dead fraction on every held-out row; CE-loss recovered by evaluate_sae on 16 held-out documents
+    # (three full forwards each: the cost of this test stays in the training).
+    with torch.no_grad():
+        fired = trained.encode(x) != 0
+    ce = evaluate_sae(smollm2, trained, hook, make_dataloader(dataset, cfg.loader, eval_docs[:16]), cfg.policy)
+    values = {"explained_variance": ev_trained, "l0": float(fired.sum(1).double().mean()),
+              "dead_fraction": float((~fired.any(0)).double().mean()), "ce_loss_recovered": ce.ce_recovered}
+    print(f"golden: {values}")
+    golden(GOLDEN, values,
            how="tests/test_training.py::test_smollm2_sae_beats_baselines: 49,152 tokens of the first 3,000 "
                "fortunes, TopK k=32, d_sae 4608, lr 4e-3, seed 0, blocks.10, evaluated by evaluate_sae on "
-               "its 64 held-out documents (float32 forward, CPU)")
+               "its 64 held-out documents (CE-loss recovered: evaluate_sae on the first 16; float32, CPU)")

@@ -33,7 +33,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -305,17 +305,19 @@ def _publish(staging: Path, folder: Path, overwrite: bool) -> None:
 def from_activation_rows(sae_encode_fn: Callable[[Tensor], Tensor], rows: Iterable[tuple[Any, Any, Any, Any]],
                          folder: str | os.PathLike[str], *, n_features: int | None = None,
                          overwrite: bool = False, meta: Mapping[str, Any] | None = None,
-                         progress: bool = True) -> LatentCSR:
+                         progress: bool = True, total: int | None = None) -> LatentCSR:
     """Encode stored activation rows ``(acts, token_ids, doc_index, position)`` into a store at ``folder``.
 
     ``sae_encode_fn`` maps ``(n, d_in)`` activations to ``(n, d_sae)`` latents (e.g. ``sae.encode``);
     it receives the activations as given, so it handles their device and dtype. Runs under
-    ``torch.no_grad``. Latents are copied to host memory, one batch at a time.
+    ``torch.no_grad``. Latents are copied to host memory, one batch at a time. ``total`` (batches;
+    default ``len(rows)`` when it has one) gives the bar its total.
     """
     torch = _torch()
     folder = Path(folder)
     with torch.no_grad(), CSRBuilder(n_features, workdir=folder.parent) as builder:
-        for acts, token_ids, doc_index, position in tqdm(rows, desc="encode latents", disable=not progress):
+        for acts, token_ids, doc_index, position in tqdm(rows, desc="encode latents", total=total,
+                                                         disable=not progress):
             builder.add(sae_encode_fn(acts), token_ids, doc_index, position)
         return builder.finish(folder, overwrite=overwrite, meta=meta)
 
@@ -342,7 +344,8 @@ def encode_to_csr(model: Any, sae_encode_fn: Callable[[Tensor], Tensor], batches
 
     model_name = getattr(getattr(model, "cfg", None), "model_name", None)
     return from_activation_rows(sae_encode_fn, rows(), folder, n_features=n_features, overwrite=overwrite,
-                                meta={"hook": hook, "model": model_name, **dict(meta or {})}, progress=progress)
+                                meta={"hook": hook, "model": model_name, **dict(meta or {})}, progress=progress,
+                                total=len(batches) if isinstance(batches, Sized) else None)
 
 
 class LatentExample(NamedTuple):

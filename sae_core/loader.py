@@ -11,6 +11,10 @@ processes (training: tokenising, window drawing and collation then overlap the f
 A thread rather than a worker process by default because a worker costs a process start per
 epoch and a copy of every batch through shared memory; a thread needs neither, and the
 tokeniser (Rust) and the forward (ATen kernels) both run outside the GIL.
+
+Progress (:func:`document_progress`) is counted in documents, not batches: with a token budget the
+number of batches is only known after measuring every window (a second tokenisation of the whole
+corpus, which ``len(loader)`` would trigger), while the number of documents is known up front.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from sae_core.config import LoaderConfig
 from sae_core.data import (
@@ -207,4 +212,27 @@ def make_dataloader(dataset: WindowedTextDataset | IterableWindowedTextDataset,
     return DataLoader(source, batch_sampler=SkipBatches(batches, start_batch), **common)
 
 
-__all__ = ["LengthGroupedBatchSampler", "SkipBatches", "make_dataloader", "prefetched"]
+def loader_documents(loader: DataLoader, start_batch: int = 0) -> tuple[int | None, int]:
+    """(documents a :func:`make_dataloader` loader reads in all, documents in its first ``start_batch``
+    batches); the total is None for a streaming dataset (no length up front). Counting the skipped
+    documents walks the first ``start_batch`` batches of the sampler (resumes only)."""
+    sampler = getattr(loader.batch_sampler, "batch_sampler", None)  # SkipBatches' inner sampler
+    if sampler is None:
+        return None, 0
+    total = len(sampler.indices) if isinstance(sampler, LengthGroupedBatchSampler) else len(sampler.sampler)
+    skipped = sum(len(batch) for batch in itertools.islice(iter(sampler), start_batch)) if start_batch else 0
+    return total, skipped
+
+
+def document_progress(loader: DataLoader, desc: str, start_batch: int = 0, **tqdm_kwargs: Any) -> Iterator[Any]:
+    """The batches of ``loader`` (made with this ``start_batch``) under a bar counting documents, so
+    it shows a total and an ETA even with a token budget (see the module docstring)."""
+    total, done = loader_documents(loader, start_batch)
+    with tqdm(total=total, initial=done, unit="doc", desc=desc, **tqdm_kwargs) as bar:
+        for batch in loader:
+            yield batch
+            bar.update(batch.n_windows + batch.n_empty)  # one window a document, or an empty text
+
+
+__all__ = ["LengthGroupedBatchSampler", "SkipBatches", "document_progress", "loader_documents", "make_dataloader",
+           "prefetched"]

@@ -207,14 +207,15 @@ class LatentAnalysis:
     paths: dict[str, Path] = field(default_factory=dict)
 
 
-def analyse(model: Any, manager: Any, texts: list[str], run: RunConfig, out: Path, hook: str) -> LatentAnalysis:
-    """CSR latents over held-out documents, density, top examples, decoder similarity, co-occurrence
-    and decoder nearest neighbours (``ANALYSIS`` knobs); every file already on disk is reused."""
+def analyse(model: Any, manager: Any, texts: list[str], run: RunConfig, out: Path, hook: str,
+            browser: bool = True) -> LatentAnalysis:
+    """CSR latents over held-out documents, density, top examples, decoder similarity, co-occurrence,
+    decoder nearest neighbours (``ANALYSIS`` knobs) and, with ``browser``, the feature browser
+    (:func:`feature_browser`); every file already on disk is reused."""
     from sae_core.activations import iter_activation_batches
-    from sae_core.browser import build_browser
     from sae_core.data import windowed_dataset
     from sae_core.latents import LatentCSR, encode_to_csr, latent_density, top_activating_examples
-    from sae_core.loader import make_dataloader
+    from sae_core.loader import document_progress, make_dataloader
     from sae_core.similarity import (
         compute_feature_cooccurrence,
         compute_feature_similarity,
@@ -227,8 +228,9 @@ def analyse(model: Any, manager: Any, texts: list[str], run: RunConfig, out: Pat
     if not (csr_dir / "meta.json").exists():
         documents, origin = analysis_documents(run, texts, out / "sae" / hook)
         loader = make_dataloader(windowed_dataset(texts, model.tokenizer, run.windows), run.loader, documents)
-        batches = iter_activation_batches(model, loader, [hook], run.windows.policy, run.forward.dtype)
-        encode_to_csr(model, lambda x: manager.encode(hook, x), batches, hook, csr_dir, overwrite=True)
+        batches = iter_activation_batches(model, document_progress(loader, f"encode latents {hook}"), [hook],
+                                          run.windows.policy, run.forward.dtype)
+        encode_to_csr(model, lambda x: manager.encode(hook, x), batches, hook, csr_dir, overwrite=True, progress=False)
         atomic_write_json(folder / DOCUMENTS_FILENAME, {"origin": origin, "documents": documents})
         write_run_config(run, folder)
     csr = LatentCSR.load(csr_dir)
@@ -246,29 +248,31 @@ def analyse(model: Any, manager: Any, texts: list[str], run: RunConfig, out: Pat
         top_k_neighbours(similarity_blocks(W_dec, "cosine", knobs.similarity_chunk_size), k=knobs.n_neighbours,
                          out=folder, name="decoder_neighbours")
     paths["browser"] = out / "browser" / hook / "index.html"
-    if not paths["browser"].exists():
-        build_browser(paths["browser"].parent, csr, W_dec, model.W_U, model.tokenizer,
-                      similarity_path=paths["similarity"], cooccurrence_path=paths["cooccurrence"],
-                      neighbours_path=paths["neighbours"], whitener=manager[hook].whitener,
-                      title=f"{run.model_name} {hook}", neuronpedia=neuronpedia_header(run, hook, csr))
-
     max_activation = np.asarray(csr.to_scipy().max(axis=0).todense()).ravel()
     candidates = np.flatnonzero((density > 1e-3) & (density < 0.1))
     shown = candidates[np.argsort(-max_activation[candidates])][:knobs.n_shown].tolist()
     examples = top_activating_examples(csr, shown, k=knobs.top_k_examples, context_window=knobs.context_window)
-    return LatentAnalysis(hook, folder, csr, density, W_dec, shown, examples, paths)
+    analysis = LatentAnalysis(hook, folder, csr, density, W_dec, shown, examples, paths)
+    if browser:
+        feature_browser(model, manager, run, analysis)
+    return analysis
 
 
-def neuronpedia_header(run: RunConfig, hook: str, csr: Any) -> dict[str, Any] | None:
-    """What the Neuronpedia export names (model, layer, SAE set, dataset), or None when it is off."""
-    from sae_core.hooks import hook_layer
+def feature_browser(model: Any, manager: Any, run: RunConfig, analysis: LatentAnalysis,
+                    steering: dict[int, list[dict[str, float]]] | None = None) -> Path:
+    """The feature browser of ``analysis`` (``browser/<hook>/index.html``): reused when it exists, rebuilt
+    when ``steering`` (latent -> dose-response records) is given, so the browser shows them."""
+    from sae_core.browser import build_browser
+    from sae_core.browser.export import neuronpedia_header
 
-    if not run.analysis.neuronpedia_export:
-        return None
-    return {"model_id": run.model_name, "layer": hook_layer(hook) or 0, "sae_set": f"sae_core-{run.name}",
-            "sae_id_suffix": hook, "dataset": run.dataset.source,
-            "n_prompts_total": int(np.unique(np.asarray(csr.doc_index)).size),
-            "n_tokens_in_prompt": run.windows.max_text_length}
+    path, hook = analysis.paths["browser"], analysis.hook
+    if steering is not None or not path.exists():
+        build_browser(path.parent, analysis.csr, analysis.W_dec, model.W_U, model.tokenizer,
+                      similarity_path=analysis.paths["similarity"], cooccurrence_path=analysis.paths["cooccurrence"],
+                      neighbours_path=analysis.paths["neighbours"], whitener=manager[hook].whitener,
+                      steering=steering, title=f"{run.model_name} {hook}",
+                      neuronpedia=neuronpedia_header(run, hook, analysis.csr))
+    return path
 
 
 def analysis_documents(run: RunConfig, texts: Sequence[str], sae_folder: Path) -> tuple[list[int], str]:
@@ -306,14 +310,40 @@ def mean_activation_norm(run: Any, hook: str, rows: int = 4096) -> float:
     return float(run.activations(hook)[: min(len(run), rows)].float().norm(dim=-1).mean())
 
 
-def steering_feature(run: RunConfig, analysis: LatentAnalysis) -> int:
-    """``STEERING['feature']`` when set (latent 0 included), else the first latent the analysis shows."""
-    if run.steering.feature is not None:
-        return run.steering.feature
-    if not analysis.shown:
-        raise ValueError(f"no latent of {analysis.hook} fires on 0.1%-10% of the analysed tokens; "
-                         "set STEERING['feature'] to the latent to steer with")
-    return analysis.shown[0]
+def steering_latent(run: RunConfig, analysis: LatentAnalysis, tokenizer: Any) -> Any:
+    """The :class:`~sae_core.steering.LatentChoice` to steer with: ``STEERING['feature']`` when set
+    (latent 0 included), else the most active interpretable latent of the held-out analysis
+    (``STEERING['density_band']``, ``STEERING['min_distinct_tokens']`` distinct words)."""
+    from sae_core.steering import describe_latent, interpretable_latent
+
+    knobs = run.steering
+    if knobs.feature is not None:
+        return describe_latent(analysis.csr, analysis.density, knobs.feature, k=run.analysis.top_k_examples)
+    args = (analysis.csr, analysis.density, knobs.density_band, knobs.min_distinct_tokens, run.analysis.top_k_examples)
+    if tokenizer is not None:
+        try:
+            return interpretable_latent(*args, decode=lambda t: tokenizer.decode([t]))
+        except ValueError as error:
+            logger.warning("%s; counting distinct tokens instead of words", error)
+    return interpretable_latent(*args)
+
+
+def steering_feature(run: RunConfig, analysis: LatentAnalysis, tokenizer: Any = None) -> int:
+    """The latent index of :func:`steering_latent` (without ``tokenizer``: distinct tokens, not words)."""
+    return int(steering_latent(run, analysis, tokenizer).feature)
+
+
+def steering_dose(model: Any, manager: Any, run: RunConfig, hook: str, choice: Any) -> tuple[Any, Any]:
+    """The dose-response sweep of ``choice`` over ``STEERING['coefficients']`` (times its mean activation)
+    on ``STEERING['prompts']``, and the record :func:`~sae_core.steering.choose_coefficient` picks (None:
+    no coefficient raised the concept score within ``STEERING['max_perplexity_ratio']``)."""
+    from sae_core.steering import ModelSteering, choose_coefficient, dose_response
+
+    knobs = run.steering
+    coefficients = [m * choice.mean_activation for m in knobs.coefficients]
+    sweep = dose_response(ModelSteering(model, manager), hook, choice.feature, coefficients, knobs.prompts,
+                          choice.top_token_ids, max_new_tokens=knobs.max_new_tokens)
+    return sweep, choose_coefficient(sweep.records, knobs.max_perplexity_ratio)
 
 
 def steering_example(model: Any, manager: Any, run: RunConfig, hook: str, feature: int,
@@ -330,12 +360,13 @@ def steering_example(model: Any, manager: Any, run: RunConfig, hook: str, featur
 
 def write_figures(out: Path, title: str, *, analyses: Sequence[LatentAnalysis] = (), tokenizer: Any = None,
                   trained: Sequence[SAEReport] = (), whiteners: dict[str, Any] | None = None,
-                  steering: tuple[Any, Any] | None = None) -> Path:
+                  steering: tuple[Any, Any] | None = None, dose: tuple[Any, Any, float] | None = None) -> Path:
     """Save every figure the given results allow as standalone HTML under ``out / "figures"``, then
     rewrite ``out / "index.html"`` (:func:`write_index`); returns the index path.
 
     Figure files are named ``<hook>.<figure>.html``, so the figures of several hooks, and of several
-    scripts run one after another, sit side by side.
+    scripts run one after another, sit side by side. ``dose``: ``(sweep, chosen record)`` of
+    :func:`steering_dose` and ``STEERING['max_perplexity_ratio']``.
     """
     from sae_core import pages, plots
 
@@ -370,12 +401,19 @@ def write_figures(out: Path, title: str, *, analyses: Sequence[LatentAnalysis] =
         add(steer.hook, plots.steering_comparison(
             comparison.before.completions, comparison.after.completions, comparison.prompts,
             title=f"add latent {steer.feature} x {steer.coefficient:.0f}"), "steering")
+    if dose is not None:
+        sweep, chosen, ratio = dose
+        limit = sweep.record_of(0.0).perplexity * ratio
+        add(sweep.hook, plots.steering_dose_response(
+            [r.to_json() for r in sweep.records], chosen=None if chosen is None else chosen.coefficient,
+            max_perplexity=limit, title=f"Steering dose-response, latent {sweep.feature}"), "dose_response")
     return write_index(out, title)
 
 
 FIGURE_TITLES = {"similarity": "Decoder similarity", "cooccurrence": "Co-occurrence", "density": "Latent density",
                  "top_examples": "Top-activating examples", "training_curves": "Training curves",
-                 "whitening_spectrum": "Whitening spectrum", "steering": "Steering"}
+                 "whitening_spectrum": "Whitening spectrum", "steering": "Steering",
+                 "dose_response": "Steering dose-response"}
 
 
 def write_index(out: Path, title: str) -> Path:
@@ -401,5 +439,5 @@ def write_index(out: Path, title: str) -> Path:
 
 __all__ = ["DEFAULT_RUN_ID", "DOCUMENTS_FILENAME", "RUN_CONFIG_FILENAME", "analysis_documents", "corpus_record", "LatentAnalysis", "SAEReport", "analyse", "collect_activations",
            "fit_whitening", "load_model_of", "load_saes", "load_texts_of", "mean_activation_norm", "output_dir",
-           "run_from_argv", "steering_example", "steering_feature", "top_tokens", "train_saes", "write_figures",
+           "feature_browser", "run_from_argv", "steering_dose", "steering_example", "steering_feature", "steering_latent", "top_tokens", "train_saes", "write_figures",
            "write_index", "write_run_config"]

@@ -1,5 +1,6 @@
 """Plots of every pipeline stage: latent similarity and co-occurrence heatmaps, firing-density
-histograms, training curves, top-activating examples, steering tables, whitening spectra.
+histograms, training curves, top-activating examples, steering tables and dose-response curves,
+whitening spectra.
 
 Inputs are plain numpy arrays (or ``.npy`` memmaps / paths), lists and dicts, so this stage
 depends on no other stage and can plot artifacts read back from disk. Every function returns a
@@ -319,6 +320,36 @@ def steering_comparison(
     )
     fig = go.Figure(table)
     fig.update_layout(title=title, height=200 + 120 * len(prompts))
+    return fig
+
+
+def steering_dose_response(
+    records: Sequence[Mapping[str, float]],
+    chosen: float | None = None,
+    max_perplexity: float | None = None,
+    title: str = "Steering dose-response",
+) -> go.Figure:
+    """Concept score and top-token probability (left axis) and perplexity (right axis) against the
+    steering coefficient, one point per record ``{coefficient, concept_score, top_token_probability,
+    perplexity}``; ``chosen`` marks the picked coefficient, ``max_perplexity`` the coherence limit."""
+    if not records:
+        raise ValueError("no dose-response records to plot")
+    rows = sorted(records, key=lambda r: r["coefficient"])
+    x = [r["coefficient"] for r in rows]
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    for key, name in (("concept_score", "concept score (latent fires)"),
+                      ("top_token_probability", "top-token probability")):
+        fig.add_trace(go.Scatter(x=x, y=[r[key] for r in rows], mode="lines+markers", name=name), secondary_y=False)
+    fig.add_trace(go.Scatter(x=x, y=[r["perplexity"] for r in rows], mode="lines+markers", name="perplexity",
+                             line={"dash": "dot"}), secondary_y=True)
+    if max_perplexity is not None:
+        fig.add_hline(y=max_perplexity, line_dash="dash", line_color="grey", secondary_y=True,
+                      annotation_text=f"perplexity limit {max_perplexity:.1f}")
+    if chosen is not None:
+        fig.add_vline(x=chosen, line_dash="dash", line_color="green", annotation_text=f"chosen {chosen:g}")
+    fig.update_layout(title=title, xaxis_title="coefficient")
+    fig.update_yaxes(title_text="score", range=[0, 1], secondary_y=False)
+    fig.update_yaxes(title_text="perplexity (unsteered model)", type="log", secondary_y=True)
     return fig
 
 

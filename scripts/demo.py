@@ -1,5 +1,6 @@
 """The whole pipeline on one model's constant file: collect -> whiten -> train -> evaluate -> analyse
--> plot -> steer, ending with a summary and an index.html linking every figure and artifact.
+-> steer (a measured dose-response) -> browser + plots, ending with a summary and an index.html
+linking every figure and artifact.
 
     python -m scripts.demo [model_constants_name] [section.key=value ...]   # make demo: smollm2_135m_instruct
 
@@ -15,6 +16,7 @@ import time
 from sae_core import pipeline
 from sae_core.files import atomic_write_json, read_json
 from sae_core.hooks import list_hook_points
+from sae_core.steering import Steer, SteeringComparison
 
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 began = time.perf_counter()
@@ -58,32 +60,45 @@ for hook, sae in trained.items():
 
 lap("train + evaluate")
 print("[5/7] analysing latents")
-analyses = [pipeline.analyse(model, manager, texts, run_config, out, hook) for hook in hooks]
+analyses = [pipeline.analyse(model, manager, texts, run_config, out, hook, browser=False) for hook in hooks]
 
 lap("analyse")
-print("[6/7] steering")
-first = analyses[0]
-feature = pipeline.steering_feature(run_config, first)
-steering = pipeline.steering_example(model, manager, run_config, first.hook, feature,
-                                     scale=pipeline.mean_activation_norm(run, first.hook))
+print("[6/7] steering: dose-response of an interpretable latent")
+first, knobs = analyses[0], run_config.steering
+choice = pipeline.steering_latent(run_config, first, model.tokenizer)
+sweep, chosen = pipeline.steering_dose(model, manager, run_config, first.hook, choice)
+after = chosen if chosen is not None else sweep.record_of(0.0)  # none raised the concept score: nothing steered
+before_text, after_text = (sweep.generations[sweep.index_of(r.coefficient)].completions for r in (sweep.record_of(0.0), after))
+records = [r.to_json() for r in sweep.records]
+steering = (Steer(first.hook, choice.feature, after.coefficient),
+            SteeringComparison(sweep.prompts, sweep.generations[0], sweep.generations[sweep.index_of(after.coefficient)]))
 
 lap("steer")
-print("[7/7] figures")
+print("[7/7] feature browser and figures")
+for analysis in analyses:
+    pipeline.feature_browser(model, manager, run_config, analysis,
+                             steering={choice.feature: records} if analysis is first else None)
 index = pipeline.write_figures(out, f"sae_core demo: {run_config.model_name}", analyses=analyses,
                                tokenizer=model.tokenizer, trained=list(trained.values()), whiteners=whiteners,
-                               steering=steering)
+                               steering=steering, dose=(sweep, chosen, knobs.max_perplexity_ratio))
 
-lap("figures")
+lap("browser + figures")
 result = trained[first.hook].eval
 top_tokens = pipeline.top_tokens(first, model.tokenizer)
-steer, comparison = steering
+zero = sweep.record_of(0.0)
 summary = {
     "model": run_config.model_name, "hook": first.hook, "stored_rows": len(run), "d_sae": int(first.W_dec.shape[0]),
     "explained_variance": result.explained_variance, "l0": result.l0, "dead_fraction": result.dead_fraction,
     "ce_loss_recovered": result.ce_recovered, "kl": result.kl_spliced,
     "top_latents": {int(k): v for k, v in top_tokens.items()},
-    "steering": {"latent": feature, "coefficient": steer.coefficient, "before": comparison.before.completions[0],
-                 "after": comparison.after.completions[0]},
+    "steering": {"latent": choice.feature, "density": choice.density, "mean_activation": choice.mean_activation,
+                 "top_tokens": [model.tokenizer.decode([t]) for t in choice.top_token_ids],
+                 "chosen_coefficient": None if chosen is None else chosen.coefficient,
+                 "chosen_multiple": None if chosen is None else chosen.coefficient / choice.mean_activation,
+                 "concept_score": {"before": zero.concept_score, "after": after.concept_score},
+                 "top_token_probability": {"before": zero.top_token_probability, "after": after.top_token_probability},
+                 "perplexity": {"before": zero.perplexity, "after": after.perplexity},
+                 "prompt": sweep.prompts[0], "before": before_text[0], "after": after_text[0], "dose_response": records},
     "seconds": round(time.perf_counter() - began, 1), "stage_seconds": stage_seconds,
     "analysis_documents": read_json(first.folder / pipeline.DOCUMENTS_FILENAME)["origin"],
 }
@@ -93,7 +108,15 @@ print(f"\n{first.hook}: explained variance {result.explained_variance:.3f} | L0 
 print(f"analysed documents: {summary['analysis_documents']}")
 for latent, tokens in top_tokens.items():
     print(f"latent {latent:5d} (density {first.density[latent]:.4f}): top tokens {tokens}")
-print(f"steering latent {feature}: {comparison.before.completions[0]!r} -> {comparison.after.completions[0]!r}")
+print(f"steering latent {choice.feature} (density {choice.density:.4f}, top tokens {summary['steering']['top_tokens'][:5]}):")
+for r in sweep.records:
+    print(f"  coefficient {r.coefficient:7.1f}: concept score {r.concept_score:.3f}, top-token probability "
+          f"{r.top_token_probability:.3f}, perplexity {r.perplexity:.1f}")
+if chosen is None:
+    print(f"  no coefficient raised the concept score with perplexity within {knobs.max_perplexity_ratio}x; nothing steered")
+print(f"  chosen {after.coefficient:.1f}: concept score {zero.concept_score:.3f} -> {after.concept_score:.3f}, "
+      f"perplexity {zero.perplexity:.1f} -> {after.perplexity:.1f}")
+print(f"  {sweep.prompts[0]!r}: {before_text[0]!r} -> {after_text[0]!r}")
 print("stage wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in stage_seconds.items()))
 print(f"feature browser: {first.paths['browser'].resolve()}")
 print(f"done in {summary['seconds']:.0f} s; open {index.resolve()}")

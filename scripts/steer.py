@@ -27,7 +27,8 @@ run = pipeline.collect_activations(model, run_config, texts, out)
 
 feature = run_config.steering.feature
 if feature is None:
-    feature = pipeline.steering_feature(run_config, pipeline.analyse(model, manager, texts, run_config, out, hook))
+    feature = pipeline.steering_feature(run_config, pipeline.analyse(model, manager, texts, run_config, out, hook),
+                                        model.tokenizer)
 steer, comparison = pipeline.steering_example(model, manager, run_config, hook, feature,
                                               scale=pipeline.mean_activation_norm(run, hook))
 index = pipeline.write_figures(out, f"sae_core: {run_config.model_name}", steering=(steer, comparison))

@@ -12,8 +12,39 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import json  # noqa: E402
+import math  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--regenerate-golden", action="store_true",
+                     help="rewrite the tests/golden/*.json files a test checks with this run's numbers "
+                          "(their tolerances and notes are kept); then review and commit the diff")
+
+
+@pytest.fixture()
+def golden(request):
+    """``golden(path, values, how)``: assert each value within the file's ``tolerances`` (absolute) of its
+    ``values``, or, with ``--regenerate-golden``, write this run's values there (tolerances and notes kept)."""
+
+    def check(path, values, how):
+        record = json.loads(path.read_text()) if path.exists() else {}
+        if request.config.getoption("--regenerate-golden"):
+            record.update({"values": values, "measured": how, "torch": torch.__version__,
+                           "threads": torch.get_num_threads()})
+            record.setdefault("tolerances", {key: None for key in values})
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record, indent=2) + "\n")
+            return
+        assert record, f"{path} is missing; create it with pytest --regenerate-golden"
+        off = {key: (value, record["values"][key], record["tolerances"][key]) for key, value in values.items()
+               if not math.isfinite(value) or abs(value - record["values"][key]) > record["tolerances"][key]}
+        assert not off, f"outside the golden tolerances of {path.name} (got, golden, tolerance): {off}"
+
+    return check
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ PACKAGES = {"config": ["base", "sections", "training", "run"],
             "store": ["shards", "runs", "collect"],
             "whitening": ["statistics", "extraction"],
             "training": ["sparse_topk", "sources", "state", "loop"],
-            "steering": ["registry", "hooks", "generation"],
+            "steering": ["registry", "hooks", "generation", "dose"],
             "browser": ["data", "relations", "export", "site"]}
 """Modules of each stage package in order; ``__init__`` (the package's public face) comes last."""
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 450, 60

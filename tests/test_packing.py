@@ -10,7 +10,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from sae_core.activations import batch_activations, run_to_hooks
 from sae_core.config import KEEP_ALL_BUT_PAD, LoaderConfig, TokenPolicy
 from sae_core.data import RowPacker, WindowedTextDataset, pad_collate, pad_id_of
-from sae_core.loader import make_dataloader
+from sae_core.loader import document_progress, loader_documents, make_dataloader
 from sae_core.store import ActivationRun, save
 
 TEXTS = ["The cat sat on the mat and looked at the dog for a long while.", "Hi", "Sparse features.",
@@ -270,3 +270,41 @@ def test_compiled_packed_training_source_streams_the_eager_unpacked_rows(tiny_mo
         streams[fast] = epoch_rows(source, monkeypatch)[0]
     assert compiled_forward(tiny_model).compiled_calls > 0 and compiled_forward(tiny_model).disabled is None
     assert_same_rows(streams[True], streams[False], atol=1e-4)
+
+
+@pytest.mark.parametrize("loader_cfg", [LoaderConfig(batch_size=8), LoaderConfig(batch_tokens=256, pack_windows=True)])
+def test_document_progress_knows_its_total_without_measuring_windows(tiny_model, corpus_texts, loader_cfg, monkeypatch):
+    """The bar's total is the documents read (known before any window is measured, even with a token
+    budget); on a resume its start is the documents of the skipped batches, counted from the batches."""
+    dataset = WindowedTextDataset(corpus_texts[:60], tiny_model.tokenizer, 32, prepend_bos=True)
+    documents = list(range(3, 60, 2))
+    full = list(make_dataloader(dataset, loader_cfg, documents))
+    seen = [len(set(b.doc_index.tolist())) + b.n_empty for b in full]
+    assert sum(seen) == len(documents)
+    bars = []
+
+    class Bar:  # records what document_progress tells tqdm
+        def __init__(self, total=None, initial=0, **_):
+            self.total, self.n = total, initial
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return False
+
+        def update(self, n):
+            self.n += n
+
+    monkeypatch.setattr("sae_core.loader.tqdm", Bar)
+    measured = []
+    original = WindowedTextDataset.window_lengths
+    monkeypatch.setattr(WindowedTextDataset, "window_lengths", lambda self, idx: measured.append(len(idx)) or original(self, idx))
+    loader = make_dataloader(dataset, loader_cfg, documents)
+    assert loader_documents(loader) == (len(documents), 0) and measured == []
+    assert len(list(document_progress(loader, "test"))) == len(full)
+    assert bars[-1].total == bars[-1].n == len(documents)
+    resumed = make_dataloader(dataset, loader_cfg, documents, start_batch=2)
+    list(document_progress(resumed, "test", start_batch=2))
+    assert bars[-1].total == bars[-1].n == len(documents) and bars[-1].n - sum(seen[2:]) == sum(seen[:2])

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from sae_core.files import atomic_write_text
+from sae_core.hooks import hook_layer
 
 
 def _activation(example: dict[str, Any], vocab: list[str], bin_min: float, bin_max: float,
@@ -118,3 +119,13 @@ class NeuronpediaWriter:
             "sae_set": self.header["sae_set"], "log_sparsity": self.sparsity_threshold,
             "skipped_indexes": self.dead}))
         return self.folder
+
+
+def neuronpedia_header(run: Any, hook: str, csr: Any) -> dict[str, Any] | None:
+    """What the Neuronpedia export names (model, layer, SAE set, dataset), or None when it is off."""
+    if not run.analysis.neuronpedia_export:
+        return None
+    return {"model_id": run.model_name, "layer": hook_layer(hook) or 0, "sae_set": f"sae_core-{run.name}",
+            "sae_id_suffix": hook, "dataset": run.dataset.source,
+            "n_prompts_total": int(np.unique(np.asarray(csr.doc_index)).size),
+            "n_tokens_in_prompt": run.windows.max_text_length}

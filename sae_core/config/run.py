@@ -83,24 +83,44 @@ class AnalysisConfig:
 
 @dataclass(frozen=True)
 class SteeringConfig:
-    """The steering example (``STEERING``)."""
+    """The steering example and the dose-response sweep (``STEERING``; :mod:`sae_core.steering.dose`)."""
 
     prompt: str = "The weather today is"
-    """Prompt generated from, with and without steering."""
+    """Prompt of the single steering example (``scripts.steer``), with and without steering."""
     coefficient: float = 1.0
-    """Added decoder direction, in units of the hook's mean activation norm."""
-    max_new_tokens: int = 20
-    """Tokens generated."""
+    """The single example's added decoder direction, in units of the hook's mean activation norm."""
+    max_new_tokens: int = 16
+    """Tokens generated (the example and every prompt of the sweep)."""
     feature: int | None = None
-    """Latent to steer with; None: the most active latent the analysis shows (0 is a latent)."""
+    """Latent to steer with; None: the most active interpretable latent of the analysis (0 is a latent)."""
+    prompts: tuple[str, ...] = ("The weather today is", "My favourite thing to do is", "In the morning I",
+                                "The best way to learn is")
+    """Prompts of the dose-response sweep, generated in one batch per coefficient."""
+    coefficients: tuple[float, ...] = (0.0, 2.0, 4.0, 8.0, 16.0)
+    """Sweep coefficients, in units of the latent's mean activation when it fires; 0.0 (the
+    unsteered baseline) is required."""
+    max_perplexity_ratio: float = 2.0
+    """The chosen coefficient keeps the generations' perplexity within this factor of the unsteered one."""
+    density_band: tuple[float, float] = (1e-3, 0.05)
+    """Firing density (on held-out tokens) of a latent the sweep may pick."""
+    min_distinct_tokens: int = 3
+    """Distinct tokens among its top-activating examples a picked latent needs (a concept, not one token)."""
 
     def __post_init__(self) -> None:
         check_fields(self)
         if self.max_new_tokens <= 0 or (self.feature is not None and self.feature < 0):
             raise ConfigError(f"max_new_tokens must be positive and feature >= 0 or None, "
                               f"got {self.max_new_tokens}, {self.feature}")
-        if self.coefficient != self.coefficient or abs(self.coefficient) == float("inf"):
-            raise ConfigError(f"coefficient must be finite, got {self.coefficient}")
+        if any(c != c or abs(c) == float("inf") for c in (self.coefficient, *self.coefficients)):
+            raise ConfigError(f"coefficients must be finite, got {self.coefficient}, {self.coefficients}")
+        if 0.0 not in self.coefficients or not self.prompts:
+            raise ConfigError(f"coefficients {self.coefficients} must include 0.0 (the unsteered baseline) and "
+                              f"prompts must not be empty ({len(self.prompts)} given)")
+        low, high = self.density_band
+        if not 0 <= low < high <= 1 or self.max_perplexity_ratio < 1 or self.min_distinct_tokens < 1:
+            raise ConfigError(f"need 0 <= density_band[0] < density_band[1] <= 1, max_perplexity_ratio >= 1 and "
+                              f"min_distinct_tokens >= 1; got {self.density_band}, {self.max_perplexity_ratio}, "
+                              f"{self.min_distinct_tokens}")
 
 
 SECTIONS: dict[str, tuple[str, type]] = {

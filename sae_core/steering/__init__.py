@@ -3,10 +3,20 @@
 * :mod:`.registry` — :class:`Steer` (one intervention), handles and conflict checks.
 * :mod:`.hooks` — the one forward hook per steered hook point.
 * :mod:`.generation` — :class:`ModelSteering`, the public face: steer, generate, compare.
+* :mod:`.dose` — the dose-response sweep: concept score and perplexity per coefficient.
 
 Semantics (modes, positions, KV cache, padded batches) are in :mod:`sae_core.steering.generation`.
 """
 
+from sae_core.steering.dose import (
+           DoseRecord,
+           DoseResponse,
+           LatentChoice,
+           choose_coefficient,
+           describe_latent,
+           dose_response,
+           interpretable_latent,
+)
 from sae_core.steering.generation import (
            ModelSteering,
            SteeredGeneration,
@@ -15,5 +25,6 @@ from sae_core.steering.generation import (
 )
 from sae_core.steering.registry import MODES, Steer, SteeringHandle, SteerMode
 
-__all__ = ["MODES", "ModelSteering", "Steer", "SteerMode", "SteeredGeneration", "SteeringCapture",
+__all__ = ["DoseRecord", "DoseResponse", "LatentChoice", "choose_coefficient", "describe_latent", "dose_response",
+           "interpretable_latent", "MODES", "ModelSteering", "Steer", "SteerMode", "SteeredGeneration", "SteeringCapture",
            "SteeringComparison", "SteeringHandle"]

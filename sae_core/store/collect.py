@@ -52,7 +52,7 @@ from sae_core.files import (
     read_json,
 )
 from sae_core.hooks import resolve_hook
-from sae_core.loader import make_dataloader
+from sae_core.loader import document_progress, make_dataloader
 from sae_core.model_loading import model_summary, resolve_dtype
 from sae_core.store.shards import ACTIVATIONS_DIR, META_FILENAME, ShardWriter
 from sae_core.texts import limit_texts, load_texts
@@ -292,18 +292,17 @@ def _collect(model: HookedTransformer, hooks: list[str], texts: Any, cfg: StoreC
     if isinstance(windows, WindowedTextDataset):
         share = range(rank, len(texts), world_size) if world_size > 1 else None
         loader = make_dataloader(windows, cfg.loader, share, start_batch=start)
-        batches: Any = enumerate(loader, start=start)
-        total = None if cfg.loader.batch_tokens else start + len(loader)  # a token budget knows no length up front
-    else:
+        batches: Any = enumerate(document_progress(loader, f"activations {writer.run_dir.name}", start,
+                                                   disable=not show_progress), start=start)
+    else:  # a stream has no length up front: the bar counts batches
         digest = StreamDigest()
-        batches = _digested(enumerate(make_dataloader(windows, cfg.loader)), start, writer, digest)
-        total = None
+        batches = tqdm(_digested(enumerate(make_dataloader(windows, cfg.loader)), start, writer, digest),
+                       initial=start, disable=not show_progress, desc=f"activations {writer.run_dir.name}")
     digest_of = (lambda: {"stream_digest": digest.state()}) if not hasattr(texts, "__len__") else dict
     buffer = ShardBuffer(hooks, keys, cfg.shard_format == "npz", resolve_dtype(cfg.storage_dtype))
     pad_id = pad_id_of(tokenizer)
     number = start - 1
-    for number, batch in tqdm(batches, total=total, initial=start, disable=not show_progress,
-                              desc=f"activations {writer.run_dir.name}"):
+    for number, batch in batches:
         buffer.counts["batches"] += 1
         buffer.counts["samples"] += batch.n_windows + batch.n_empty
         buffer.counts["empty_texts"] += batch.n_empty

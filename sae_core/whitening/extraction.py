@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from tqdm.auto import tqdm
 
 from sae_core.config import (
     ForwardConfig,
@@ -37,7 +36,7 @@ from sae_core.config import (
 )
 from sae_core.data import WindowBatch, pad_id_of, windowed_dataset
 from sae_core.files import file_sha256, read_json
-from sae_core.loader import make_dataloader
+from sae_core.loader import document_progress, make_dataloader
 from sae_core.model_loading import resolve_dtype
 from sae_core.store import ShardBuffer, ShardWriter
 from sae_core.texts import limit_texts
@@ -202,7 +201,7 @@ class ActivationExtractor:
 
     def _batches(self, start_batch: int) -> Iterator[WindowBatch]:
         loader = make_dataloader(self.dataset, self.config.loader, start_batch=start_batch)
-        yield from tqdm(loader, desc=f"batches from {start_batch}", leave=False)
+        yield from document_progress(loader, f"batches from {start_batch}", start_batch, leave=False)
 
     def _activations(self, start_batch: int, policy: TokenPolicy) -> Iterator[tuple[int, WindowBatch, Any]]:
         """(batches consumed, window batch, ActivationBatch) per non-empty batch, from ``start_batch``."""

@@ -1,0 +1,200 @@
+"""The steering dose-response sweep: coefficient 0 is the unsteered run; every score is recomputed
+independently (numpy encode of ``run_with_cache`` activations, numpy softmax of plain model logits,
+the steer added by a hand-written hook); on SmolLM2 the concept score rises with the coefficient.
+
+Unit tests use the tiny random model with a tied SAE whose decoder rows are orthonormal in the
+whitened space (as in ``test_steering.py``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sae_lens import StandardSAE, StandardSAEConfig
+
+from sae_core import plots
+from sae_core.latents import CSRBuilder
+from sae_core.saes import SAEManager
+from sae_core.steering import (
+    DoseRecord,
+    ModelSteering,
+    choose_coefficient,
+    dose_response,
+    interpretable_latent,
+)
+from sae_core.whitening import Whitener
+
+HOOK = "blocks.1.hook_resid_post"
+PROMPTS = ["The quick brown fox jumps over the lazy dog", "Time flies", "A journey of a thousand miles begins"]
+FEATURE, TOP_TOKENS = 3, [11, 400, 2048]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model, corpus_texts):
+    rows = []
+    with torch.no_grad():
+        for text in corpus_texts[:20]:
+            _, cache = tiny_model.run_with_cache(text[:200], names_filter=[HOOK])
+            rows.append(cache[HOOK][0])
+    acts = torch.cat(rows).double()
+    whitener = Whitener.from_statistics(acts.mean(0), torch.cov(acts.T), acts.shape[0], eps=1e-4, hook=HOOK)
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((32, 16)))
+    sae = StandardSAE(StandardSAEConfig(d_in=32, d_sae=16))
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.tensor(q.T, dtype=torch.float32))
+        sae.W_enc.copy_(torch.tensor(q, dtype=torch.float32))
+        sae.b_dec.zero_()
+        sae.b_enc.fill_(-0.5)  # latents fire on part of the tokens only
+    manager = SAEManager(tiny_model)
+    manager.add(HOOK, sae, whitener=whitener)
+    return tiny_model, ModelSteering(tiny_model, manager), sae, whitener
+
+
+def numpy_encode(sae, whitener, x):
+    mean, transform = whitener.mean.numpy(), whitener.transform.numpy()
+    w_enc, b_enc, b_dec = (t.detach().double().numpy() for t in (sae.W_enc, sae.b_enc, sae.b_dec))
+    return np.maximum(((np.asarray(x, np.float64) - mean) @ transform - b_dec) @ w_enc + b_enc, 0.0)
+
+
+def log_softmax(logits):
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+@pytest.fixture(scope="module")
+def sweep(setup):
+    _, steering, _, _ = setup
+    return dose_response(steering, HOOK, FEATURE, [0.0, 3.0, 12.0], PROMPTS, TOP_TOKENS, max_new_tokens=6)
+
+
+def test_coefficient_zero_is_the_unsteered_run(setup, sweep):
+    model, steering, _, _ = setup
+    zero = sweep.generations[sweep.index_of(0.0)]
+    for i, prompt in enumerate(PROMPTS):
+        plain = model.generate(model.to_tokens(prompt), max_new_tokens=6, do_sample=False, verbose=False,
+                               return_type="tokens")[0]
+        assert torch.equal(zero.tokens[i], plain)
+    assert steering.active_steers == [] and len(model.hook_dict[HOOK]._forward_hooks) == 0
+    assert any(not torch.equal(a, b) for a, b in zip(zero.tokens, sweep.generations[-1].tokens, strict=True))
+
+
+def test_scores_equal_an_independent_recomputation(setup, sweep):
+    """Concept score: numpy encode of the plain model's activations; perplexity: numpy log-softmax of
+    the plain model's logits; top-token probability: the steer added by a hook of our own."""
+    model, steering, sae, whitener = setup
+    direction = steering.manager.decoder_directions(HOOK, [FEATURE])[0]
+    for record, generation in zip(sweep.records, sweep.generations, strict=True):
+        fired, nll, top = [], [], []
+        for tokens, start in zip(generation.tokens, generation.prompt_lengths, strict=True):
+            with torch.no_grad():
+                logits, cache = model.run_with_cache(tokens[None], names_filter=[HOOK])
+
+                def add(act, hook, c=record.coefficient):
+                    return act + c * direction
+
+                with model.hooks(fwd_hooks=[(HOOK, add)]):
+                    steered = model(tokens[None])[0]
+            z = numpy_encode(sae, whitener, cache[HOOK][0].numpy())[start:, FEATURE]
+            fired.append(z > 0)
+            log_p = log_softmax(logits[0, start - 1:-1].numpy())
+            nll.append(-log_p[np.arange(len(log_p)), tokens[start:].numpy()])
+            top.append(np.exp(log_softmax(steered[start - 1:-1].numpy()))[:, TOP_TOKENS].sum(-1))
+        assert record.concept_score == pytest.approx(np.concatenate(fired).mean(), abs=1e-12)
+        assert record.perplexity == pytest.approx(np.exp(np.concatenate(nll).mean()), rel=1e-5)
+        assert record.top_token_probability == pytest.approx(np.concatenate(top).mean(), rel=1e-5, abs=1e-9)
+    scores = [r.concept_score for r in sweep.records]
+    assert len(set(scores)) > 1 and 0 < max(scores)  # the latent fires, and steering moves it
+
+
+def test_choose_coefficient_respects_the_perplexity_limit():
+    records = [DoseRecord(0.0, 0.1, 0.01, 10.0), DoseRecord(2.0, 0.3, 0.02, 15.0),
+               DoseRecord(4.0, 0.3, 0.05, 19.0), DoseRecord(8.0, 0.9, 0.3, 25.0)]
+    assert choose_coefficient(records, 2.0) == records[1]  # 8.0 breaks the text; ties go to the smaller
+    assert choose_coefficient(records, 3.0) == records[3]
+    assert choose_coefficient(records[:1], 2.0) is None
+    assert choose_coefficient([DoseRecord(0.0, 0.5, 0.0, 10.0), DoseRecord(2.0, 0.4, 0.0, 11.0)]) is None
+    with pytest.raises(ValueError, match="coefficient 0.0"):
+        choose_coefficient(records[1:])
+
+
+def test_sweep_refuses_a_run_without_its_baseline(setup):
+    _, steering, _, _ = setup
+    with pytest.raises(ValueError, match="must include 0.0"):
+        dose_response(steering, HOOK, FEATURE, [2.0, 4.0], PROMPTS, TOP_TOKENS)
+    with pytest.raises(RuntimeError, match="steers are active"), steering.steer(HOOK, 2, 1.0):
+        dose_response(steering, HOOK, FEATURE, [0.0], PROMPTS, TOP_TOKENS)
+
+
+def test_interpretable_latent_reads_density_and_distinct_top_tokens(tmp_path):
+    rng = np.random.default_rng(0)
+    n, d = 400, 6
+    dense = np.zeros((n, d), np.float32)
+    tokens = rng.integers(0, 50, n)
+    dense[:4, 0] = 9.0  # strongest, but fires on one token only
+    tokens[:4] = 7
+    dense[10:30, 1] = rng.uniform(1, 5, 20)  # several tokens, in the band
+    dense[:, 2] = 1.0  # fires everywhere: out of the band
+    dense[40:60, 3] = 20.0  # strongest in the band, on many distinct tokens that are not words
+    tokens[40:60] = np.arange(100, 120)
+    with CSRBuilder(workdir=tmp_path) as builder:
+        builder.add(dense, torch.from_numpy(tokens), np.zeros(n, np.int64), np.arange(n))
+        csr = builder.finish(tmp_path / "csr")
+    density = (dense != 0).mean(0)
+    def decode(token):
+        return str(token) if token >= 100 else " w" + "abcdefghijklmnopqrstuvwxyz"[token % 26] * 2
+
+    assert interpretable_latent(csr, density, band=(0.005, 0.2), min_distinct_tokens=3, k=10).feature == 3
+    choice = interpretable_latent(csr, density, band=(0.005, 0.2), min_distinct_tokens=3, k=10, decode=decode)
+    assert choice.feature == 1 and choice.density == pytest.approx(0.05)
+    assert choice.mean_activation == pytest.approx(dense[10:30, 1].mean(), rel=1e-6)
+    top = np.argsort(-dense[:, 1], kind="stable")[:10]
+    assert choice.top_token_ids == list(dict.fromkeys(tokens[top].tolist()))
+    assert interpretable_latent(csr, density, band=(0.005, 0.2), min_distinct_tokens=1, decode=decode).feature == 0
+    with pytest.raises(ValueError, match="density_band"):
+        interpretable_latent(csr, density, band=(0.5, 0.6))
+
+
+def test_dose_response_figure_plots_the_records():
+    records = [DoseRecord(4.0, 0.5, 0.2, 30.0), DoseRecord(0.0, 0.1, 0.01, 12.0)]
+    fig = plots.steering_dose_response([r.to_json() for r in records], chosen=4.0, max_perplexity=24.0)
+    by_name = {trace.name: trace for trace in fig.data}
+    assert list(by_name["perplexity"].x) == [0.0, 4.0] and list(by_name["perplexity"].y) == [12.0, 30.0]
+    assert list(by_name["concept score (latent fires)"].y) == [0.1, 0.5]
+    assert list(by_name["top-token probability"].y) == [0.01, 0.2]
+
+
+@pytest.mark.slow
+def test_smollm2_concept_score_rises_with_the_coefficient(smollm2):
+    """A latent that reads "the current token is cat" (a probe fitted here: mean activation at " cat"
+    tokens minus elsewhere) and writes the unembedding direction of " cat": steering makes the model
+    write about cats, and the unsteered model's activations on that text then fire the latent."""
+    model, hook = smollm2, "blocks.20.hook_resid_post"
+    token = model.to_single_token(" cat")
+    tokens = model.to_tokens(["The cat sat on the mat and my cat ate the fish", "A black cat and a dog saw a cat",
+                              "cat cat dog cat cat bird cat cat"])  # repetition too: what strong steering writes
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=[hook])
+        acts, is_cat = cache[hook][:, 1:].reshape(-1, model.cfg.d_model), (tokens[:, 1:] == token).reshape(-1)
+        probe = acts[is_cat].mean(0) - acts[~is_cat].mean(0)
+        probe /= probe.norm()
+        threshold = float((acts[~is_cat] @ probe).max())  # just above every other token of the fit
+        sae = StandardSAE(StandardSAEConfig(d_in=model.cfg.d_model, d_sae=2))
+        for p in (sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec):
+            p.zero_()
+        sae.W_enc[:, 0], sae.b_enc[0] = probe, -threshold
+        sae.W_dec[0] = model.W_U[:, token] / model.W_U[:, token].norm()
+        scale = float(acts.norm(dim=-1).mean())
+    assert (acts[is_cat] @ probe > threshold).float().mean() > 0.8  # the probe finds its own examples
+    manager = SAEManager(model)
+    manager.add(hook, sae)
+    prompts = ["My favourite animal is the", "Yesterday I saw a"]
+    sweep = dose_response(ModelSteering(model, manager), hook, 0, [0.0, scale], prompts, [token], max_new_tokens=6)
+    for i, prompt in enumerate(prompts):
+        plain = model.generate(model.to_tokens(prompt), max_new_tokens=6, do_sample=False, verbose=False,
+                               return_type="tokens")[0]
+        assert torch.equal(sweep.generations[0].tokens[i], plain)
+    zero, strong = sweep.records
+    assert strong.concept_score > zero.concept_score + 0.25, sweep.records
+    assert strong.top_token_probability > zero.top_token_probability + 0.3, sweep.records

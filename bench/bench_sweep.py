@@ -62,33 +62,17 @@ def run_ours(model: Any, texts: list[str], documents: list[int], cfg: Any, out: 
 def run_saelens_multi(model: Any, texts: list[str], cfg: Any) -> float:
     """``MultiSAETrainingRunner`` with the sweep's SAEs on ``HOOK``: wall seconds of ``run()`` and set-up."""
     import datasets
-    from sae_lens import LoggingConfig
     from sae_lens.multi_sae_training_runner import (
         MultiSAETrainingRunner,
         MultiSAETrainingRunnerConfig,
     )
-    from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
 
-    steps, context, d_in = cfg.total_steps, cfg.windows.max_text_length, model.cfg.d_model
-    saes = {unit.name.rsplit("/", 1)[-1]: TopKTrainingSAEConfig(
-        d_in=d_in, d_sae=unit.config.sae.d_sae_for(d_in), k=unit.config.sae.k,
-        aux_loss_coefficient=unit.config.sae.aux_loss_coefficient, decoder_init_norm=unit.config.sae.decoder_init_norm,
-        rescale_acts_by_decoder_norm=unit.config.sae.rescale_acts_by_decoder_norm) for unit in cfg.units()}
-    # as bench_training.run_saelens: a mixing buffer that holds a batch, our shuffle buffer when the budget allows
-    mixing = cfg.shuffle_buffer_tokens if cfg.total_training_tokens >= 8 * cfg.shuffle_buffer_tokens else 0
-    runner_cfg = MultiSAETrainingRunnerConfig(
-        saes=saes, hook_names=HOOK, model_name=model.cfg.model_name, dataset_path="sae_core-bench", streaming=False,
-        context_size=context, prepend_bos=cfg.windows.prepend_bos, exclude_special_tokens=cfg.policy.exclude_special,
-        training_tokens=cfg.total_training_tokens, train_batch_size_tokens=cfg.train_batch_size_tokens,
-        store_batch_size_prompts=cfg.loader.training_batch_tokens // context,
-        n_batches_in_buffer=max(32, 2 * cfg.train_batch_size_tokens // context, mixing // context),
-        lr=cfg.optimizer.lr, adam_beta1=cfg.optimizer.adam_betas[0], adam_beta2=cfg.optimizer.adam_betas[1],
-        lr_scheduler_name="constant", lr_warm_up_steps=round(cfg.optimizer.lr_warm_up_fraction * steps),
-        lr_decay_steps=round(cfg.optimizer.lr_decay_fraction * steps),
-        dead_feature_window=max(1, cfg.dead_window_tokens // cfg.train_batch_size_tokens),
-        autocast=True, autocast_lm=True, device="cpu", dtype="float32", seed=cfg.seed,
-        checkpoint_path=None, output_path=None, save_final_checkpoint=False, n_checkpoints=0,
-        logger=LoggingConfig(log_to_wandb=False))
+    from bench.common import saelens_training_kwargs, topk_training_config
+
+    saes = {unit.name.rsplit("/", 1)[-1]: topk_training_config(unit.config.sae, model.cfg.d_model)
+            for unit in cfg.units()}
+    runner_cfg = MultiSAETrainingRunnerConfig(saes=saes, hook_names=HOOK, **{
+        **saelens_training_kwargs(cfg), "model_name": model.cfg.model_name, "autocast": True, "autocast_lm": True})
     start = time.perf_counter()
     runner = MultiSAETrainingRunner(runner_cfg, override_model=model,
                                     override_dataset=datasets.Dataset.from_dict({"text": texts}))

@@ -122,30 +122,16 @@ def equal_start_sae(model: Any, texts: list[str], documents: list[int], cfg: Any
 def run_saelens(model: Any, texts: list[str], documents: list[int], cfg: Any, precision: str,
                 compiled: bool) -> dict[str, Any]:
     import datasets
-    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
-    from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
+    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
 
-    steps, context, autocast = cfg.total_steps, cfg.windows.max_text_length, precision == "bfloat16"
+    from bench.common import saelens_training_kwargs, topk_training_config
+
+    steps, autocast = cfg.total_steps, precision == "bfloat16"
     train_texts = [texts[i] for i in documents]
-    mixing = cfg.shuffle_buffer_tokens if cfg.total_training_tokens >= 8 * cfg.shuffle_buffer_tokens else 0
     runner_cfg = LanguageModelSAERunnerConfig(
-        sae=TopKTrainingSAEConfig(d_in=model.cfg.d_model, d_sae=cfg.sae.d_sae_for(model.cfg.d_model), k=cfg.sae.k,
-                                  aux_loss_coefficient=cfg.sae.aux_loss_coefficient,
-                                  decoder_init_norm=cfg.sae.decoder_init_norm,
-                                  rescale_acts_by_decoder_norm=cfg.sae.rescale_acts_by_decoder_norm),
-        model_name=model.cfg.model_name, hook_name=HOOK, dataset_path="sae_core-bench", is_dataset_tokenized=False,
-        streaming=False, context_size=context, prepend_bos=cfg.windows.prepend_bos,
-        exclude_special_tokens=cfg.policy.exclude_special, training_tokens=cfg.total_training_tokens,
-        train_batch_size_tokens=cfg.train_batch_size_tokens,
-        store_batch_size_prompts=cfg.loader.training_batch_tokens // context,
-        n_batches_in_buffer=max(32, 2 * cfg.train_batch_size_tokens // context, mixing // context),
-        lr=cfg.optimizer.lr, adam_beta1=cfg.optimizer.adam_betas[0], adam_beta2=cfg.optimizer.adam_betas[1],
-        lr_scheduler_name="constant", lr_warm_up_steps=round(cfg.optimizer.lr_warm_up_fraction * steps),
-        lr_decay_steps=round(cfg.optimizer.lr_decay_fraction * steps),
-        dead_feature_window=max(1, cfg.dead_window_tokens // cfg.train_batch_size_tokens),
-        autocast=autocast, autocast_lm=autocast, compile_llm=compiled, compile_sae=compiled,
-        device="cpu", dtype="float32", seed=cfg.seed, checkpoint_path=None, output_path=None,
-        save_final_checkpoint=False, n_checkpoints=0, logger=LoggingConfig(log_to_wandb=False), verbose=False)
+        sae=topk_training_config(cfg.sae, model.cfg.d_model), hook_name=HOOK, is_dataset_tokenized=False,
+        autocast=autocast, autocast_lm=autocast, compile_llm=compiled, compile_sae=compiled, verbose=False,
+        **{**saelens_training_kwargs(cfg), "model_name": model.cfg.model_name})
     dataset = datasets.Dataset.from_dict({"text": train_texts}).shuffle(seed=cfg.seed)
     start = time.perf_counter()
     sae = equal_start_sae(model, texts, documents, cfg)  # on SAELens's clock

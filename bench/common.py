@@ -107,3 +107,37 @@ def saelens_offline(model: Any) -> Iterator[None]:
         yield
     finally:
         runner_module.load_model = original
+
+
+def saelens_training_kwargs(cfg: Any) -> dict[str, Any]:
+    """The settings SAELens's training runners (single and multi-SAE) share with our ``TrainingConfig``.
+
+    Same context, BOS, special-token exclusion, budget, batch, Adam, lr schedule and dead window;
+    a mixing buffer holding a batch, and our shuffle buffer when the budget allows. float32 master
+    weights on the CPU, no checkpoints, no wandb.
+    """
+    from sae_lens import LoggingConfig
+
+    steps, context = cfg.total_steps, cfg.windows.max_text_length
+    mixing = cfg.shuffle_buffer_tokens if cfg.total_training_tokens >= 8 * cfg.shuffle_buffer_tokens else 0
+    return dict(
+        model_name="smollm2", dataset_path="sae_core-bench", streaming=False, context_size=context,
+        prepend_bos=cfg.windows.prepend_bos, exclude_special_tokens=cfg.policy.exclude_special,
+        training_tokens=cfg.total_training_tokens, train_batch_size_tokens=cfg.train_batch_size_tokens,
+        store_batch_size_prompts=cfg.loader.training_batch_tokens // context,
+        n_batches_in_buffer=max(32, 2 * cfg.train_batch_size_tokens // context, mixing // context),
+        lr=cfg.optimizer.lr, adam_beta1=cfg.optimizer.adam_betas[0], adam_beta2=cfg.optimizer.adam_betas[1],
+        lr_scheduler_name="constant", lr_warm_up_steps=round(cfg.optimizer.lr_warm_up_fraction * steps),
+        lr_decay_steps=round(cfg.optimizer.lr_decay_fraction * steps),
+        dead_feature_window=max(1, cfg.dead_window_tokens // cfg.train_batch_size_tokens),
+        device="cpu", dtype="float32", seed=cfg.seed, checkpoint_path=None, output_path=None,
+        save_final_checkpoint=False, n_checkpoints=0, logger=LoggingConfig(log_to_wandb=False))
+
+
+def topk_training_config(sae: Any, d_in: int) -> Any:
+    """SAELens's ``TopKTrainingSAEConfig`` for one of our ``SAEConfig``s (same k, AuxK, decoder init)."""
+    from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
+
+    return TopKTrainingSAEConfig(d_in=d_in, d_sae=sae.d_sae_for(d_in), k=sae.k,
+                                 aux_loss_coefficient=sae.aux_loss_coefficient, decoder_init_norm=sae.decoder_init_norm,
+                                 rescale_acts_by_decoder_norm=sae.rescale_acts_by_decoder_norm)

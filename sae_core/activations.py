@@ -125,6 +125,10 @@ class _CompiledForward:
         self.pos_index: Tensor | None = None
         self.disabled: str | None = None  # why the eager forward is used from now on
         self.compiled_calls = 0
+        # In the key, so that no graph traced for another instance is reused for this one (modules are
+        # inlined, not guarded by identity). The hooks themselves are guarded by turning dynamo's
+        # module-hook guards on in ``__call__``: frames resumed after a graph break do not see ``key``.
+        self.token = f"compiled-forward-{id(self)}"
         self.fn = torch.compile(self._forward)
 
     def _capture(self, tensor: Tensor, hook: Any) -> None:
@@ -137,8 +141,8 @@ class _CompiledForward:
         return self.model.pos_embed.W_pos[self.pos_index].to(pos_embed.dtype)
 
     def _forward(self, input_ids: Tensor, apart: Tensor | None, pos_index: Tensor | None,
-                 key: tuple[int | None, tuple[str, ...], str, bool, bool]) -> None:
-        # ``key`` (stop layer, hooks, precision, packed, positions restarted) is guarded by dynamo:
+                 key: tuple[int | None, tuple[str, ...], str, bool, bool, str]) -> None:
+        # ``key`` (stop layer, hooks, precision, packed, positions restarted, instance) is guarded by dynamo:
         # one graph per combination, each built with exactly the hooks ``__call__`` registers for it.
         self.apart, self.pos_index = apart, pos_index
         stop, dtype = key[0], _LOW_PRECISION.get(key[2])
@@ -164,14 +168,15 @@ class _CompiledForward:
                 pos_index = batch.cell_offsets().to(device)
                 fwd_hooks.append(("hook_pos_embed", self._positions))
         fwd_hooks += [(name, self._capture) for name in hooks]
-        key = (stop, tuple(hooks), forward_dtype, apart is not None, pos_index is not None)
+        key = (stop, tuple(hooks), forward_dtype, apart is not None, pos_index is not None, self.token)
         input_ids = input_ids.to(device)
         for tensor, dims in ((input_ids, (0, 1)), (apart, (0, 2, 3)), (pos_index, (0, 1))):
             for dim in dims if tensor is not None else ():
                 torch._dynamo.maybe_mark_dynamic(tensor, dim)
         try:
             with (torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks),
-                  torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True)):
+                  torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True,
+                                              skip_nnmodule_hook_guards=False)):
                 self.fn(input_ids, apart, pos_index, key)
             self.compiled_calls += 1
             return {name: self.slots[name] for name in hooks}

@@ -20,8 +20,8 @@ What each clock includes (model, SAE and tokens are loaded before it starts, on 
   128 latents, keeping only their top examples: the floor of any per-feature-batch re-run tool.
 Both wall and process CPU seconds are recorded (the machine is shared: CPU seconds move less with
 the other sessions' load); ours and SAEDashboard are run alternately ``repeats`` times and each
-ratio is the median of the per-pair ratios. Two sizes: ``N_FEATURES`` latents (3 pairs) and all
-``D_SAE`` latents of the SAE (one pair: SAEDashboard takes ~15 CPU-minutes there).
+ratio is the median of the per-pair ratios, with their range. Two sizes: ``N_FEATURES`` latents and
+all ``D_SAE`` latents of the SAE (3 pairs each; SAEDashboard takes ~5 wall minutes per run there).
 
 Equal top examples: per latent, the largest activation (relative 1e-3) and its token agree.
 """
@@ -158,6 +158,13 @@ def median_pair_ratio(theirs: list[dict], ours: list[dict], key: str) -> float:
     return round(statistics.median(t[key] / o[key] for t, o in zip(theirs, ours, strict=True)), 2)
 
 
+def pair_ratio_spread(theirs: list[dict], ours: list[dict], key: str) -> dict[str, float]:
+    """Median, min and max of the per-pair ratios (each pair: one run of each side, back to back)."""
+    ratios = [t[key] / o[key] for t, o in zip(theirs, ours, strict=True)]
+    return {"median": round(statistics.median(ratios), 2), "min": round(min(ratios), 2), "max": round(max(ratios), 2),
+            "pairs": len(ratios)}
+
+
 def summary(runs: list[dict]) -> dict[str, Any]:
     keys = [k for k in runs[0] if k.endswith("seconds")]
     return {**{k: round(statistics.median(r[k] for r in runs), 2) for k in keys},
@@ -203,6 +210,8 @@ def peer_case(scratch: Path, sd_python: str, n_features: int = N_FEATURES, repea
     record["peer"] = "saedashboard"
     record["ratio"] = median_pair_ratio(theirs, ours, "seconds")
     record["ratio_cpu"] = median_pair_ratio(theirs, ours, "cpu_seconds")
+    record["ratio_spread"] = pair_ratio_spread(theirs, ours, "seconds")
+    record["ratio_cpu_spread"] = pair_ratio_spread(theirs, ours, "cpu_seconds")
     record["ratio_build_only"] = round(record["saedashboard"]["seconds"] / record["ours"]["build_seconds"], 2)
     record["load_average_after"] = list(os.getloadavg())
     return record

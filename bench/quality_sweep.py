@@ -7,6 +7,7 @@ The default run's training stream is drawn once exactly as ``train_from_model`` 
 ``--cache`` so later invocations skip the forward, then every variant (overrides of the default
 run's config) trains on the same rows in the same order and is scored on the same held-out rows:
 explained variance (1 - FVU), L0, latents never firing on held-out rows, the run's dead fraction.
+With ``training.buffer_passes`` a variant trains on ``tokens`` rows from ``tokens / passes`` of the stream.
 A variant's budget may exceed the stream (``training.total_training_tokens``): the stream is drawn
 for the largest budget asked. Writes ``bench/results/quality_sweep.json`` (merged by name).
 """
@@ -24,8 +25,14 @@ import torch
 from bench.common import RESULTS_DIR, write_result
 from bench.lr_sweep import _rows, held_out_scores
 
+PREVIOUS_DEFAULT = ["training.total_training_tokens=300000", "training.buffer_passes=1",
+                    "training.train_batch_size_tokens=4096", "optimizer.lr_scheduler=constant"]
+"""The default run before this sweep (batch 4096, lr 4e-3, constant then a 20% linear decay, 300k
+tokens, one pass): every variant below overrides it; ``default`` is the constant file as it is now."""
+
+B1024_COS = ["training.train_batch_size_tokens=1024", "optimizer.lr_scheduler=cosineannealing"]
 VARIANTS = {
-    "default": [],
+    "previous_default": [],
     "batch_2048": ["training.train_batch_size_tokens=2048"],
     "batch_1024": ["training.train_batch_size_tokens=1024"],
     "batch_1024_lr_2e-3": ["training.train_batch_size_tokens=1024", "optimizer.lr=2e-3"],
@@ -33,6 +40,21 @@ VARIANTS = {
     "dead_window_25k": ["training.dead_window_tokens=25000"],
     "cosine": ["optimizer.lr_scheduler=cosineannealing"],
     "tokens_600k": ["training.total_training_tokens=600000"],
+    "b1024_600k": ["training.train_batch_size_tokens=1024", "training.total_training_tokens=600000"],
+    "b1024_aux4": ["training.train_batch_size_tokens=1024", "sae.aux_loss_coefficient=4.0"],
+    "b1024_cosine": B1024_COS,
+    "b1024_lr2e-3_cos": [*B1024_COS, "optimizer.lr=2e-3"],
+    "b1024_lr3e-3_cos": [*B1024_COS, "optimizer.lr=3e-3"],
+    "b1024_lr2e-3_cos_dw25k": [*B1024_COS, "optimizer.lr=2e-3", "training.dead_window_tokens=25000"],
+    "b1024_lr2e-3_cos_warm": [*B1024_COS, "optimizer.lr=2e-3", "optimizer.lr_warm_up_fraction=0.05"],
+    "b512_lr1e-3_cos": ["training.train_batch_size_tokens=512", "optimizer.lr_scheduler=cosineannealing",
+                        "optimizer.lr=1e-3"],
+    "b1024_lr2e-3_cos_600k": [*B1024_COS, "optimizer.lr=2e-3", "training.total_training_tokens=600000"],
+    # each shuffle buffer served 3-4 times: more SAE rows from the same 300k forwarded tokens (2 times: default)
+    "b1024_cos_900k_passes3": [*B1024_COS, "training.total_training_tokens=900000", "training.buffer_passes=3"],
+    "b1024_lr2e-3_cos_1.2M_passes4": [*B1024_COS, "optimizer.lr=2e-3", "training.total_training_tokens=1200000",
+                                      "training.buffer_passes=4"],
+    "default": None,  # the constant file as shipped: b1024, cosine, 600k SAE rows, buffer_passes 2
 }
 
 
@@ -41,6 +63,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=300_000, help="budget of the variants that do not set one")
     parser.add_argument("--variant", action="append", default=None, help="NAME=override,override (repeatable)")
     parser.add_argument("--only", nargs="*", help="run only these of the built-in variants")
+    parser.add_argument("--quick", action="store_true", help="smoke size: one variant on 16k tokens (own result file)")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "sae_core_quality_stream.pt"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -55,12 +78,15 @@ def main() -> None:
     for text in args.variant or []:
         name, _, overrides = text.partition("=")
         variants[name] = [o for o in overrides.split(",") if o]
-    configs = {name: load_run_config("smollm2_135m_instruct", [f"training.total_training_tokens={args.tokens}",
-                                                               "training.checkpoint_every_tokens=None", *overrides])
+    if args.quick:
+        variants, args.tokens = {"previous_default": []}, 16_384
+    base = [*PREVIOUS_DEFAULT, f"training.total_training_tokens={args.tokens}"]
+    configs = {name: load_run_config("smollm2_135m_instruct", ["training.checkpoint_every_tokens=None",
+                                                               *([] if overrides is None else [*base, *overrides])])
                for name, overrides in variants.items()}
     run = load_run_config("smollm2_135m_instruct")
     hook = run.hook_points[0]
-    budget = max(c.training.total_training_tokens for c in configs.values())
+    budget = max(-(-c.training.total_training_tokens // c.training.buffer_passes) for c in configs.values())
     cache = Path(args.cache)
     stream = torch.load(cache) if cache.exists() else None
     if stream is None or stream["train"].shape[0] < budget:
@@ -75,7 +101,8 @@ def main() -> None:
         stream = {"train": train, "held_out": held_out, "seconds": time.perf_counter() - began}
         torch.save(stream, cache)
     train, held_out = stream["train"], stream["held_out"]
-    path = RESULTS_DIR / "quality_sweep.json"
+    result_name = "quality_sweep_quick" if args.quick else "quality_sweep"
+    path = RESULTS_DIR / f"{result_name}.json"
     results = {}
     if path.exists():
         import json
@@ -88,12 +115,14 @@ def main() -> None:
             trained = train_from_activations(lambda cfg=cfg: torch.split(train[:cfg.total_training_tokens],
                                                                          cfg.loader.training_batch_tokens),
                                              cfg, Path(tmp) / name, resume=False)
-            results[name] = {"overrides": variants[name], "tokens": cfg.total_training_tokens,
+            results[name] = {"overrides": variants[name] if variants[name] is not None else ["(the constant file as shipped)"],
+                             "tokens": cfg.total_training_tokens,
+                             "forwarded_tokens": -(-cfg.total_training_tokens // cfg.buffer_passes),
                              "steps": cfg.total_steps, "seconds": round(time.perf_counter() - started, 1),
                              "train_dead_fraction": trained.saes[hook].curve[-1]["dead_fraction"],
                              **held_out_scores(trained.saes[hook].sae, held_out)}
             print(name, results[name], flush=True)
-    write_result("quality_sweep", {"model": run.model_name, "hook": hook, "corpus": run.dataset.source,
+    write_result(result_name, {"model": run.model_name, "hook": hook, "corpus": run.dataset.source,
                                    "train_rows": int(train.shape[0]), "held_out_rows": int(held_out.shape[0]),
                                    "results": results})
 

@@ -50,8 +50,10 @@ print(f"[2/7] whitening statistics over {len(run):,} stored rows")
 whiteners = pipeline.fit_whitening(run, run_config, out)
 
 lap("whitening")
-print(f"[3/7] training {run_config.sae.architecture} SAEs "
-      f"({run_config.training.total_training_tokens:,} tokens; reused when already trained)")
+tokens, passes = run_config.training.total_training_tokens, run_config.training.buffer_passes
+print(f"[3/7] training {run_config.sae.architecture} SAEs ({tokens:,} tokens"
+      + (f": {-(-tokens // passes):,} forwarded, each buffer served {passes} times" if passes > 1 else "")
+      + "; reused when already trained)")
 trained = pipeline.train_saes(model, texts, run_config, out)
 manager = pipeline.load_saes(model, run_config, out)
 for hook, sae in trained.items():
@@ -86,9 +88,17 @@ lap("browser + figures")
 result = trained[first.hook].eval
 top_tokens = pipeline.top_tokens(first, model.tokenizer)
 zero = sweep.record_of(0.0)
+# "Dead" three ways, each with the tokens it counts: latents the eval's few held-out tokens never fire
+# (rare latents look dead there), latents silent over the last dead window of training (SAELens's
+# definition, the one AuxK acts on), and latents the analysis's held-out store never fires.
+dead = {"eval": {"fraction": result.dead_fraction, "tokens": result.n_rows},
+        "training": {"fraction": trained[first.hook].curve[-1]["dead_fraction"],
+                     "window_tokens": run_config.training.dead_window_tokens},
+        "analysis": {"fraction": float((first.density == 0).mean()), "tokens": first.csr.n_rows}}
 summary = {
     "model": run_config.model_name, "hook": first.hook, "stored_rows": len(run), "d_sae": int(first.W_dec.shape[0]),
     "explained_variance": result.explained_variance, "l0": result.l0, "dead_fraction": result.dead_fraction,
+    "dead": dead,
     "ce_loss_recovered": result.ce_recovered, "kl": result.kl_spliced,
     "top_latents": {int(k): v for k, v in top_tokens.items()},
     "steering": {"latent": choice.feature, "density": choice.density, "mean_activation": choice.mean_activation,
@@ -105,6 +115,9 @@ summary = {
 atomic_write_json(out / "summary.json", summary)
 print(f"\n{first.hook}: explained variance {result.explained_variance:.3f} | L0 {result.l0:.1f} | dead fraction "
       f"{result.dead_fraction:.3f} | CE-loss recovered {result.ce_recovered:.3f} | KL {result.kl_spliced:.4f}")
+print(f"dead latents: {dead['training']['fraction']:.3f} silent over the last {dead['training']['window_tokens']:,} "
+      f"training tokens, {dead['analysis']['fraction']:.3f} never firing on the {dead['analysis']['tokens']:,} analysed "
+      f"held-out tokens, {dead['eval']['fraction']:.3f} on the {dead['eval']['tokens']:,} eval tokens")
 print(f"analysed documents: {summary['analysis_documents']}")
 for latent, tokens in top_tokens.items():
     print(f"latent {latent:5d} (density {first.density[latent]:.4f}): top tokens {tokens}")

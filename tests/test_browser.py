@@ -159,6 +159,31 @@ def test_logit_lens(store, built, tiny_model):
         assert np.abs(np.asarray(record["logit_hist"]["counts"]) - counts).sum() <= 2  # float32 vs float64 edges
 
 
+def test_logit_lens_breaks_ties_towards_the_lower_token_and_bins_as_numpy():
+    from sae_core.browser.relations import logit_lens
+
+    rng = np.random.default_rng(0)
+    W_U = rng.standard_normal((8, 300)).astype(np.float32)
+    W_U[:, 17] = W_U[:, 5]  # every row has a tie between tokens 5 and 17
+    directions = rng.standard_normal((6, 8)).astype(np.float32)
+    directions[2] = 0  # a dead latent: all 300 logits tie
+    directions[4] = W_U[:, 5] * 3  # tokens 5 and 17 tie at the top
+    lens = logit_lens(directions, W_U, 10, 12)
+    logits = directions.astype(np.float64) @ W_U.astype(np.float64)
+    ids = np.arange(300)
+    for row in range(6):
+        best = np.lexsort((ids, -logits[row]))[:10]  # ties: lower id first
+        worst = np.lexsort((ids, logits[row]))[:10]
+        assert lens.top.indices[row].tolist() == best.tolist(), row
+        assert lens.bottom.indices[row].tolist() == worst.tolist(), row
+        np.testing.assert_allclose(lens.top.values[row], logits[row, best], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(lens.bottom.values[row], logits[row, worst], rtol=1e-5, atol=1e-5)
+        counts, _ = np.histogram(logits[row], 12)
+        assert np.abs(lens.hist_counts[row] - counts).sum() <= 2, row  # float32 vs float64 bin edges
+    assert lens.top.indices[4][:2].tolist() == [5, 17]
+    assert lens.hist_counts[2].tolist() == np.histogram(np.zeros(300), 12)[0].tolist()
+
+
 def test_logit_lens_of_a_whitened_sae(tmp_path, store, tiny_model):
     csr, _, W_dec = store
     rng = np.random.default_rng(1)

@@ -98,6 +98,8 @@ def test_default_model_changes_only_what_it_states():
     run = load_run_config("smollm2_135m_instruct")
     assert run.windows.prepend_bos is True and run.optimizer.lr == 4e-3
     assert run.forward.dtype == "bfloat16" and run.sae.d_sae == 4608
+    assert (run.training.total_training_tokens, run.training.buffer_passes, run.training.train_batch_size_tokens,
+            run.optimizer.lr_scheduler) == (600_000, 2, 1024, "cosineannealing")
 
 
 def test_overrides_are_routed_to_the_owner_and_type_checked():

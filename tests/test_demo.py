@@ -34,6 +34,14 @@ def test_demo_runs_end_to_end_and_reuses_its_outputs(tmp_path):
     evaluation = json.loads((sae_dir / "eval.json").read_text())
     assert summary["explained_variance"] == evaluation["explained_variance"]
     assert summary["ce_loss_recovered"] == evaluation["ce_recovered"]
+    # dead latents three ways, each against the file it is read from (CSR columns counted with numpy)
+    dead = summary["dead"]
+    assert dead["eval"] == {"fraction": evaluation["dead_fraction"], "tokens": evaluation["n_rows"]}
+    assert dead["training"]["fraction"] == json.loads((sae_dir / "training_curve.json").read_text())[-1]["dead_fraction"]
+    csr_dir = out / "analysis" / summary["hook"] / "latents"
+    columns = np.bincount(np.load(csr_dir / "indices.npy"), minlength=summary["d_sae"])
+    assert dead["analysis"] == {"fraction": float((columns == 0).mean()),
+                                "tokens": len(np.load(csr_dir / "indptr.npy")) - 1}
     # the similarity memmap is the decoder's cosine similarity, recomputed here with numpy
     from safetensors.numpy import load_file
 

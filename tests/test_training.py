@@ -188,6 +188,55 @@ def test_block_shuffler_serves_each_row_once_and_resumes_exactly():
     assert sorted(torch.cat([*served[3:], *expected[:2]]).tolist()) == list(range(24, 48))
 
 
+def test_buffer_passes_serve_each_source_row_that_many_times_and_resume_exactly():
+    ids = torch.arange(200, dtype=torch.float32)[:, None]
+    source = TensorChunkSource(lambda: list(torch.split(ids, 7)), ["h"])
+    shuffler = BlockShuffler(batch_rows=8, batches_per_block=6, shuffle=True, seed=1, passes=3)
+    stream = shuffler.batches(source, 100)
+    served = [next(stream)["h"][:, 0] for _ in range(7)]  # one block (48 rows from 16 source rows) and a batch
+    block = torch.cat(served[:6]).long()
+    assert torch.bincount(block).tolist() == [3] * 16  # the first 16 source rows, three times each
+    assert block.tolist() != sorted(block.tolist())  # in random order across the block
+    state = shuffler.state_tensors()
+    expected = [next(stream)["h"][:, 0] for _ in range(6)]
+    resumed = BlockShuffler(batch_rows=8, batches_per_block=6, shuffle=True, seed=99, passes=3)
+    resumed.load_state_tensors(state)
+    again = resumed.batches(source, 100)
+    for want in expected:
+        assert torch.equal(next(again)["h"][:, 0], want)
+    second = torch.cat([*served[6:], *expected[:5]]).long()
+    assert torch.bincount(second, minlength=32)[16:].tolist() == [3] * 16  # the next 16, three times each
+    with pytest.raises(ValueError, match="buffer_passes=4 .* must hold at least"):
+        build_flat(TrainingConfig, "training", hook_points=(HOOK,), buffer_passes=4, shuffle_buffer_tokens=8192,
+                   train_batch_size_tokens=4096)
+
+
+def test_buffer_passes_halve_the_forwarded_tokens_of_a_training_run(tiny_model, corpus_texts, tmp_path):
+    texts = corpus_texts[:64]
+    runs = {}
+    for passes in (1, 2):
+        cfg = _model_cfg(total_training_tokens=128 * 8, buffer_passes=passes, checkpoint_every_tokens=None)
+        source = _model_source(tiny_model, texts, cfg)[0]
+        pulled = []
+        chunks = source.chunks
+
+        def counted(position, chunks=chunks, pulled=pulled):
+            for chunk, at in chunks(position):
+                pulled.append(_rows_of(chunk))
+                yield chunk, at
+
+        source.chunks = counted
+        runs[passes] = (train_saes(cfg, source, hook_widths(tiny_model, [HOOK]), tmp_path / str(passes)), sum(pulled))
+    (one, rows_one), (two, rows_two) = runs[1], runs[2]
+    assert one.tokens == two.tokens == 128 * 8  # the same SAE steps
+    assert 128 * 8 <= rows_one < 128 * 8 + 1024 and 128 * 4 <= rows_two < 128 * 4 + 1024  # one chunk of slack
+    assert rows_two < rows_one
+
+
+def _rows_of(chunk):
+    return next(iter(chunk.values())).shape[0]
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(TypeError, match="architecture should be 'topk'"):
         _small_cfg(architecture="gated")
@@ -312,6 +361,96 @@ def test_resume_equals_uninterrupted(tiny_model, corpus_texts, tmp_path, monkeyp
         from sae_core.activations import compiled_forward
 
         assert compiled_forward(tiny_model).compiled_calls > 0 and compiled_forward(tiny_model).disabled is None
+
+
+KILLED_CHILD = """
+import sys, time
+from pathlib import Path
+
+sys.path.insert(0, sys.argv[1])
+from sae_core.corpora import fortunes_corpus
+from sae_core.files import atomic_path
+from sae_core.model_loading import load_model
+from sae_core.training import hook_widths, train_saes
+from sae_core.training import state as training_state
+from test_training import HOOK, _model_cfg, _model_source
+
+out, signal_file, forward = Path(sys.argv[2]), Path(sys.argv[3]), eval(sys.argv[4])
+real, calls = training_state._save_tensors, [0]
+
+def torn_save(path, tensors):  # the third checkpoint's SAE file: half written, then hang until killed
+    if path.name.startswith("sae-"):
+        calls[0] += 1
+        if calls[0] == 3:
+            real(path, tensors)
+            data = path.read_bytes()
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(data[: len(data) // 2])
+                signal_file.write_text("mid-write")
+                time.sleep(600)
+    return real(path, tensors)
+
+training_state._save_tensors = torn_save
+model = load_model("tiny_random")
+texts = fortunes_corpus()[:300][:64]
+cfg = _model_cfg(total_training_tokens=128 * 10, lr_decay_fraction=0.3, **forward)
+train_saes(cfg, _model_source(model, texts, cfg)[0], hook_widths(model, [HOOK]), out)
+"""
+
+
+@pytest.mark.slow  # a subprocess (cold interpreter + imports) and two compiles
+def test_kill_9_during_a_checkpoint_write_then_resume_equals_uninterrupted(tiny_model, corpus_texts, tmp_path,
+                                                                           monkeypatch):
+    """Packed and compiled forward on (the in-process resume test covers the other forwards)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    texts, forward = corpus_texts[:64], {"pack_windows": True, "compile": True}
+    cfg = _model_cfg(total_training_tokens=128 * 10, lr_decay_fraction=0.3, **forward)
+    widths = hook_widths(tiny_model, [HOOK])
+    straight = train_saes(cfg, _model_source(tiny_model, texts, cfg)[0], widths, tmp_path / "a")
+
+    signal_file = tmp_path / "signal"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(Path(__file__).parent), str(tmp_path / "b"),
+                              str(signal_file), repr(forward)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(3000):
+            if signal_file.exists() or child.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert signal_file.exists(), "the child never reached the third checkpoint: " + (
+            child.stderr.read().decode()[-2000:] if child.poll() is not None else "still running")
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    checkpoints = tmp_path / "b" / "checkpoints" / HOOK
+    assert json.loads((checkpoints / "latest.json").read_text())["step"] == 4  # the torn step-6 one is not committed
+    assert any(p.name.endswith(".tmp") for p in (checkpoints / "step-00000006").iterdir())
+    assert not (tmp_path / "b" / HOOK).exists()
+
+    calls = {"n": 0}
+    original = training_state.SAEState.step
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(training_state.SAEState, "step", counted)
+    resumed = train_saes(cfg, _model_source(tiny_model, texts, cfg)[0], widths, tmp_path / "b")
+    assert calls["n"] == 10 - 4  # only the steps after the last committed checkpoint ran again
+    a, b = _weights(tmp_path / "a" / HOOK), _weights(tmp_path / "b" / HOOK)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert straight.saes[HOOK].curve == resumed.saes[HOOK].curve
+    from sae_core.activations import compiled_forward
+
+    assert compiled_forward(tiny_model).compiled_calls > 0 and compiled_forward(tiny_model).disabled is None
 
 
 def test_prefetched_keeps_order_raises_the_producers_error_and_stops():

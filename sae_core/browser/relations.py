@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from sae_core.browser.data import BLOCK_ENTRIES, INVERTIBLE_COOCCURRENCE, histograms, top_k_rows
+from sae_core.browser.data import BLOCK_ENTRIES, INVERTIBLE_COOCCURRENCE, top_k_rows
 from sae_core.latents import LatentCSR, as_host_array, firing_counts
 from sae_core.similarity import (
     Neighbours,
@@ -24,6 +24,10 @@ from sae_core.similarity import (
 )
 
 logger = logging.getLogger(__name__)
+
+LOGIT_BLOCK_ENTRIES = 1 << 24
+"""Logits per logit-lens block (64 MB of float32, ~340 latents at a 49k vocabulary): large enough
+that streaming W_U (d_model x vocab, ~110 MB for SmolLM2) once per block does not dominate."""
 
 
 def residual_directions(W_dec: Any, whitener: Any = None) -> np.ndarray:
@@ -50,22 +54,62 @@ class LogitLens(NamedTuple):
 
 
 def logit_lens(directions: np.ndarray, W_U: np.ndarray, n: int, n_bins: int) -> LogitLens:
-    """``directions @ W_U`` (rows, vocab) in row blocks: top / bottom ``n`` tokens and a histogram per row."""
-    step = max(1, BLOCK_ENTRIES // (2 * W_U.shape[1]))
+    """``directions @ W_U`` (rows, vocab) in row blocks: top / bottom ``n`` tokens and a histogram per row.
+
+    In torch (float32, as the inputs): the matmul, ``topk`` and the bin counting run on every core,
+    where numpy's element-wise passes ran on one (the logit lens was ~2/3 of a browser build).
+    Ties are broken towards the lower token id, as ``top_k_rows`` does; histogram bins are those of
+    ``numpy.histogram(row, n_bins)`` up to rounding at a bin edge (``histograms(..., exact=False)``).
+    """
+    import torch
+
+    D = torch.from_numpy(np.ascontiguousarray(directions, dtype=np.float32))
+    U = torch.from_numpy(np.ascontiguousarray(W_U, dtype=np.float32))
+    n = min(n, U.shape[1])
+    step = max(1, LOGIT_BLOCK_ENTRIES // U.shape[1])  # rows per block: W_U is read once per block
     parts = []
-    for start in range(0, directions.shape[0], step):
-        logits = directions[start:start + step] @ W_U  # (rows, vocab)
-        top = top_k_rows(logits, n)
-        np.negative(logits, out=logits)
-        bottom = top_k_rows(logits, n)
-        np.negative(logits, out=logits)
-        lo, hi = logits.min(axis=1).astype(np.float64), logits.max(axis=1).astype(np.float64)
-        owner = np.repeat(np.arange(logits.shape[0]), logits.shape[1])
-        counts = histograms(logits.reshape(-1), owner, lo, hi, n_bins, exact=False)
-        parts.append((top, Neighbours(bottom.indices, -bottom.values), lo, hi, counts))
+    with torch.inference_mode():
+        for start in range(0, D.shape[0], step):
+            logits = D[start:start + step] @ U  # (rows, vocab)
+            top, bottom = _torch_top_k(logits, n, largest=True), _torch_top_k(logits, n, largest=False)
+            lo, hi = torch.aminmax(logits, dim=1)
+            parts.append((top, bottom, lo.double().numpy(), hi.double().numpy(), _row_histograms(logits, lo, hi, n_bins)))
     return LogitLens(Neighbours(*(np.concatenate([p[0][i] for p in parts]) for i in range(2))),
                      Neighbours(*(np.concatenate([p[1][i] for p in parts]) for i in range(2))),
                      *(np.concatenate([p[i] for p in parts]) for i in (2, 3, 4)))
+
+
+def _torch_top_k(logits: Any, n: int, largest: bool) -> Neighbours:
+    """Best ``n`` per row (most negative first when not ``largest``), ties to the lower column.
+
+    ``torch.topk`` leaves the order of equal values open; rows where the n-th value equals the
+    (n+1)-th (a tie across the cut) are redone by a full ``np.lexsort`` of the row; they are rare
+    (a dead latent's zero direction is one).
+    """
+    import torch
+
+    values, indices = torch.topk(logits, min(n + 1, logits.shape[1]), dim=1, largest=largest, sorted=True)
+    tied = torch.nonzero(values[:, n - 1] == values[:, n]).flatten() if values.shape[1] > n else []
+    indices, values = indices[:, :n].numpy().astype(np.int64), values[:, :n].double().numpy()
+    order = np.lexsort((indices, -values if largest else values), axis=1)
+    indices, values = np.take_along_axis(indices, order, axis=1), np.take_along_axis(values, order, axis=1)
+    for row in tied.tolist():
+        full = logits[row].double().numpy()
+        best = np.lexsort((np.arange(full.size), -full if largest else full))[:n]
+        indices[row], values[row] = best, full[best]
+    return Neighbours(indices, values)
+
+
+def _row_histograms(logits: Any, lo: Any, hi: Any, n_bins: int) -> np.ndarray:
+    """(rows, n_bins) counts: ``n_bins`` equal bins over each row's [lo, hi] (numpy's bins, edges rounded)."""
+    import torch
+
+    degenerate = hi <= lo  # numpy widens an empty range by 0.5 each side
+    lo, hi = torch.where(degenerate, lo - 0.5, lo), torch.where(degenerate, hi + 0.5, hi)
+    scale = (n_bins / (hi - lo))[:, None]
+    index = (logits - lo[:, None]).mul_(scale).to(torch.int32).clamp_(0, n_bins - 1)
+    index += (torch.arange(logits.shape[0], dtype=torch.int32) * n_bins)[:, None]
+    return torch.bincount(index.flatten(), minlength=logits.shape[0] * n_bins).reshape(-1, n_bins).numpy()
 
 
 def unit_rows(W: np.ndarray) -> np.ndarray:

@@ -354,12 +354,17 @@ def _cat(chunks: list[Chunk]) -> Chunk:
 
 
 class BlockShuffler:
-    """Fixed-size batches from a source: blocks of ``batches_per_block`` batches, permuted inside."""
+    """Fixed-size batches from a source: blocks of ``batches_per_block`` batches, permuted inside.
 
-    def __init__(self, batch_rows: int, batches_per_block: int, shuffle: bool, seed: int) -> None:
-        if batch_rows <= 0 or batches_per_block <= 0:
-            raise ValueError(f"batch_rows ({batch_rows}) and batches_per_block ({batches_per_block}) must be positive")
-        self.batch_rows, self.batches_per_block, self.shuffle = batch_rows, batches_per_block, shuffle
+    With ``passes`` > 1 a block holds each of its source rows ``passes`` times (the copies spread by
+    the block's permutation), so the source gives ``1 / passes`` of the rows served.
+    """
+
+    def __init__(self, batch_rows: int, batches_per_block: int, shuffle: bool, seed: int, passes: int = 1) -> None:
+        if batch_rows <= 0 or batches_per_block <= 0 or passes <= 0:
+            raise ValueError(f"batch_rows ({batch_rows}), batches_per_block ({batches_per_block}) and passes "
+                             f"({passes}) must be positive")
+        self.batch_rows, self.batches_per_block, self.shuffle, self.passes = batch_rows, batches_per_block, shuffle, passes
         self.generator = torch.Generator().manual_seed(seed)
         self.position = 0  # source position after the last chunk taken in
         self.block: Chunk = {}  # permuted rows of the current block not yet served
@@ -370,7 +375,8 @@ class BlockShuffler:
         return not self.block or _rows(self.block) == 0
 
     def _next_block(self, stream: Iterator[tuple[Chunk, int]], batches: int) -> None:
-        need = self.batch_rows * batches
+        serve = self.batch_rows * batches
+        need = -(-serve // self.passes)  # source rows of this block
         parts = [self.waiting] if self.waiting else []
         have = _rows(self.waiting) if self.waiting else 0
         while have < need:
@@ -378,8 +384,9 @@ class BlockShuffler:
             parts.append(chunk)
             have += _rows(chunk)
         rows = _cat(parts)
-        order = torch.randperm(need, generator=self.generator) if self.shuffle else torch.arange(need)
-        self.block = {hook: t[:need][order] for hook, t in rows.items()}
+        copies = torch.arange(need).repeat(self.passes)
+        order = copies[torch.randperm(copies.numel(), generator=self.generator)] if self.shuffle else copies
+        self.block = {hook: t[:need][order[:serve]] for hook, t in rows.items()}
         self.waiting = {hook: t[need:].clone() for hook, t in rows.items()}
 
     def batches(self, source: ActivationSource, count: int) -> Iterator[Chunk]:

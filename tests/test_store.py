@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -316,24 +313,11 @@ CHILD = textwrap.dedent("""
 
 @pytest.mark.slow  # a subprocess (cold interpreter + imports)
 def test_kill_9_in_the_middle_of_a_shard_write_then_resume(tiny_model, texts, tmp_path):
+    from _subprocess import kill_9_when_signalled
+
     reference = ActivationRun.open(tmp_path, save(tiny_model, HOOK, texts, tmp_path, run_id="full", **SMALL))
     signal_file = tmp_path / "signal"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), str(signal_file)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        for _ in range(1200):
-            if signal_file.exists() or child.poll() is not None:
-                break
-            time.sleep(0.1)
-        assert signal_file.exists(), "the child never reached the third shard: " + (
-            child.stderr.read().decode()[-2000:] if child.poll() is not None else "still running")
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+    kill_9_when_signalled(CHILD, [str(tmp_path), str(signal_file)], signal_file, "the third shard", timeout_s=120)
     run_dir = tmp_path / "activations" / "killed"
     assert any(p.name.endswith(".tmp") for p in run_dir.iterdir())  # the half-written shard
     assert len(ActivationRun(run_dir).shards) == 2

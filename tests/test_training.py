@@ -402,10 +402,7 @@ train_saes(cfg, _model_source(model, texts, cfg)[0], hook_widths(model, [HOOK]),
 def test_kill_9_during_a_checkpoint_write_then_resume_equals_uninterrupted(tiny_model, corpus_texts, tmp_path,
                                                                            monkeypatch):
     """Packed and compiled forward on (the in-process resume test covers the other forwards)."""
-    import os
-    import signal
-    import subprocess
-    import sys
+    from _subprocess import kill_9_when_signalled
 
     texts, forward = corpus_texts[:64], {"pack_windows": True, "compile": True}
     cfg = _model_cfg(total_training_tokens=128 * 10, lr_decay_fraction=0.3, **forward)
@@ -413,22 +410,8 @@ def test_kill_9_during_a_checkpoint_write_then_resume_equals_uninterrupted(tiny_
     straight = train_saes(cfg, _model_source(tiny_model, texts, cfg)[0], widths, tmp_path / "a")
 
     signal_file = tmp_path / "signal"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(Path(__file__).parent), str(tmp_path / "b"),
-                              str(signal_file), repr(forward)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        for _ in range(3000):
-            if signal_file.exists() or child.poll() is not None:
-                break
-            time.sleep(0.1)
-        assert signal_file.exists(), "the child never reached the third checkpoint: " + (
-            child.stderr.read().decode()[-2000:] if child.poll() is not None else "still running")
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+    kill_9_when_signalled(KILLED_CHILD, [str(Path(__file__).parent), str(tmp_path / "b"), str(signal_file), repr(forward)],
+                          signal_file, "the third checkpoint")
     checkpoints = tmp_path / "b" / "checkpoints" / HOOK
     assert json.loads((checkpoints / "latest.json").read_text())["step"] == 4  # the torn step-6 one is not committed
     assert any(p.name.endswith(".tmp") for p in (checkpoints / "step-00000006").iterdir())

@@ -314,18 +314,25 @@ def steering_latent(run: RunConfig, analysis: LatentAnalysis, tokenizer: Any) ->
     """The :class:`~sae_core.steering.LatentChoice` to steer with: ``STEERING['feature']`` when set
     (latent 0 included), else the most active interpretable latent of the held-out analysis
     (``STEERING['density_band']``, ``STEERING['min_distinct_tokens']`` distinct words)."""
-    from sae_core.steering import describe_latent, interpretable_latent
+    return steering_latents(run, analysis, tokenizer, count=1)[0]
+
+
+def steering_latents(run: RunConfig, analysis: LatentAnalysis, tokenizer: Any, count: int | None = None) -> list[Any]:
+    """:func:`steering_latent`'s candidates: ``STEERING['feature']`` alone when set, else up to ``count``
+    (default ``STEERING['candidates']``) interpretable latents, strongest first."""
+    from sae_core.steering import describe_latent, interpretable_latents
 
     knobs = run.steering
     if knobs.feature is not None:
-        return describe_latent(analysis.csr, analysis.density, knobs.feature, k=run.analysis.top_k_examples)
+        return [describe_latent(analysis.csr, analysis.density, knobs.feature, k=run.analysis.top_k_examples)]
     args = (analysis.csr, analysis.density, knobs.density_band, knobs.min_distinct_tokens, run.analysis.top_k_examples)
+    count = knobs.candidates if count is None else count
     if tokenizer is not None:
         try:
-            return interpretable_latent(*args, decode=lambda t: tokenizer.decode([t]))
+            return interpretable_latents(*args, decode=lambda t: tokenizer.decode([t]), count=count)
         except ValueError as error:
             logger.warning("%s; counting distinct tokens instead of words", error)
-    return interpretable_latent(*args)
+    return interpretable_latents(*args, count=count)
 
 
 def steering_feature(run: RunConfig, analysis: LatentAnalysis, tokenizer: Any = None) -> int:
@@ -439,5 +446,5 @@ def write_index(out: Path, title: str) -> Path:
 
 __all__ = ["DEFAULT_RUN_ID", "DOCUMENTS_FILENAME", "RUN_CONFIG_FILENAME", "analysis_documents", "corpus_record", "LatentAnalysis", "SAEReport", "analyse", "collect_activations",
            "fit_whitening", "load_model_of", "load_saes", "load_texts_of", "mean_activation_norm", "output_dir",
-           "feature_browser", "run_from_argv", "steering_dose", "steering_example", "steering_feature", "steering_latent", "top_tokens", "train_saes", "write_figures",
+           "feature_browser", "run_from_argv", "steering_dose", "steering_example", "steering_feature", "steering_latent", "steering_latents", "top_tokens", "train_saes", "write_figures",
            "write_index", "write_run_config"]

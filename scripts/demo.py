@@ -67,8 +67,14 @@ analyses = [pipeline.analyse(model, manager, texts, run_config, out, hook, brows
 lap("analyse")
 print("[6/7] steering: dose-response of an interpretable latent")
 first, knobs = analyses[0], run_config.steering
-choice = pipeline.steering_latent(run_config, first, model.tokenizer)
-sweep, chosen = pipeline.steering_dose(model, manager, run_config, first.hook, choice)
+tried = {}  # latent -> dose-response records, for the browser
+for choice in pipeline.steering_latents(run_config, first, model.tokenizer):  # strongest first, until one steers
+    sweep, chosen = pipeline.steering_dose(model, manager, run_config, first.hook, choice)
+    tried[choice.feature] = [r.to_json() for r in sweep.records]
+    if chosen is not None:
+        break
+    print(f"  latent {choice.feature}: no coefficient raised its concept score with perplexity within "
+          f"{knobs.max_perplexity_ratio}x; trying the next")
 after = chosen if chosen is not None else sweep.record_of(0.0)  # none raised the concept score: nothing steered
 before_text, after_text = (sweep.generations[sweep.index_of(r.coefficient)].completions for r in (sweep.record_of(0.0), after))
 records = [r.to_json() for r in sweep.records]
@@ -79,7 +85,7 @@ lap("steer")
 print("[7/7] feature browser and figures")
 for analysis in analyses:
     pipeline.feature_browser(model, manager, run_config, analysis,
-                             steering={choice.feature: records} if analysis is first else None)
+                             steering=tried if analysis is first else None)
 index = pipeline.write_figures(out, f"sae_core demo: {run_config.model_name}", analyses=analyses,
                                tokenizer=model.tokenizer, trained=list(trained.values()), whiteners=whiteners,
                                steering=steering, dose=(sweep, chosen, knobs.max_perplexity_ratio))
@@ -111,6 +117,7 @@ summary = {
                  "prompt": sweep.prompts[0], "before": before_text[0], "after": after_text[0], "dose_response": records},
     "seconds": round(time.perf_counter() - began, 1), "stage_seconds": stage_seconds,
     "analysis_documents": read_json(first.folder / pipeline.DOCUMENTS_FILENAME)["origin"],
+    "steering_latents_tried": list(tried),
 }
 atomic_write_json(out / "summary.json", summary)
 print(f"\n{first.hook}: explained variance {result.explained_variance:.3f} | L0 {result.l0:.1f} | dead fraction "

@@ -22,6 +22,7 @@ from sae_core.steering import (
     choose_coefficient,
     dose_response,
     interpretable_latent,
+    interpretable_latents,
 )
 from sae_core.whitening import Whitener
 
@@ -154,6 +155,11 @@ def test_interpretable_latent_reads_density_and_distinct_top_tokens(tmp_path):
     assert interpretable_latent(csr, density, band=(0.005, 0.2), min_distinct_tokens=1, decode=decode).feature == 0
     with pytest.raises(ValueError, match="density_band"):
         interpretable_latent(csr, density, band=(0.5, 0.6))
+    # several candidates, strongest first (max activation 20 > 9 > ~5): 3 and 1 qualify on tokens, 0 too at 1 token
+    assert [c.feature for c in interpretable_latents(csr, density, band=(0.005, 0.2), min_distinct_tokens=3,
+                                                     count=5)] == [3, 1]
+    assert [c.feature for c in interpretable_latents(csr, density, band=(0.005, 0.2), min_distinct_tokens=1,
+                                                     count=2)] == [3, 0]
 
 
 def test_dose_response_figure_plots_the_records():

@@ -105,9 +105,14 @@ class SteeringConfig:
     """Firing density (on held-out tokens) of a latent the sweep may pick."""
     min_distinct_tokens: int = 3
     """Distinct tokens among its top-activating examples a picked latent needs (a concept, not one token)."""
+    candidates: int = 4
+    """Interpretable latents the demo sweeps, strongest first, until one has a coefficient that raises
+    its concept score within ``max_perplexity_ratio`` (a latent can name a concept yet not steer)."""
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.candidates < 1:
+            raise ConfigError(f"candidates must be at least 1 (latents tried by the demo's sweep), got {self.candidates}")
         if self.max_new_tokens <= 0 or (self.feature is not None and self.feature < 0):
             raise ConfigError(f"max_new_tokens must be positive and feature >= 0 or None, "
                               f"got {self.max_new_tokens}, {self.feature}")

@@ -16,6 +16,7 @@ from sae_core.steering.dose import (
            describe_latent,
            dose_response,
            interpretable_latent,
+           interpretable_latents,
 )
 from sae_core.steering.generation import (
            ModelSteering,
@@ -26,5 +27,5 @@ from sae_core.steering.generation import (
 from sae_core.steering.registry import MODES, Steer, SteeringHandle, SteerMode
 
 __all__ = ["DoseRecord", "DoseResponse", "LatentChoice", "choose_coefficient", "describe_latent", "dose_response",
-           "interpretable_latent", "MODES", "ModelSteering", "Steer", "SteerMode", "SteeredGeneration", "SteeringCapture",
+           "interpretable_latent", "interpretable_latents", "MODES", "ModelSteering", "Steer", "SteerMode", "SteeredGeneration", "SteeringCapture",
            "SteeringComparison", "SteeringHandle"]

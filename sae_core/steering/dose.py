@@ -185,11 +185,12 @@ def word_tokens(token_ids: Sequence[int], decode: Callable[[int], str] | None) -
     return [t for t in token_ids if len(decode(t).strip()) >= 3 and decode(t).strip().isalpha()]
 
 
-def interpretable_latent(csr: LatentCSR, density: np.ndarray, band: tuple[float, float] = (1e-3, 0.05),
-                         min_distinct_tokens: int = 3, k: int = 10, n_candidates: int = 64,
-                         decode: Callable[[int], str] | None = None) -> LatentChoice:
-    """The most strongly firing latent whose density lies in ``band`` and whose ``k`` top-activating
-    examples fire on at least ``min_distinct_tokens`` distinct tokens (a concept, not one token).
+def interpretable_latents(csr: LatentCSR, density: np.ndarray, band: tuple[float, float] = (1e-3, 0.05),
+                          min_distinct_tokens: int = 3, k: int = 10, n_candidates: int = 64,
+                          decode: Callable[[int], str] | None = None, count: int = 1) -> list[LatentChoice]:
+    """Up to ``count`` latents, most strongly firing first, whose density lies in ``band`` and whose
+    ``k`` top-activating examples fire on at least ``min_distinct_tokens`` distinct tokens (a concept,
+    not one token).
 
     With ``decode`` (token id -> text), only words count, and at least half of the examples must
     fire on one: the strongest latents of a residual stream are often high-norm ones that fire on
@@ -203,14 +204,26 @@ def interpretable_latent(csr: LatentCSR, density: np.ndarray, band: tuple[float,
     in_band = np.flatnonzero((density >= band[0]) & (density <= band[1]))
     candidates = in_band[np.argsort(-max_activation[in_band], kind="stable")][:n_candidates].tolist()
     examples = top_activating_examples(csr, candidates, k=k, context_window=0) if candidates else {}
+    found = []
     for feature in candidates:
         words = word_tokens([int(ex.context_token_ids[ex.focus]) for ex in examples[feature]], decode)
         if len(set(words)) >= min_distinct_tokens and 2 * len(words) >= len(examples[feature]):
-            return describe_latent(csr, density, feature, examples[feature], matrix)
-    raise ValueError(f"no latent with density in {band} fires on {min_distinct_tokens}+ distinct tokens among its "
-                     f"top {k} examples ({len(in_band)} in the band); widen STEERING['density_band'], lower "
-                     "STEERING['min_distinct_tokens'] or set STEERING['feature']")
+            found.append(describe_latent(csr, density, feature, examples[feature], matrix))
+            if len(found) == count:
+                break
+    if not found:
+        raise ValueError(f"no latent with density in {band} fires on {min_distinct_tokens}+ distinct tokens among its "
+                         f"top {k} examples ({len(in_band)} in the band); widen STEERING['density_band'], lower "
+                         "STEERING['min_distinct_tokens'] or set STEERING['feature']")
+    return found
+
+
+def interpretable_latent(csr: LatentCSR, density: np.ndarray, band: tuple[float, float] = (1e-3, 0.05),
+                         min_distinct_tokens: int = 3, k: int = 10, n_candidates: int = 64,
+                         decode: Callable[[int], str] | None = None) -> LatentChoice:
+    """The first of :func:`interpretable_latents`: the most strongly firing qualifying latent."""
+    return interpretable_latents(csr, density, band, min_distinct_tokens, k, n_candidates, decode)[0]
 
 
 __all__ = ["DoseRecord", "DoseResponse", "LatentChoice", "choose_coefficient", "describe_latent", "dose_response",
-           "interpretable_latent", "score_generation"]
+           "interpretable_latent", "interpretable_latents", "score_generation"]

@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check sae_core scripts bench tests
 
 test: lint
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=15 -n auto --dist loadfile
+	$(PY) -m pytest -q --durations=15
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all

@@ -329,8 +329,7 @@ def _weights(folder) -> dict[str, torch.Tensor]:
     return SAE.load_from_disk(str(folder)).state_dict()
 
 
-@pytest.mark.parametrize("forward", [{}, {"pack_windows": True},
-                                     pytest.param({"pack_windows": True, "compile": True}, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("forward", [{}, {"pack_windows": True}])  # packed + compiled: the kill -9 test below
 def test_resume_equals_uninterrupted(tiny_model, corpus_texts, tmp_path, monkeypatch, forward):
     texts = corpus_texts[:64]
     cfg = _model_cfg(total_training_tokens=128 * 10, lr_decay_fraction=0.3, **forward)
@@ -357,10 +356,6 @@ def test_resume_equals_uninterrupted(tiny_model, corpus_texts, tmp_path, monkeyp
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert straight.saes[HOOK].curve == resumed.saes[HOOK].curve
-    if forward.get("compile"):  # the compiled forward did run (it falls back to the eager one when it cannot)
-        from sae_core.activations import compiled_forward
-
-        assert compiled_forward(tiny_model).compiled_calls > 0 and compiled_forward(tiny_model).disabled is None
 
 
 KILLED_CHILD = """

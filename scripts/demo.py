@@ -50,9 +50,9 @@ print(f"[2/7] whitening statistics over {len(run):,} stored rows")
 whiteners = pipeline.fit_whitening(run, run_config, out)
 
 lap("whitening")
-tokens, passes = run_config.training.total_training_tokens, run_config.training.buffer_passes
-print(f"[3/7] training {run_config.sae.architecture} SAEs ({tokens:,} tokens"
-      + (f": {-(-tokens // passes):,} forwarded, each buffer served {passes} times" if passes > 1 else "")
+sae_rows, passes = run_config.training.total_training_tokens, run_config.training.buffer_passes
+print(f"[3/7] training {run_config.sae.architecture} SAEs ({sae_rows:,} tokens"
+      + (f": {-(-sae_rows // passes):,} forwarded, each buffer served {passes} times" if passes > 1 else "")
       + "; reused when already trained)")
 trained = pipeline.train_saes(model, texts, run_config, out)
 manager = pipeline.load_saes(model, run_config, out)

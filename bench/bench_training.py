@@ -55,8 +55,13 @@ def base_config(tokens: int) -> Any:
     from sae_core.models import load_run_config
 
     # lr 4e-4: the learning rate the README table was measured at (the package default is now 4e-3).
+    # Batch 4096, one pass per shuffle buffer, constant schedule: the settings SAELens's runner is given
+    # too (the constant file's batch 1024 / buffer_passes 2 / cosine would make ours forward half the
+    # tokens on another schedule; ``saelens_training_kwargs`` refuses such a config).
     run = load_run_config("smollm2_135m_instruct", [f"training.total_training_tokens={tokens}",
-                                                    "training.checkpoint_every_tokens=None", "optimizer.lr=4e-4"])
+                                                    "training.checkpoint_every_tokens=None", "optimizer.lr=4e-4",
+                                                    "training.train_batch_size_tokens=4096", "training.buffer_passes=1",
+                                                    "optimizer.lr_scheduler=constant"])
     return run.training_for([HOOK])
 
 

@@ -13,7 +13,8 @@ TopK k=32, d_sae 4608, batch 4096, context 128 with BOS, the fortunes' training 
   prefetched in a thread; forward and SAE step in ``precision``. Its profile (forward / data /
   step / other) is kept.
 * ``serial_limit_bfloat16``: right after ``ours_bfloat16``, on the same rows: the compiled forward
-  alone over the training stream (already compiled) and our SAE step alone,
+  alone over the training stream (already compiled; its own seconds, as the source times them,
+  without the wait for the next window batch) and our SAE step alone,
   ``1 / (1/forward + 1/step)`` -- what a loop that never waits for data and does nothing else reaches.
 * ``saelens_<precision>``: ``LanguageModelSAETrainingRunner`` as it ships (bf16: ``autocast_lm``,
   ``autocast``), and ``saelens_<precision>_compiled`` with ``compile_llm`` / ``compile_sae``
@@ -83,12 +84,14 @@ def serial_limit(model: Any, texts: list[str], documents: list[int], cfg: Any) -
     stream = source.chunks(0)
     next(stream)  # the forward is compiled already (the run before); this warms the shapes' guards
     rows, chunks = 0, []
-    start = time.perf_counter()
+    start, forward_seconds = time.perf_counter(), source.profile.seconds["forward"]
     while rows < cfg.total_training_tokens:
         chunk, _ = next(stream)
         chunks.append(chunk[HOOK])
         rows += chunk[HOOK].shape[0]
-    forward = rows / (time.perf_counter() - start)
+    # the forward's own seconds (the source times it apart from waiting for the next window batch)
+    forward = rows / (source.profile.seconds["forward"] - forward_seconds)
+    forward_with_data = rows / (time.perf_counter() - start)
     stream.close()
     x, batch = torch.cat(chunks), cfg.train_batch_size_tokens
     batches = [x[i * batch:(i + 1) * batch] for i in range(min(STEP_REPEATS + 1, x.shape[0] // batch))]
@@ -98,7 +101,8 @@ def serial_limit(model: Any, texts: list[str], documents: list[int], cfg: Any) -
     for i, b in enumerate(batches[1:], 1):
         state.step(b, i, log=False)
     step = (len(batches) - 1) * batch / (time.perf_counter() - start)
-    return {"forward_tokens_per_s": forward, "step_tokens_per_s": step,
+    return {"forward_tokens_per_s": forward, "forward_with_data_wait_tokens_per_s": forward_with_data,
+            "step_tokens_per_s": step,
             "tokens_per_s": 1 / (1 / forward + 1 / step), "rows_measured": rows}
 
 

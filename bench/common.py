@@ -118,6 +118,10 @@ def saelens_training_kwargs(cfg: Any) -> dict[str, Any]:
     """
     from sae_lens import LoggingConfig
 
+    if cfg.buffer_passes != 1 or cfg.optimizer.lr_scheduler != "constant":
+        raise ValueError(f"the peer cannot be given the same work: buffer_passes={cfg.buffer_passes} (SAELens forwards "
+                         f"every SAE row) and lr_scheduler={cfg.optimizer.lr_scheduler!r} (mirrored: 'constant' with "
+                         "warm-up / decay only); set training.buffer_passes=1 and optimizer.lr_scheduler=constant")
     steps, context = cfg.total_steps, cfg.windows.max_text_length
     mixing = cfg.shuffle_buffer_tokens if cfg.total_training_tokens >= 8 * cfg.shuffle_buffer_tokens else 0
     return dict(

@@ -8,6 +8,8 @@ The default run's training stream is drawn once exactly as ``train_from_model`` 
 run's config) trains on the same rows in the same order and is scored on the same held-out rows:
 explained variance (1 - FVU), L0, latents never firing on held-out rows, the run's dead fraction.
 With ``training.buffer_passes`` a variant trains on ``tokens`` rows from ``tokens / passes`` of the stream.
+``FROM_SHIPPED`` variants override the constant file as it ships (with a 64k-row buffer, the
+default they were measured at) instead of the previous default.
 A variant's budget may exceed the stream (``training.total_training_tokens``): the stream is drawn
 for the largest budget asked. Writes ``bench/results/quality_sweep.json`` (merged by name).
 """
@@ -54,8 +56,27 @@ VARIANTS = {
     "b1024_cos_900k_passes3": [*B1024_COS, "training.total_training_tokens=900000", "training.buffer_passes=3"],
     "b1024_lr2e-3_cos_1.2M_passes4": [*B1024_COS, "optimizer.lr=2e-3", "training.total_training_tokens=1200000",
                                       "training.buffer_passes=4"],
-    "default": None,  # the constant file as shipped: b1024, cosine, 600k SAE rows, buffer_passes 2
+    "default": None,  # the constant file as shipped: b1024, cosine, 600k SAE rows, buffer_passes 2, 262k buffer
 }
+BUFFER_64K = ["training.shuffle_buffer_tokens=65536"]
+"""The shipped default before its buffer grew to 262k rows: the base of ``FROM_SHIPPED`` (default_buffer_* vary it)."""
+FROM_SHIPPED = {
+    # overrides of the constant file as shipped with a 64k-row buffer (BUFFER_64K), not of PREVIOUS_DEFAULT
+    "default_64k_buffer": [],  # the default as it shipped before the 262k buffer
+    "default_dec_init_1": ["sae.decoder_init_norm=1.0"],
+    "default_betas_0.9_0.99": ["optimizer.adam_betas=(0.9, 0.99)"],
+    "default_lr_6e-3": ["optimizer.lr=6e-3"],
+    "default_rescale_by_dec_norm": ["sae.rescale_acts_by_decoder_norm=True"],
+    "default_betas_0.8_0.99_lr6e-3": ["optimizer.adam_betas=(0.8, 0.99)", "optimizer.lr=6e-3"],
+    "default_buffer_131k": ["training.shuffle_buffer_tokens=131072"],
+    "default_buffer_262k": ["training.shuffle_buffer_tokens=262144"],
+    "default_buffer_299k": ["training.shuffle_buffer_tokens=299008"],
+    # the seed of the SAE's init and of the shuffling (the stream is the cached one): run-to-run noise
+    "default_seed_1": ["windows.seed=1"],
+    "default_seed_2": ["windows.seed=2"],
+}
+"""Each ``FROM_SHIPPED`` variant is the shipped constant file with a 64k-row buffer plus its overrides (its
+result says ``base``); ``default`` is the constant file as it ships (262k-row buffer)."""
 
 
 def main() -> None:
@@ -74,7 +95,7 @@ def main() -> None:
     from sae_core.texts import DocumentSplit
     from sae_core.training import model_source, train_from_activations
 
-    variants = {k: v for k, v in VARIANTS.items() if not args.only or k in args.only}
+    variants = {k: v for k, v in {**VARIANTS, **FROM_SHIPPED}.items() if not args.only or k in args.only}
     for text in args.variant or []:
         name, _, overrides = text.partition("=")
         variants[name] = [o for o in overrides.split(",") if o]
@@ -82,7 +103,9 @@ def main() -> None:
         variants, args.tokens = {"previous_default": []}, 16_384
     base = [*PREVIOUS_DEFAULT, f"training.total_training_tokens={args.tokens}"]
     configs = {name: load_run_config("smollm2_135m_instruct", ["training.checkpoint_every_tokens=None",
-                                                               *([] if overrides is None else [*base, *overrides])])
+                                                               *([] if overrides is None else
+                                                                 [*BUFFER_64K, *overrides] if name in FROM_SHIPPED
+                                                                 else [*base, *overrides])])
                for name, overrides in variants.items()}
     run = load_run_config("smollm2_135m_instruct")
     hook = run.hook_points[0]
@@ -116,6 +139,8 @@ def main() -> None:
                                                                          cfg.loader.training_batch_tokens),
                                              cfg, Path(tmp) / name, resume=False)
             results[name] = {"overrides": variants[name] if variants[name] is not None else ["(the constant file as shipped)"],
+                             "base": ("shipped_64k_buffer" if name in FROM_SHIPPED else
+                                      "shipped" if variants[name] is None else "previous_default"),
                              "tokens": cfg.total_training_tokens,
                              "forwarded_tokens": -(-cfg.total_training_tokens // cfg.buffer_passes),
                              "steps": cfg.total_steps, "seconds": round(time.perf_counter() - started, 1),

@@ -99,7 +99,7 @@ def test_default_model_changes_only_what_it_states():
     assert run.windows.prepend_bos is True and run.optimizer.lr == 4e-3
     assert run.forward.dtype == "bfloat16" and run.sae.d_sae == 4608
     assert (run.training.total_training_tokens, run.training.buffer_passes, run.training.train_batch_size_tokens,
-            run.optimizer.lr_scheduler) == (600_000, 2, 1024, "cosineannealing")
+            run.training.shuffle_buffer_tokens, run.optimizer.lr_scheduler) == (600_000, 2, 1024, 262_144, "cosineannealing")
 
 
 def test_overrides_are_routed_to_the_owner_and_type_checked():

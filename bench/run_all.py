@@ -181,7 +181,7 @@ def training_speed_rows(result: dict[str, Any]) -> list[str]:
                         f"(compiled forward + our step alone, same rows) | {ours['median']:,.0f} | "
                         f"{rates[f'serial_limit_{precision}']['median']:,.0f} (ours) | {_spread(fraction)} | >= 0.85x | "
                         f"{_fmt(fraction['median'] >= 0.85)} |")
-        if precision != "bfloat16" or not fraction:
+        else:
             rows.append(f"| training {precision}, compiled + packed + prefetched, {tokens} tokens a run | "
                         f"{ours['median']:,.0f} | – | – | reported | – |")
         for peer, label, limit in (("saelens", "LanguageModelSAETrainingRunner as shipped", 1.8),

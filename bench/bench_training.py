@@ -20,7 +20,8 @@ forward): explained variance, L0, dead fraction, CE-loss recovered.
    training run, then the serial limit on the same rows; median of ``--serial-repeats``).
    ``--serial-only`` re-measures just this into the existing result file.
 3. Three SAEs (resid_post of blocks 4, 10, 16) from one forward pass versus three SAELens runs
-   (bfloat16; the sum of their times).
+   (bfloat16; the sum of their times). ``bench.bench_three_hooks`` compares the same three hooks
+   against SAELens's own one-forward runner, ``MultiSAETrainingRunner``, at an equal start.
 
 Targets: >= 1.3x SAELens per precision at equal or better explained variance and CE recovered;
 >= 90% of the serial limit; >= 2x for the three hooks. Results: ``bench/results/training.json``.

@@ -106,21 +106,30 @@ def serial_limit(model: Any, texts: list[str], documents: list[int], cfg: Any) -
             "tokens_per_s": 1 / (1 / forward + 1 / step), "rows_measured": rows}
 
 
-def equal_start_sae(model: Any, texts: list[str], documents: list[int], cfg: Any) -> Any:
-    """Our initial SAE with ``b_dec`` at the mean of one batch of rows (the start our trainer takes)."""
+def equal_start_saes(model: Any, texts: list[str], documents: list[int], cfg: Any) -> dict[str, Any]:
+    """Our initial SAE of each hook of ``cfg``, its ``b_dec`` at the mean of one batch of that hook's
+    rows (the start our trainer takes)."""
     from sae_core.training import build_training_sae
 
     cfg = with_overrides(cfg, "bench", compile=False)
-    rows, chunks = 0, []
+    hooks, batch = list(cfg.hook_points), cfg.train_batch_size_tokens
+    rows, chunks = 0, {hook: [] for hook in hooks}
     for chunk, _ in model_source(model, texts, documents, cfg).chunks(0):
-        chunks.append(chunk[HOOK])
-        rows += chunk[HOOK].shape[0]
-        if rows >= cfg.train_batch_size_tokens:
+        for hook in hooks:
+            chunks[hook].append(chunk[hook])
+        rows += chunk[hooks[0]].shape[0]
+        if rows >= batch:
             break
-    sae = build_training_sae(cfg, model.cfg.d_model, HOOK, cfg.seed)
+    saes = {hook: build_training_sae(cfg, model.cfg.d_model, hook, cfg.seed) for hook in hooks}
     with torch.no_grad():
-        sae.b_dec.copy_(torch.cat(chunks)[:cfg.train_batch_size_tokens].float().mean(0))
-    return sae
+        for hook, sae in saes.items():
+            sae.b_dec.copy_(torch.cat(chunks[hook])[:batch].float().mean(0))
+    return saes
+
+
+def equal_start_sae(model: Any, texts: list[str], documents: list[int], cfg: Any) -> Any:
+    """:func:`equal_start_saes` of ``HOOK`` alone."""
+    return equal_start_saes(model, texts, documents, with_overrides(cfg, "bench", hook_points=[HOOK]))[HOOK]
 
 
 def run_saelens(model: Any, texts: list[str], documents: list[int], cfg: Any, precision: str,

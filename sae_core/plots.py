@@ -327,24 +327,31 @@ def steering_dose_response(
     records: Sequence[Mapping[str, float]],
     chosen: float | None = None,
     max_perplexity: float | None = None,
+    min_distinct: float | None = None,
     title: str = "Steering dose-response",
 ) -> go.Figure:
-    """Concept score and top-token probability (left axis) and perplexity (right axis) against the
-    steering coefficient, one point per record ``{coefficient, concept_score, top_token_probability,
-    perplexity}``; ``chosen`` marks the picked coefficient, ``max_perplexity`` the coherence limit."""
+    """Concept score, top-token probability and distinct-token fraction (left axis) and perplexity
+    (right axis) against the steering coefficient, one point per record ``{coefficient,
+    concept_score, top_token_probability, perplexity, distinct_fraction}`` (the last optional);
+    ``chosen`` marks the picked coefficient, ``max_perplexity`` and ``min_distinct`` the coherence limits."""
     if not records:
         raise ValueError("no dose-response records to plot")
     rows = sorted(records, key=lambda r: r["coefficient"])
     x = [r["coefficient"] for r in rows]
     fig = make_subplots(specs=[[{"secondary_y": True}]])
-    for key, name in (("concept_score", "concept score (latent fires)"),
-                      ("top_token_probability", "top-token probability")):
+    series = [("concept_score", "concept score (latent fires)"), ("top_token_probability", "top-token probability")]
+    if all("distinct_fraction" in r for r in rows):
+        series.append(("distinct_fraction", "distinct-token fraction"))
+    for key, name in series:
         fig.add_trace(go.Scatter(x=x, y=[r[key] for r in rows], mode="lines+markers", name=name), secondary_y=False)
     fig.add_trace(go.Scatter(x=x, y=[r["perplexity"] for r in rows], mode="lines+markers", name="perplexity",
                              line={"dash": "dot"}), secondary_y=True)
     if max_perplexity is not None:
         fig.add_hline(y=max_perplexity, line_dash="dash", line_color="grey", secondary_y=True,
                       annotation_text=f"perplexity limit {max_perplexity:.1f}")
+    if min_distinct is not None:
+        fig.add_hline(y=min_distinct, line_dash="dot", line_color="grey", secondary_y=False,
+                      annotation_text=f"distinct-token limit {min_distinct:.2f}", annotation_position="bottom right")
     if chosen is not None:
         fig.add_vline(x=chosen, line_dash="dash", line_color="green", annotation_text=f"chosen {chosen:g}")
     fig.update_layout(title=title, xaxis_title="coefficient")

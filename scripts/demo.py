@@ -74,7 +74,7 @@ for choice in pipeline.steering_latents(run_config, first, model.tokenizer):  # 
     if chosen is not None:
         break
     print(f"  latent {choice.feature}: no coefficient raised its concept score with perplexity within "
-          f"{knobs.max_perplexity_ratio}x; trying the next")
+          f"{knobs.max_perplexity_ratio}x and distinct tokens above {knobs.min_distinct_ratio}x; trying the next")
 after = chosen if chosen is not None else sweep.record_of(0.0)  # none raised the concept score: nothing steered
 before_text, after_text = (sweep.generations[sweep.index_of(r.coefficient)].completions for r in (sweep.record_of(0.0), after))
 records = [r.to_json() for r in sweep.records]
@@ -88,7 +88,7 @@ for analysis in analyses:
                              steering=tried if analysis is first else None)
 index = pipeline.write_figures(out, f"sae_core demo: {run_config.model_name}", analyses=analyses,
                                tokenizer=model.tokenizer, trained=list(trained.values()), whiteners=whiteners,
-                               steering=steering, dose=(sweep, chosen, knobs.max_perplexity_ratio))
+                               steering=steering, dose=(sweep, chosen, knobs))
 
 lap("browser + figures")
 result = trained[first.hook].eval
@@ -114,7 +114,13 @@ summary = {
                  "concept_score": {"before": zero.concept_score, "after": after.concept_score},
                  "top_token_probability": {"before": zero.top_token_probability, "after": after.top_token_probability},
                  "perplexity": {"before": zero.perplexity, "after": after.perplexity},
-                 "prompt": sweep.prompts[0], "before": before_text[0], "after": after_text[0], "dose_response": records},
+                 "distinct_fraction": {"before": zero.distinct_fraction, "after": after.distinct_fraction},
+                 "limits": {"max_perplexity_ratio": knobs.max_perplexity_ratio,
+                            "min_distinct_ratio": knobs.min_distinct_ratio},
+                 "prompt": sweep.prompts[0], "before": before_text[0], "after": after_text[0],
+                 "completions": [{"prompt": p, "before": b, "after": a}
+                                 for p, b, a in zip(sweep.prompts, before_text, after_text, strict=True)],
+                 "generation": pipeline.generation_knobs(knobs), "dose_response": records},
     "seconds": round(time.perf_counter() - began, 1), "stage_seconds": stage_seconds,
     "analysis_documents": read_json(first.folder / pipeline.DOCUMENTS_FILENAME)["origin"],
     "steering_latents_tried": list(tried),
@@ -131,12 +137,15 @@ for latent, tokens in top_tokens.items():
 print(f"steering latent {choice.feature} (density {choice.density:.4f}, top tokens {summary['steering']['top_tokens'][:5]}):")
 for r in sweep.records:
     print(f"  coefficient {r.coefficient:7.1f}: concept score {r.concept_score:.3f}, top-token probability "
-          f"{r.top_token_probability:.3f}, perplexity {r.perplexity:.1f}")
+          f"{r.top_token_probability:.3f}, perplexity {r.perplexity:.1f}, distinct tokens {r.distinct_fraction:.2f}")
 if chosen is None:
-    print(f"  no coefficient raised the concept score with perplexity within {knobs.max_perplexity_ratio}x; nothing steered")
+    print(f"  no coefficient raised the concept score with perplexity within {knobs.max_perplexity_ratio}x and distinct "
+          f"tokens above {knobs.min_distinct_ratio}x of the unsteered text; nothing steered")
 print(f"  chosen {after.coefficient:.1f}: concept score {zero.concept_score:.3f} -> {after.concept_score:.3f}, "
-      f"perplexity {zero.perplexity:.1f} -> {after.perplexity:.1f}")
-print(f"  {sweep.prompts[0]!r}: {before_text[0]!r} -> {after_text[0]!r}")
+      f"perplexity {zero.perplexity:.1f} -> {after.perplexity:.1f}, distinct tokens {zero.distinct_fraction:.2f} -> "
+      f"{after.distinct_fraction:.2f}")
+for prompt, before, steered in zip(sweep.prompts, before_text, after_text, strict=True):
+    print(f"  {prompt!r}: {before!r} -> {steered!r}")
 print("stage wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in stage_seconds.items()))
 print(f"feature browser: {first.paths['browser'].resolve()}")
 print(f"done in {summary['seconds']:.0f} s; open {index.resolve()}")

@@ -31,8 +31,8 @@ NEURONPEDIA_FEATURE_KEYS = {
     "freq_hist_data_bar_heights", "logits_hist_data_bar_heights", "logits_hist_data_bar_values",
     "n_prompts_total", "n_tokens_in_prompt", "dataset", "decoder_weights_dist", "activations", "vector"}
 NEURONPEDIA_ACTIVATION_KEYS = {"bin_min", "bin_max", "bin_contains", "tokens", "values", "qualifying_token_index"}
-STEERING = {5: [{"coefficient": 0.0, "concept_score": 0.1, "perplexity": 11.0},
-                {"coefficient": 4.0, "concept_score": 0.6, "perplexity": 14.5}]}
+STEERING = {5: [{"coefficient": 0.0, "concept_score": 0.1, "perplexity": 11.0, "distinct_fraction": 0.8},
+                {"coefficient": 4.0, "concept_score": 0.6, "perplexity": 14.5, "distinct_fraction": 0.25}]}
 ATOL = 2e-5
 
 
@@ -338,6 +338,10 @@ def test_pages_in_headless_chromium(chromium, built, store):
     assert chromium.evaluate("location.hash") == f"#{target}"
     chromium.navigate(f"{index.with_name('latent.html').as_uri()}#5")  # a latent with a steering curve
     chromium.wait_for("!!document.querySelector('#steering polyline')")
+    table = chromium.evaluate("Array.from(document.querySelectorAll('#steering tr')).map("
+                              "r => Array.from(r.children).map(c => c.textContent))")
+    assert table[0] == ["coefficient", "concept score", "perplexity", "distinct tokens"]
+    assert [[float(v) for v in row] for row in table[1:]] == [[r[k] for k in STEERING[5][0]] for r in STEERING[5]]
     assert chromium.errors == []
 
 

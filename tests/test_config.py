@@ -75,6 +75,8 @@ def test_literal_choices_and_ranges_are_checked(tmp_path):
         load_model_constants(_file(tmp_path, 'OPTIMIZER = {"lr": float("inf")}'))
     with pytest.raises(ConfigError, match="train_batch_size_tokens must be positive"):
         load_model_constants(_file(tmp_path, 'TRAINING = {"train_batch_size_tokens": 0}'))
+    with pytest.raises(ConfigError, match=r"min_distinct_ratio must lie in \[0, 1\]"):
+        load_model_constants(_file(tmp_path, 'STEERING = {"min_distinct_ratio": 1.5}'))
 
 
 def test_unknown_section_names_the_closest(tmp_path):

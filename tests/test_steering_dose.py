@@ -81,14 +81,34 @@ def test_coefficient_zero_is_the_unsteered_run(setup, sweep):
     assert any(not torch.equal(a, b) for a, b in zip(zero.tokens, sweep.generations[-1].tokens, strict=True))
 
 
+def test_sampled_sweep_follows_the_steering_knobs(setup):
+    """``STEERING`` do_sample / temperature / seed reach every coefficient: coefficient 0 is the plain
+    model's own sampled generation under that seed."""
+    from sae_core import pipeline
+    from sae_core.config import SteeringConfig
+
+    model, steering, _, _ = setup
+    knobs = SteeringConfig(max_new_tokens=6, do_sample=True, temperature=0.8, seed=3)
+    kwargs = pipeline.generation_knobs(knobs)
+    assert kwargs == {"max_new_tokens": 6, "do_sample": True, "seed": 3, "temperature": 0.8}
+    sampled = dose_response(steering, HOOK, FEATURE, [0.0, 3.0], PROMPTS[:1], TOP_TOKENS, **kwargs)
+    torch.manual_seed(3)
+    plain = model.generate(model.to_tokens(PROMPTS[0]), max_new_tokens=6, do_sample=True, temperature=0.8,
+                           verbose=False, return_type="tokens")[0]
+    assert torch.equal(sampled.generations[0].tokens[0], plain)
+    greedy = pipeline.generation_knobs(SteeringConfig(max_new_tokens=6))
+    assert greedy == {"max_new_tokens": 6, "do_sample": False, "seed": 0}  # no temperature when greedy
+
+
 def test_scores_equal_an_independent_recomputation(setup, sweep):
     """Concept score: numpy encode of the plain model's activations; perplexity: numpy log-softmax of
     the plain model's logits; top-token probability: the steer added by a hook of our own."""
     model, steering, sae, whitener = setup
     direction = steering.manager.decoder_directions(HOOK, [FEATURE])[0]
     for record, generation in zip(sweep.records, sweep.generations, strict=True):
-        fired, nll, top = [], [], []
+        fired, nll, top, distinct = [], [], [], []
         for tokens, start in zip(generation.tokens, generation.prompt_lengths, strict=True):
+            distinct.append((len(np.unique(tokens[start:].numpy())), len(tokens) - start))
             with torch.no_grad():
                 logits, cache = model.run_with_cache(tokens[None], names_filter=[HOOK])
 
@@ -105,19 +125,30 @@ def test_scores_equal_an_independent_recomputation(setup, sweep):
         assert record.concept_score == pytest.approx(np.concatenate(fired).mean(), abs=1e-12)
         assert record.perplexity == pytest.approx(np.exp(np.concatenate(nll).mean()), rel=1e-5)
         assert record.top_token_probability == pytest.approx(np.concatenate(top).mean(), rel=1e-5, abs=1e-9)
+        assert record.distinct_fraction == sum(d for d, _ in distinct) / sum(n for _, n in distinct)
     scores = [r.concept_score for r in sweep.records]
     assert len(set(scores)) > 1 and 0 < max(scores)  # the latent fires, and steering moves it
 
 
 def test_choose_coefficient_respects_the_perplexity_limit():
-    records = [DoseRecord(0.0, 0.1, 0.01, 10.0), DoseRecord(2.0, 0.3, 0.02, 15.0),
-               DoseRecord(4.0, 0.3, 0.05, 19.0), DoseRecord(8.0, 0.9, 0.3, 25.0)]
+    records = [DoseRecord(0.0, 0.1, 0.01, 10.0, 0.8), DoseRecord(2.0, 0.3, 0.02, 15.0, 0.8),
+               DoseRecord(4.0, 0.3, 0.05, 19.0, 0.7), DoseRecord(8.0, 0.9, 0.3, 25.0, 0.6)]
     assert choose_coefficient(records, 2.0) == records[1]  # 8.0 breaks the text; ties go to the smaller
     assert choose_coefficient(records, 3.0) == records[3]
     assert choose_coefficient(records[:1], 2.0) is None
-    assert choose_coefficient([DoseRecord(0.0, 0.5, 0.0, 10.0), DoseRecord(2.0, 0.4, 0.0, 11.0)]) is None
+    assert choose_coefficient([DoseRecord(0.0, 0.5, 0.0, 10.0, 0.8), DoseRecord(2.0, 0.4, 0.0, 11.0, 0.8)]) is None
     with pytest.raises(ValueError, match="coefficient 0.0"):
         choose_coefficient(records[1:])
+
+
+def test_choose_coefficient_refuses_repetition_that_perplexity_lets_through():
+    """The SmolLM2 case: one token sixteen times scores a perplexity below the unsteered text's."""
+    zero, repeated = DoseRecord(0.0, 0.05, 0.0, 3.7, 0.77), DoseRecord(16.0, 1.0, 0.9, 3.5, 1 / 16)
+    mild = DoseRecord(4.0, 0.3, 0.1, 5.0, 0.5)
+    assert choose_coefficient([zero, repeated]) is None
+    assert choose_coefficient([zero, mild, repeated]) == mild
+    assert choose_coefficient([zero, mild, repeated], min_distinct_ratio=0.0) == repeated  # the limit off
+    assert choose_coefficient([zero, mild, repeated], min_distinct_ratio=0.7) is None  # 0.5 < 0.7 * 0.77
 
 
 def test_sweep_refuses_a_run_without_its_baseline(setup):
@@ -163,9 +194,12 @@ def test_interpretable_latent_reads_density_and_distinct_top_tokens(tmp_path):
 
 
 def test_dose_response_figure_plots_the_records():
-    records = [DoseRecord(4.0, 0.5, 0.2, 30.0), DoseRecord(0.0, 0.1, 0.01, 12.0)]
-    fig = plots.steering_dose_response([r.to_json() for r in records], chosen=4.0, max_perplexity=24.0)
+    records = [DoseRecord(4.0, 0.5, 0.2, 30.0, 0.25), DoseRecord(0.0, 0.1, 0.01, 12.0, 0.75)]
+    fig = plots.steering_dose_response([r.to_json() for r in records], chosen=4.0, max_perplexity=24.0,
+                                       min_distinct=0.375)
     by_name = {trace.name: trace for trace in fig.data}
+    assert list(by_name["distinct-token fraction"].y) == [0.75, 0.25]
+    assert sorted(shape.y0 for shape in fig.layout.shapes if shape.y0 == shape.y1) == [0.375, 24.0]
     assert list(by_name["perplexity"].x) == [0.0, 4.0] and list(by_name["perplexity"].y) == [12.0, 30.0]
     assert list(by_name["concept score (latent fires)"].y) == [0.1, 0.5]
     assert list(by_name["top-token probability"].y) == [0.01, 0.2]

@@ -188,6 +188,36 @@ def test_block_shuffler_serves_each_row_once_and_resumes_exactly():
     assert sorted(torch.cat([*served[3:], *expected[:2]]).tolist()) == list(range(24, 48))
 
 
+def test_filling_a_block_shows_a_bar_with_its_total(monkeypatch):
+    """The first step waits for a whole shuffle buffer: its fill has a bar, total the block's source rows."""
+    bars = []
+
+    class Bar:  # records what the shuffler tells tqdm
+        def __init__(self, total=None, initial=0, disable=False, **_):
+            self.total, self.n, self.initial, self.disable = total, initial, initial, disable
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return False
+
+        def update(self, n):
+            self.n += n
+
+    monkeypatch.setattr("sae_core.training.sources.tqdm", Bar)
+    ids = torch.arange(200, dtype=torch.float32)[:, None]
+    source = TensorChunkSource(lambda: list(torch.split(ids, 7)), ["h"])
+    list(BlockShuffler(batch_rows=8, batches_per_block=6, shuffle=True, seed=1, passes=3).batches(source, 12))
+    # two blocks of 48 rows served from 16 source rows each; the second starts from the 5 rows left over
+    assert [(b.total, b.n, b.disable) for b in bars] == [(16, 16, False), (16, 16, False)]
+    assert [b.initial for b in bars] == [0, 5]
+    bars.clear()
+    list(BlockShuffler(batch_rows=8, batches_per_block=1, shuffle=True, seed=1).batches(source, 3))
+    assert all(b.disable for b in bars)  # a block of one batch: no bar per batch
+
+
 def test_buffer_passes_serve_each_source_row_that_many_times_and_resume_exactly():
     ids = torch.arange(200, dtype=torch.float32)[:, None]
     source = TensorChunkSource(lambda: list(torch.split(ids, 7)), ["h"])

@@ -326,7 +326,7 @@ def build_browser(out_dir: str | os.PathLike[str], csr: LatentCSR, W_dec: Any, W
     (metric from ``cooccurrence_metric`` or the file name; otherwise counts come from the CSR).
     ``neighbours_path``: a stored ``*_indices.npy`` of decoder neighbours (else computed).
     ``similarity_path``: the stored similarity memmap the heatmap reads (else cosine of ``W_dec``).
-    ``steering``: latent -> records ``{coefficient, concept_score, perplexity}``, shown as given.
+    ``steering``: latent -> records ``{coefficient, concept_score, perplexity, distinct_fraction}``, shown as given.
     ``neuronpedia``: keyword arguments of :class:`~sae_core.browser.export.NeuronpediaWriter`
     (``model_id``, ``layer``, ``sae_set``, ...) to also write ``out_dir / "neuronpedia"``.
     """

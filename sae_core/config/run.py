@@ -91,6 +91,12 @@ class SteeringConfig:
     """The single example's added decoder direction, in units of the hook's mean activation norm."""
     max_new_tokens: int = 16
     """Tokens generated (the example and every prompt of the sweep)."""
+    do_sample: bool = False
+    """Sample the generations (the example and the sweep) at ``temperature``; False: greedy."""
+    temperature: float = 1.0
+    """Sampling temperature (with ``do_sample``)."""
+    seed: int = 0
+    """Seed of the sampling, the same for every coefficient (so coefficient 0 is one fixed unsteered run)."""
     feature: int | None = None
     """Latent to steer with; None: the most active interpretable latent of the analysis (0 is a latent)."""
     prompts: tuple[str, ...] = ("The weather today is", "My favourite thing to do is", "In the morning I",
@@ -101,6 +107,9 @@ class SteeringConfig:
     unsteered baseline) is required."""
     max_perplexity_ratio: float = 2.0
     """The chosen coefficient keeps the generations' perplexity within this factor of the unsteered one."""
+    min_distinct_ratio: float = 0.5
+    """... and their distinct-token fraction at least this factor of the unsteered one's: perplexity
+    alone lets repetition through (a model predicts the next copy of a repeated token confidently)."""
     density_band: tuple[float, float] = (1e-3, 0.05)
     """Firing density (on held-out tokens) of a latent the sweep may pick."""
     min_distinct_tokens: int = 3
@@ -113,6 +122,8 @@ class SteeringConfig:
         check_fields(self)
         if self.candidates < 1:
             raise ConfigError(f"candidates must be at least 1 (latents tried by the demo's sweep), got {self.candidates}")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be positive (do_sample=False for greedy), got {self.temperature}")
         if self.max_new_tokens <= 0 or (self.feature is not None and self.feature < 0):
             raise ConfigError(f"max_new_tokens must be positive and feature >= 0 or None, "
                               f"got {self.max_new_tokens}, {self.feature}")
@@ -126,6 +137,9 @@ class SteeringConfig:
             raise ConfigError(f"need 0 <= density_band[0] < density_band[1] <= 1, max_perplexity_ratio >= 1 and "
                               f"min_distinct_tokens >= 1; got {self.density_band}, {self.max_perplexity_ratio}, "
                               f"{self.min_distinct_tokens}")
+        if not 0 <= self.min_distinct_ratio <= 1:
+            raise ConfigError(f"min_distinct_ratio must lie in [0, 1] (0 turns the repetition limit off), "
+                              f"got {self.min_distinct_ratio}")
 
 
 SECTIONS: dict[str, tuple[str, type]] = {

@@ -3,7 +3,7 @@
 * :mod:`.registry` — :class:`Steer` (one intervention), handles and conflict checks.
 * :mod:`.hooks` — the one forward hook per steered hook point.
 * :mod:`.generation` — :class:`ModelSteering`, the public face: steer, generate, compare.
-* :mod:`.dose` — the dose-response sweep: concept score and perplexity per coefficient.
+* :mod:`.dose` — the dose-response sweep: concept score, perplexity and distinct-token fraction per coefficient.
 
 Semantics (modes, positions, KV cache, padded batches) are in :mod:`sae_core.steering.generation`.
 """
@@ -13,7 +13,9 @@ from sae_core.steering.dose import (
            DoseResponse,
            LatentChoice,
            choose_coefficient,
+           coherent,
            describe_latent,
+           distinct_fraction,
            dose_response,
            interpretable_latent,
            interpretable_latents,
@@ -26,6 +28,7 @@ from sae_core.steering.generation import (
 )
 from sae_core.steering.registry import MODES, Steer, SteeringHandle, SteerMode
 
-__all__ = ["DoseRecord", "DoseResponse", "LatentChoice", "choose_coefficient", "describe_latent", "dose_response",
+__all__ = ["DoseRecord", "DoseResponse", "LatentChoice", "choose_coefficient", "coherent", "describe_latent",
+           "distinct_fraction", "dose_response",
            "interpretable_latent", "interpretable_latents", "MODES", "ModelSteering", "Steer", "SteerMode", "SteeredGeneration", "SteeringCapture",
            "SteeringComparison", "SteeringHandle"]

@@ -240,7 +240,7 @@ def _train(cfg: TrainingConfig, source: ActivationSource, widths: Mapping[str, i
                                                      cfg.seed + hooks.index(unit.hook), metadata), unit.config, unit.name)
               for unit in cfg.units()]
     shuffler = BlockShuffler(batch // world, cfg.batches_per_block, cfg.shuffle_buffer_tokens > 0, cfg.seed * 1_000_003 + rank,
-                             cfg.buffer_passes)
+                             cfg.buffer_passes, progress=rank == 0)
     directory = checkpoint_dir_for(Path(output_root), hooks)
     start = load_checkpoint(directory, states, shuffler, config) if resume else None
     if start is not None and start.source_digest is not None and hasattr(source, "expected_digest"):

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from sae_core.activations import batch_activations, run_to_hooks
@@ -357,14 +358,17 @@ class BlockShuffler:
     """Fixed-size batches from a source: blocks of ``batches_per_block`` batches, permuted inside.
 
     With ``passes`` > 1 a block holds each of its source rows ``passes`` times (the copies spread by
-    the block's permutation), so the source gives ``1 / passes`` of the rows served.
+    the block's permutation), so the source gives ``1 / passes`` of the rows served. Filling a block
+    of more than one batch shows its own bar (``progress``): the first training step waits for it.
     """
 
-    def __init__(self, batch_rows: int, batches_per_block: int, shuffle: bool, seed: int, passes: int = 1) -> None:
+    def __init__(self, batch_rows: int, batches_per_block: int, shuffle: bool, seed: int, passes: int = 1,
+                 progress: bool = True) -> None:
         if batch_rows <= 0 or batches_per_block <= 0 or passes <= 0:
             raise ValueError(f"batch_rows ({batch_rows}), batches_per_block ({batches_per_block}) and passes "
                              f"({passes}) must be positive")
         self.batch_rows, self.batches_per_block, self.shuffle, self.passes = batch_rows, batches_per_block, shuffle, passes
+        self.progress = progress
         self.generator = torch.Generator().manual_seed(seed)
         self.position = 0  # source position after the last chunk taken in
         self.block: Chunk = {}  # permuted rows of the current block not yet served
@@ -379,10 +383,13 @@ class BlockShuffler:
         need = -(-serve // self.passes)  # source rows of this block
         parts = [self.waiting] if self.waiting else []
         have = _rows(self.waiting) if self.waiting else 0
-        while have < need:
-            chunk, self.position = next(stream)
-            parts.append(chunk)
-            have += _rows(chunk)
+        with tqdm(total=need, initial=min(have, need), unit="row", unit_scale=True, desc="fill shuffle buffer",
+                  leave=False, disable=not self.progress or need <= self.batch_rows) as bar:
+            while have < need:
+                chunk, self.position = next(stream)
+                parts.append(chunk)
+                bar.update(min(_rows(chunk), need - have))
+                have += _rows(chunk)
         rows = _cat(parts)
         copies = torch.arange(need).repeat(self.passes)
         order = copies[torch.randperm(copies.numel(), generator=self.generator)] if self.shuffle else copies

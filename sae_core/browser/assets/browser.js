@@ -239,11 +239,11 @@ const SAEB = (function () {
   }
 
   function steeringNode(records) {
-    const head = el("tr", {}, ["coefficient", "concept score", "perplexity"].map(function (t) {
+    const head = el("tr", {}, ["coefficient", "concept score", "perplexity", "distinct tokens"].map(function (t) {
       return el("th", { text: t });
     }));
     const rows = records.map(function (r) {
-      return el("tr", {}, [r.coefficient, r.concept_score, r.perplexity].map(function (v) {
+      return el("tr", {}, [r.coefficient, r.concept_score, r.perplexity, r.distinct_fraction].map(function (v) {
         return el("td", { text: fmt(v) });
       }));
     });

@@ -281,23 +281,10 @@ def test_document_progress_knows_its_total_without_measuring_windows(tiny_model,
     full = list(make_dataloader(dataset, loader_cfg, documents))
     seen = [len(set(b.doc_index.tolist())) + b.n_empty for b in full]
     assert sum(seen) == len(documents)
+    from _bars import recording_bar
+
     bars = []
-
-    class Bar:  # records what document_progress tells tqdm
-        def __init__(self, total=None, initial=0, **_):
-            self.total, self.n = total, initial
-            bars.append(self)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *_):
-            return False
-
-        def update(self, n):
-            self.n += n
-
-    monkeypatch.setattr("sae_core.loader.tqdm", Bar)
+    monkeypatch.setattr("sae_core.loader.tqdm", recording_bar(bars))
     measured = []
     original = WindowedTextDataset.window_lengths
     monkeypatch.setattr(WindowedTextDataset, "window_lengths", lambda self, idx: measured.append(len(idx)) or original(self, idx))

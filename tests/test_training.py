@@ -190,23 +190,10 @@ def test_block_shuffler_serves_each_row_once_and_resumes_exactly():
 
 def test_filling_a_block_shows_a_bar_with_its_total(monkeypatch):
     """The first step waits for a whole shuffle buffer: its fill has a bar, total the block's source rows."""
+    from _bars import recording_bar
+
     bars = []
-
-    class Bar:  # records what the shuffler tells tqdm
-        def __init__(self, total=None, initial=0, disable=False, **_):
-            self.total, self.n, self.initial, self.disable = total, initial, initial, disable
-            bars.append(self)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *_):
-            return False
-
-        def update(self, n):
-            self.n += n
-
-    monkeypatch.setattr("sae_core.training.sources.tqdm", Bar)
+    monkeypatch.setattr("sae_core.training.sources.tqdm", recording_bar(bars))
     ids = torch.arange(200, dtype=torch.float32)[:, None]
     source = TensorChunkSource(lambda: list(torch.split(ids, 7)), ["h"])
     list(BlockShuffler(batch_rows=8, batches_per_block=6, shuffle=True, seed=1, passes=3).batches(source, 12))

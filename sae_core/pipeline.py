@@ -340,23 +340,16 @@ def steering_feature(run: RunConfig, analysis: LatentAnalysis, tokenizer: Any = 
     return int(steering_latent(run, analysis, tokenizer).feature)
 
 
-def generation_knobs(knobs: Any) -> dict[str, Any]:
-    """The ``SteeringConfig`` knobs every steered generation shares: length, greedy or sampled, seed."""
-    sampling = {"temperature": knobs.temperature} if knobs.do_sample else {}
-    return {"max_new_tokens": knobs.max_new_tokens, "do_sample": knobs.do_sample, "seed": knobs.seed, **sampling}
-
-
 def steering_dose(model: Any, manager: Any, run: RunConfig, hook: str, choice: Any) -> tuple[Any, Any]:
-    """The dose-response sweep of ``choice`` over ``STEERING['coefficients']`` (times its mean activation)
-    on ``STEERING['prompts']``, and the record :func:`~sae_core.steering.choose_coefficient` picks (None:
-    no coefficient raised the concept score within ``STEERING['max_perplexity_ratio']`` and
-    ``STEERING['min_distinct_ratio']``)."""
+    """The dose-response sweep of ``choice`` over ``STEERING['coefficients']`` (times its mean activation) on
+    ``STEERING['prompts']``, and the record :func:`~sae_core.steering.choose_coefficient` picks (None: none
+    raised the concept score within ``STEERING['max_perplexity_ratio']`` and ``['min_distinct_ratio']``)."""
     from sae_core.steering import ModelSteering, choose_coefficient, dose_response
 
     knobs = run.steering
     coefficients = [m * choice.mean_activation for m in knobs.coefficients]
     sweep = dose_response(ModelSteering(model, manager), hook, choice.feature, coefficients, knobs.prompts,
-                          choice.top_token_ids, **generation_knobs(knobs))
+                          choice.top_token_ids, **knobs.generation_kwargs())
     return sweep, choose_coefficient(sweep.records, knobs.max_perplexity_ratio, knobs.min_distinct_ratio)
 
 
@@ -368,7 +361,7 @@ def steering_example(model: Any, manager: Any, run: RunConfig, hook: str, featur
 
     knobs = run.steering
     steer = Steer(hook, feature, knobs.coefficient * scale)
-    comparison = ModelSteering(model, manager).compare([knobs.prompt], [steer], **generation_knobs(knobs))
+    comparison = ModelSteering(model, manager).compare([knobs.prompt], [steer], **knobs.generation_kwargs())
     return steer, comparison
 
 
@@ -416,13 +409,11 @@ def write_figures(out: Path, title: str, *, analyses: Sequence[LatentAnalysis] =
             comparison.before.completions, comparison.after.completions, comparison.prompts,
             title=f"add latent {steer.feature} x {steer.coefficient:.0f}"), "steering")
     if dose is not None:
-        sweep, chosen, knobs = dose
-        zero = sweep.record_of(0.0)
+        (sweep, chosen, knobs), zero = dose, dose[0].record_of(0.0)
         add(sweep.hook, plots.steering_dose_response(
             [r.to_json() for r in sweep.records], chosen=None if chosen is None else chosen.coefficient,
-            max_perplexity=zero.perplexity * knobs.max_perplexity_ratio,
-            min_distinct=zero.distinct_fraction * knobs.min_distinct_ratio,
-            title=f"Steering dose-response, latent {sweep.feature}"), "dose_response")
+            max_perplexity=zero.perplexity * knobs.max_perplexity_ratio, min_distinct=zero.distinct_fraction
+            * knobs.min_distinct_ratio, title=f"Steering dose-response, latent {sweep.feature}"), "dose_response")
     return write_index(out, title)
 
 

@@ -120,7 +120,7 @@ summary = {
                  "prompt": sweep.prompts[0], "before": before_text[0], "after": after_text[0],
                  "completions": [{"prompt": p, "before": b, "after": a}
                                  for p, b, a in zip(sweep.prompts, before_text, after_text, strict=True)],
-                 "generation": pipeline.generation_knobs(knobs), "dose_response": records},
+                 "generation": knobs.generation_kwargs(), "dose_response": records},
     "seconds": round(time.perf_counter() - began, 1), "stage_seconds": stage_seconds,
     "analysis_documents": read_json(first.folder / pipeline.DOCUMENTS_FILENAME)["origin"],
     "steering_latents_tried": list(tried),

@@ -84,19 +84,18 @@ def test_coefficient_zero_is_the_unsteered_run(setup, sweep):
 def test_sampled_sweep_follows_the_steering_knobs(setup):
     """``STEERING`` do_sample / temperature / seed reach every coefficient: coefficient 0 is the plain
     model's own sampled generation under that seed."""
-    from sae_core import pipeline
     from sae_core.config import SteeringConfig
 
     model, steering, _, _ = setup
     knobs = SteeringConfig(max_new_tokens=6, do_sample=True, temperature=0.8, seed=3)
-    kwargs = pipeline.generation_knobs(knobs)
+    kwargs = knobs.generation_kwargs()
     assert kwargs == {"max_new_tokens": 6, "do_sample": True, "seed": 3, "temperature": 0.8}
     sampled = dose_response(steering, HOOK, FEATURE, [0.0, 3.0], PROMPTS[:1], TOP_TOKENS, **kwargs)
     torch.manual_seed(3)
     plain = model.generate(model.to_tokens(PROMPTS[0]), max_new_tokens=6, do_sample=True, temperature=0.8,
                            verbose=False, return_type="tokens")[0]
     assert torch.equal(sampled.generations[0].tokens[0], plain)
-    greedy = pipeline.generation_knobs(SteeringConfig(max_new_tokens=6))
+    greedy = SteeringConfig(max_new_tokens=6).generation_kwargs()
     assert greedy == {"max_new_tokens": 6, "do_sample": False, "seed": 0}  # no temperature when greedy
 
 

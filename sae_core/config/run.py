@@ -141,6 +141,11 @@ class SteeringConfig:
             raise ConfigError(f"min_distinct_ratio must lie in [0, 1] (0 turns the repetition limit off), "
                               f"got {self.min_distinct_ratio}")
 
+    def generation_kwargs(self) -> dict[str, Any]:
+        """What every steered generation shares (the example and the sweep): length, greedy or sampled, seed."""
+        sampling = {"temperature": self.temperature} if self.do_sample else {}
+        return {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "seed": self.seed, **sampling}
+
 
 SECTIONS: dict[str, tuple[str, type]] = {
     "DATASET": ("dataset", TextSourceConfig), "WINDOWS": ("windows", WindowConfig),

@@ -35,8 +35,9 @@ SAE = {"d_sae": 4608}
 # from 300k forwarded tokens (each shuffle buffer served twice: the forward costs ~5x an SAE step here)
 # in batches of 1024, cosine schedule: held-out explained variance 0.758 -> 0.794 for ~+40 s; a 262k-row
 # buffer instead of 64k mixes more documents into each pass: 0.798 (bench/results/quality_sweep.json;
-# README "What moved the default SAE's quality"). Its cost: a served block of 524k float32 rows (~1.2 GB),
-# the first step after ~262k forwarded tokens, and checkpoints only at block ends (every 524k rows).
+# README "What moved the default SAE's quality"). Its cost: a block of 262k float32 rows (~0.6 GB) served
+# from 131k forwarded tokens, the first step only once those are forwarded (a bar shows the fill), and
+# checkpoints only at block ends (every 262k SAE rows).
 TRAINING = {"windows_per_document": "proportional", "total_training_tokens": 600_000, "buffer_passes": 2,
             "train_batch_size_tokens": 1024, "shuffle_buffer_tokens": 262_144}
 OPTIMIZER = {"lr_scheduler": "cosineannealing"}

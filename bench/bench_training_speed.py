@@ -132,30 +132,40 @@ def equal_start_sae(model: Any, texts: list[str], documents: list[int], cfg: Any
     return equal_start_saes(model, texts, documents, with_overrides(cfg, "bench", hook_points=[HOOK]))[HOOK]
 
 
-def run_saelens(model: Any, texts: list[str], documents: list[int], cfg: Any, precision: str,
-                compiled: bool) -> dict[str, Any]:
+def train_saelens(model: Any, texts: list[str], documents: list[int], cfg: Any, precision: str, compiled: bool,
+                  equal_start: bool = True, sae_kwargs: dict[str, Any] | None = None,
+                  **runner_kwargs: Any) -> tuple[Any, float]:
+    """One ``LanguageModelSAETrainingRunner`` run on ``cfg``'s work: (the trained SAE, wall seconds of
+    the start, set-up and ``run``). ``equal_start``: from our initial SAE (:func:`equal_start_sae`,
+    on SAELens's clock), else from SAELens's own; ``sae_kwargs`` / ``runner_kwargs`` override the
+    SAE's / the runner's config."""
     import datasets
     from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
 
     from bench.common import saelens_training_kwargs, topk_training_config
 
-    steps, autocast = cfg.total_steps, precision == "bfloat16"
+    autocast = precision == "bfloat16"
     train_texts = [texts[i] for i in documents]
     runner_cfg = LanguageModelSAERunnerConfig(
-        sae=topk_training_config(cfg.sae, model.cfg.d_model), hook_name=HOOK, is_dataset_tokenized=False,
+        sae=topk_training_config(cfg.sae, model.cfg.d_model, **(sae_kwargs or {})), hook_name=HOOK, is_dataset_tokenized=False,
         autocast=autocast, autocast_lm=autocast, compile_llm=compiled, compile_sae=compiled, verbose=False,
-        **{**saelens_training_kwargs(cfg), "model_name": model.cfg.model_name})
+        **{**saelens_training_kwargs(cfg), "model_name": model.cfg.model_name, **runner_kwargs})
     dataset = datasets.Dataset.from_dict({"text": train_texts}).shuffle(seed=cfg.seed)
     start = time.perf_counter()
-    sae = equal_start_sae(model, texts, documents, cfg)  # on SAELens's clock
+    sae = equal_start_sae(model, texts, documents, cfg) if equal_start else None  # on SAELens's clock
     try:
         runner = LanguageModelSAETrainingRunner(runner_cfg, override_model=model, override_dataset=dataset,
                                                 override_sae=sae)
-        runner.run()
+        trained = runner.run()
     finally:
         model.__dict__.pop("run_with_cache", None)  # compile_llm rebinds it on the shared model
-    seconds = time.perf_counter() - start
-    return {"tokens_per_s": steps * cfg.train_batch_size_tokens / seconds, "call_seconds": seconds}
+    return trained, time.perf_counter() - start
+
+
+def run_saelens(model: Any, texts: list[str], documents: list[int], cfg: Any, precision: str,
+                compiled: bool) -> dict[str, Any]:
+    _, seconds = train_saelens(model, texts, documents, cfg, precision, compiled)
+    return {"tokens_per_s": cfg.total_steps * cfg.train_batch_size_tokens / seconds, "call_seconds": seconds}
 
 
 def spread(values: list[float]) -> dict[str, Any]:

@@ -138,10 +138,11 @@ def saelens_training_kwargs(cfg: Any) -> dict[str, Any]:
         save_final_checkpoint=False, n_checkpoints=0, logger=LoggingConfig(log_to_wandb=False))
 
 
-def topk_training_config(sae: Any, d_in: int) -> Any:
-    """SAELens's ``TopKTrainingSAEConfig`` for one of our ``SAEConfig``s (same k, AuxK, decoder init)."""
+def topk_training_config(sae: Any, d_in: int, **extra: Any) -> Any:
+    """SAELens's ``TopKTrainingSAEConfig`` for one of our ``SAEConfig``s (same k, AuxK, decoder init);
+    ``extra``: SAELens-only settings (``normalize_activations``, ...)."""
     from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
 
     return TopKTrainingSAEConfig(d_in=d_in, d_sae=sae.d_sae_for(d_in), k=sae.k,
                                  aux_loss_coefficient=sae.aux_loss_coefficient, decoder_init_norm=sae.decoder_init_norm,
-                                 rescale_acts_by_decoder_norm=sae.rescale_acts_by_decoder_norm)
+                                 rescale_acts_by_decoder_norm=sae.rescale_acts_by_decoder_norm, **extra)

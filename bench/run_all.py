@@ -21,7 +21,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-BENCHES = ["bench_whitening", "bench_activations", "bench_training", "bench_training_speed", "bench_three_hooks", "bench_sweep",
+BENCHES = ["bench_whitening", "bench_activations", "bench_training", "bench_training_speed", "bench_three_hooks", "bench_lr_quality",
+           "bench_sweep",
            "bench_synthetic", "bench_analysis", "bench_browser", "quality_sweep"]
 ARGUMENTS = {  # the budgets the README table was measured at, so `make bench` reproduces every row as printed
     "bench_training": ["--tokens", "1048576", "--float32-tokens", "262144", "--multi-tokens", "131072"],
@@ -217,6 +218,27 @@ def three_hook_rows(result: dict[str, Any]) -> list[str]:
     return rows
 
 
+def lr_quality_rows(result: dict[str, Any]) -> list[str]:
+    """Held-out quality of each side at its best learning rate, same start; SAELens normalised as its docs suggest."""
+    results, best, tokens = result["results"], result["best_lr"], f"{result['tokens_per_run']:,}"
+
+    def cell(r: dict[str, Any]) -> str:
+        return f"{r['explained_variance']:.3f} / {r['ce_recovered']:.3f}"
+
+    ours, peer = results["ours"][best["ours"]], results["saelens"][best["saelens"]]
+    lrs = ", ".join(result["results"]["ours"])
+    rows = [f"| SAE quality, held-out EV / CE-loss recovered, each side at its best lr of {lrs} (ours {best['ours']}, "
+            f"SAELens {best['saelens']}), equal start, {result['precision']}, {tokens} tokens | {cell(ours)} | {cell(peer)} | "
+            f"{ours['explained_variance'] - peer['explained_variance']:+.3f} EV | reported (no seed repeats) | – |"]
+    for lr in results["ours"]:
+        rows.append(f"| … at lr {lr} | {cell(results['ours'][lr])} | {cell(results['saelens'][lr])} | – | reported | – |")
+    normalized = result["saelens_normalized"]
+    rows.append(f"| … SAELens with normalize_activations=\"expected_average_only_in\" (its docs' advice) at lr "
+                f"{normalized['lr']}, its own start (b_dec zero), norm from {normalized['norm_batches']} batches | "
+                f"– | {cell(normalized)} | – | reported | – |")
+    return rows
+
+
 def sweep_rows(result: dict[str, Any]) -> list[str]:
     """A sweep of several SAEs on one hook from one forward vs separate runs of ours and vs MultiSAETrainingRunner."""
     n, tokens, precision = len(result["units"]), result["tokens_per_run"], result["precision"]
@@ -348,6 +370,7 @@ def table() -> str:
                         (("training", "training_quick"), training_rows),
                         (("training_speed_bfloat16_float32", "training_speed_bfloat16"), training_speed_rows),
                         (("three_hooks", "three_hooks_quick"), three_hook_rows),
+                        (("lr_quality", "lr_quality_quick"), lr_quality_rows),
                         (("sweep", "sweep_quick"), sweep_rows),
                         (("synthetic", "synthetic_quick"), synthetic_rows),
                         (("whitening",), whitening_rows),

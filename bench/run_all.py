@@ -223,15 +223,17 @@ def lr_quality_rows(result: dict[str, Any]) -> list[str]:
     results, best, tokens = result["results"], result["best_lr"], f"{result['tokens_per_run']:,}"
 
     def cell(r: dict[str, Any]) -> str:
-        return f"{r['explained_variance']:.3f} / {r['ce_recovered']:.3f}"
+        return f"{r['explained_variance']:.3f}" + (f" / {r['ce_recovered']:.3f}" if "ce_recovered" in r else "")
 
     ours, peer = results["ours"][best["ours"]], results["saelens"][best["saelens"]]
     lrs = ", ".join(result["results"]["ours"])
-    rows = [f"| SAE quality, held-out EV / CE-loss recovered, each side at its best lr of {lrs} (ours {best['ours']}, "
+    rows = [f"| SAE quality, held-out EV / CE-loss recovered (on {result['ce_documents']} documents), each side at its "
+            f"best lr of {lrs} (ours {best['ours']}, "
             f"SAELens {best['saelens']}), equal start, {result['precision']}, {tokens} tokens | {cell(ours)} | {cell(peer)} | "
             f"{ours['explained_variance'] - peer['explained_variance']:+.3f} EV | reported (no seed repeats) | – |"]
     for lr in results["ours"]:
-        rows.append(f"| … at lr {lr} | {cell(results['ours'][lr])} | {cell(results['saelens'][lr])} | – | reported | – |")
+        rows.append(f"| … held-out EV at lr {lr} | {cell(results['ours'][lr])} | {cell(results['saelens'][lr])} | – | "
+                    "reported | – |")
     normalized = result["saelens_normalized"]
     rows.append(f"| … SAELens with normalize_activations=\"expected_average_only_in\" (its docs' advice) at lr "
                 f"{normalized['lr']}, its own start (b_dec zero), norm from {normalized['norm_batches']} batches | "

@@ -1,7 +1,7 @@
 """SAE quality at each side's best learning rate: sae_core and SAELens from the same start on the same work.
 
     python -m bench.bench_lr_quality --quick                      # smoke run: 8,192 tokens, two rates
-    python -m bench.bench_lr_quality                              # 65,536 tokens a run (~15 min here)
+    python -m bench.bench_lr_quality                              # 65,536 tokens a run (~25 min here)
 
 Work (``bench.bench_training.base_config``, the settings ``bench.bench_training_speed`` times):
 SmolLM2-135M-Instruct (float32 weights), ``blocks.10.hook_resid_post``, TopK k=32, d_sae 4608,
@@ -39,7 +39,7 @@ from typing import Any
 from bench.bench_training import HOOK, base_config, model_source, run_ours
 from bench.bench_training_speed import train_saelens
 from bench.common import load_smollm2, write_result
-from bench.lr_sweep import _rows, held_out_scores
+from bench.lr_sweep import held_out_scores, stream_rows
 from sae_core.config import to_json, with_overrides
 
 LRS = (1e-3, 2e-3, 4e-3, 8e-3)
@@ -73,26 +73,26 @@ def main() -> None:
     began = time.perf_counter()
     model, texts, base = load_smollm2("float32"), fortunes_corpus(), base_config(args.tokens)
     documents, held_out = split_documents(len(texts), base.evaluation.held_out_documents, base.seed)
-    rows = _rows(model_source(model, texts, held_out, base), HOOK, None)  # one window per held-out document
+    rows = stream_rows(model_source(model, texts, held_out, base), HOOK, None)  # one window per held-out document
     evaluator = HeldOutEvaluator(model, texts, held_out[:args.ce_documents], with_overrides(base, "bench", dtype="float32"))
     results: dict[str, dict[str, Any]] = {"ours": {}, "saelens": {}}
-    best_saes: dict[str, dict[str, Any]] = {"ours": {}, "saelens": {}}
+    trained_saes: dict[str, dict[str, Any]] = {"ours": {}, "saelens": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for lr in lrs:
             cfg = with_overrides(base, "bench", dtype=PRECISION, sae_dtype=PRECISION, lr=lr)
             start = time.perf_counter()
             run, _, _ = run_ours(model, texts, documents, cfg, Path(tmp) / f"lr{lr:g}")
-            best_saes["ours"][f"{lr:g}"] = run.saes[HOOK].sae
+            trained_saes["ours"][f"{lr:g}"] = run.saes[HOOK].sae
             results["ours"][f"{lr:g}"] = {**held_out_scores(run.saes[HOOK].sae, rows),
                                           "seconds": time.perf_counter() - start}
             sae, seconds = train_saelens(model, texts, documents, cfg, PRECISION, compiled=False)
-            best_saes["saelens"][f"{lr:g}"] = to_inference_sae(sae)
-            results["saelens"][f"{lr:g}"] = {**held_out_scores(best_saes["saelens"][f"{lr:g}"], rows), "seconds": seconds}
+            trained_saes["saelens"][f"{lr:g}"] = to_inference_sae(sae)
+            results["saelens"][f"{lr:g}"] = {**held_out_scores(trained_saes["saelens"][f"{lr:g}"], rows), "seconds": seconds}
             print(f"lr {lr:g}: ours {results['ours'][f'{lr:g}']}\n        saelens {results['saelens'][f'{lr:g}']}",
                   flush=True)
     best = {side: max(scored, key=lambda lr: scored[lr]["explained_variance"]) for side, scored in results.items()}
     for side, lr in best.items():  # CE-loss recovered and KL for each side's best
-        results[side][lr].update(ce_scores(evaluator(HOOK, best_saes[side][lr])))
+        results[side][lr].update(ce_scores(evaluator(HOOK, trained_saes[side][lr])))
     cfg = with_overrides(base, "bench", dtype=PRECISION, sae_dtype=PRECISION, lr=float(best["saelens"]))
     sae, seconds = train_saelens(model, texts, documents, cfg, PRECISION, compiled=False, equal_start=False,
                                  sae_kwargs={"normalize_activations": "expected_average_only_in"},

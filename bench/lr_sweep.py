@@ -42,7 +42,7 @@ def held_out_scores(sae, rows: torch.Tensor) -> dict[str, float]:
             "never_fired_on_held_out": float(1 - fired.float().mean())}
 
 
-def _rows(source, hook: str, budget: int | None) -> torch.Tensor:
+def stream_rows(source, hook: str, budget: int | None) -> torch.Tensor:
     """Rows of ``source``'s stream: the first ``budget`` of them, or (None) one epoch's."""
     epoch_batches = len(source.sampler.batches(0))
     rows, total = [], 0
@@ -76,8 +76,8 @@ def main() -> None:
     began = time.perf_counter()
     # the training stream exactly as train_from_model draws it (windows, order, token policy, dtype)
     stream = windowed_dataset(texts, model.tokenizer, cfg.windows, windows_per_document=cfg.windows_per_document)
-    train = _rows(model_source(model, stream, cfg, split.train), hook, budget)
-    held_out = _rows(model_source(model, windowed_dataset(texts, model.tokenizer, cfg.windows), cfg, split.held_out),
+    train = stream_rows(model_source(model, stream, cfg, split.train), hook, budget)
+    held_out = stream_rows(model_source(model, windowed_dataset(texts, model.tokenizer, cfg.windows), cfg, split.held_out),
                      hook, None)
     extraction_seconds = time.perf_counter() - began
     results = []

@@ -85,7 +85,7 @@ def main() -> None:
         _on_gpu("encoded latents", manager.encode(hook, x))
 
         t = time.perf_counter()
-        feature = pipeline.steering_feature(run, analysis)
+        feature = pipeline.steering_latent(run, analysis, None).feature
         steer, comparison = pipeline.steering_example(model, manager, run, hook, feature,
                                                       scale=pipeline.mean_activation_norm(stored, hook))
         steering = ModelSteering(model, manager)

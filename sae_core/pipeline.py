@@ -310,34 +310,34 @@ def mean_activation_norm(run: Any, hook: str, rows: int = 4096) -> float:
     return float(run.activations(hook)[: min(len(run), rows)].float().norm(dim=-1).mean())
 
 
-def steering_latent(run: RunConfig, analysis: LatentAnalysis, tokenizer: Any) -> Any:
+def steering_latent(run: RunConfig, analysis: LatentAnalysis, tokenizer: Any, steering: Any = None) -> Any:
     """The :class:`~sae_core.steering.LatentChoice` to steer with: ``STEERING['feature']`` when set
-    (latent 0 included), else the most active interpretable latent of the held-out analysis
-    (``STEERING['density_band']``, ``STEERING['min_distinct_tokens']`` distinct words)."""
-    return steering_latents(run, analysis, tokenizer, count=1)[0]
+    (latent 0 included), else the first of :func:`steering_latents`."""
+    return steering_latents(run, analysis, tokenizer, count=1, steering=steering)[0]
 
 
-def steering_latents(run: RunConfig, analysis: LatentAnalysis, tokenizer: Any, count: int | None = None) -> list[Any]:
-    """:func:`steering_latent`'s candidates: ``STEERING['feature']`` alone when set, else up to ``count``
-    (default ``STEERING['candidates']``) interpretable latents, strongest first."""
-    from sae_core.steering import describe_latent, interpretable_latents
+def steering_latents(run: RunConfig, analysis: LatentAnalysis, tokenizer: Any, count: int | None = None,
+                     steering: Any = None) -> list[Any]:
+    """``STEERING['feature']`` alone when set, else up to ``count`` (default ``['candidates']``) interpretable
+    latents of the held-out analysis (``['density_band']``, ``['min_distinct_tokens']`` words), strongest first;
+    with ``steering`` (a ``ModelSteering``), the ``['screen']`` strongest ranked by output score instead."""
+    from sae_core.steering import describe_latent, interpretable_latents, screen_latents
 
     knobs = run.steering
     if knobs.feature is not None:
         return [describe_latent(analysis.csr, analysis.density, knobs.feature, k=run.analysis.top_k_examples)]
     args = (analysis.csr, analysis.density, knobs.density_band, knobs.min_distinct_tokens, run.analysis.top_k_examples)
     count = knobs.candidates if count is None else count
+    wanted, found = max(count, knobs.screen if steering is not None else 0), None
     if tokenizer is not None:
         try:
-            return interpretable_latents(*args, decode=lambda t: tokenizer.decode([t]), count=count)
+            found = interpretable_latents(*args, decode=lambda t: tokenizer.decode([t]), count=wanted)
         except ValueError as error:
             logger.warning("%s; counting distinct tokens instead of words", error)
-    return interpretable_latents(*args, count=count)
-
-
-def steering_feature(run: RunConfig, analysis: LatentAnalysis, tokenizer: Any = None) -> int:
-    """The latent index of :func:`steering_latent` (without ``tokenizer``: distinct tokens, not words)."""
-    return int(steering_latent(run, analysis, tokenizer).feature)
+    found = found or interpretable_latents(*args, count=wanted)
+    if steering is None or not knobs.screen:
+        return found[:count]
+    return screen_latents(steering, analysis.hook, found, knobs.prompts, knobs.screen_multiple)[:count]
 
 
 def steering_dose(model: Any, manager: Any, run: RunConfig, hook: str, choice: Any) -> tuple[Any, Any]:
@@ -446,5 +446,5 @@ def write_index(out: Path, title: str) -> Path:
 
 __all__ = ["DEFAULT_RUN_ID", "DOCUMENTS_FILENAME", "RUN_CONFIG_FILENAME", "analysis_documents", "corpus_record", "LatentAnalysis", "SAEReport", "analyse", "collect_activations",
            "fit_whitening", "load_model_of", "load_saes", "load_texts_of", "mean_activation_norm", "output_dir",
-           "feature_browser", "run_from_argv", "steering_dose", "steering_example", "steering_feature", "steering_latent", "steering_latents", "top_tokens", "train_saes", "write_figures",
+           "feature_browser", "run_from_argv", "steering_dose", "steering_example", "steering_latent", "steering_latents", "top_tokens", "train_saes", "write_figures",
            "write_index", "write_run_config"]

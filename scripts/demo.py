@@ -16,7 +16,7 @@ import time
 from sae_core import pipeline
 from sae_core.files import atomic_write_json, read_json
 from sae_core.hooks import list_hook_points
-from sae_core.steering import Steer, SteeringComparison
+from sae_core.steering import ModelSteering, Steer, SteeringComparison
 
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 began = time.perf_counter()
@@ -68,7 +68,11 @@ lap("analyse")
 print("[6/7] steering: dose-response of an interpretable latent")
 first, knobs = analyses[0], run_config.steering
 tried = {}  # latent -> dose-response records, for the browser
-for choice in pipeline.steering_latents(run_config, first, model.tokenizer):  # strongest first, until one steers
+# interpretable latents ranked by output score (does the direction make the model write its tokens?), until one steers
+candidates = pipeline.steering_latents(run_config, first, model.tokenizer, steering=ModelSteering(model, manager))
+if candidates[0].output_score is not None:
+    print("  screened by output score: " + ", ".join(f"{c.feature} ({c.output_score:+.4f})" for c in candidates))
+for choice in candidates:
     sweep, chosen = pipeline.steering_dose(model, manager, run_config, first.hook, choice)
     tried[choice.feature] = [r.to_json() for r in sweep.records]
     if chosen is not None:
@@ -108,6 +112,7 @@ summary = {
     "ce_loss_recovered": result.ce_recovered, "kl": result.kl_spliced,
     "top_latents": {int(k): v for k, v in top_tokens.items()},
     "steering": {"latent": choice.feature, "density": choice.density, "mean_activation": choice.mean_activation,
+                 "output_score": choice.output_score, "screen_multiple": knobs.screen_multiple,
                  "top_tokens": [model.tokenizer.decode([t]) for t in choice.top_token_ids],
                  "chosen_coefficient": None if chosen is None else chosen.coefficient,
                  "chosen_multiple": None if chosen is None else chosen.coefficient / choice.mean_activation,

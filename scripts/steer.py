@@ -4,7 +4,7 @@
 
 Knobs: ``STEERING`` of ``sae_core/models/<name>.py`` (``prompt``, ``coefficient`` in units of the
 mean activation norm at the hook, ``max_new_tokens``, ``feature``: a latent index, or None for the
-most active latent that ``python -m scripts.analyse`` shows). Needs the SAE of
+interpretable latent whose decoder direction raises its own top tokens most, ``STEERING['screen']``). Needs the SAE of
 ``python -m scripts.train_sae``. Output: the comparison figure, linked from
 ``outputs/<model>/index.html``, and ``outputs/<model>/steering.json``.
 """
@@ -14,6 +14,7 @@ import sys
 
 from sae_core import pipeline
 from sae_core.files import atomic_write_json
+from sae_core.steering import ModelSteering
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -27,8 +28,8 @@ run = pipeline.collect_activations(model, run_config, texts, out)
 
 feature = run_config.steering.feature
 if feature is None:
-    feature = pipeline.steering_feature(run_config, pipeline.analyse(model, manager, texts, run_config, out, hook),
-                                        model.tokenizer)
+    analysis = pipeline.analyse(model, manager, texts, run_config, out, hook)
+    feature = pipeline.steering_latent(run_config, analysis, model.tokenizer, ModelSteering(model, manager)).feature
 steer, comparison = pipeline.steering_example(model, manager, run_config, hook, feature,
                                               scale=pipeline.mean_activation_norm(run, hook))
 index = pipeline.write_figures(out, f"sae_core: {run_config.model_name}", steering=(steer, comparison))

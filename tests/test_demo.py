@@ -52,6 +52,12 @@ def test_demo_runs_end_to_end_and_reuses_its_outputs(tmp_path):
     # every link of index.html exists
     links = re.findall(r'href="([^"]+)"', (out / "index.html").read_text())
     assert len(links) >= 8 and all((out / link).exists() for link in links)
+    # the steered latent came from the output-score screen, and the summary keeps its score as printed
+    screened = dict(re.findall(r"(\d+) \(([+-][\d.]+)\)", next(line for line in stdout.splitlines()
+                                                               if "screened by output score" in line)))
+    steering = summary["steering"]
+    assert f"{steering['output_score']:+.4f}" == screened[str(steering["latent"])]
+    assert list(screened)[:len(summary["steering_latents_tried"])] == [str(f) for f in summary["steering_latents_tried"]]
     index_line = stdout.strip().splitlines()[-1]
     assert index_line.endswith("index.html") and str(out) in index_line
 

@@ -13,16 +13,19 @@ import pytest
 import torch
 from sae_lens import StandardSAE, StandardSAEConfig
 
-from sae_core import plots
+from sae_core import pipeline, plots
 from sae_core.latents import CSRBuilder
 from sae_core.saes import SAEManager
 from sae_core.steering import (
     DoseRecord,
+    LatentChoice,
     ModelSteering,
     choose_coefficient,
     dose_response,
     interpretable_latent,
     interpretable_latents,
+    output_scores,
+    screen_latents,
 )
 from sae_core.whitening import Whitener
 
@@ -190,6 +193,74 @@ def test_interpretable_latent_reads_density_and_distinct_top_tokens(tmp_path):
                                                      count=5)] == [3, 1]
     assert [c.feature for c in interpretable_latents(csr, density, band=(0.005, 0.2), min_distinct_tokens=1,
                                                      count=2)] == [3, 0]
+
+
+def independent_output_score(model, manager, choice, prompts, multiple):
+    """Each prompt on its own (no padding), the steer added by a hook of our own, numpy softmax."""
+    direction = manager.decoder_directions(HOOK, [choice.feature])[0]
+    rises = []
+    for prompt in prompts:
+        tokens = model.to_tokens(prompt)
+        with torch.no_grad():
+            plain = model(tokens)[0].numpy()
+            with model.hooks(fwd_hooks=[(HOOK, lambda act, hook: act + multiple * choice.mean_activation * direction)]):
+                steered = model(tokens)[0].numpy()
+        mass = lambda logits: np.exp(log_softmax(logits))[:, sorted(set(choice.top_token_ids))].sum(-1)  # noqa: E731
+        rises.append(mass(steered) - mass(plain))
+    return float(np.concatenate(rises).mean())
+
+
+def test_output_scores_equal_an_independent_recomputation_and_order_the_screen(setup):
+    model, steering, _, _ = setup
+    rng = np.random.default_rng(1)
+    choices = [LatentChoice(f, 0.01, float(rng.uniform(0.5, 3.0)), rng.integers(0, 2000, 3).tolist())
+               for f in (5, 0, 9, 3, 12)]
+    expected = np.array([independent_output_score(model, steering.manager, c, PROMPTS, 4.0) for c in choices])
+    assert output_scores(steering, HOOK, choices, PROMPTS, 4.0) == pytest.approx(expected.tolist(), rel=1e-5, abs=1e-12)
+    screened = screen_latents(steering, HOOK, choices, PROMPTS, 4.0)
+    assert [c.feature for c in screened] == [choices[i].feature for i in np.argsort(-expected, kind="stable")]
+    assert [c.output_score for c in screened] == pytest.approx(sorted(expected, reverse=True), rel=1e-5, abs=1e-12)
+    assert len(set(np.round(expected, 12))) > 1  # the screen has something to order
+    assert steering.active_steers == [] and len(model.hook_dict[HOOK]._forward_hooks) == 0
+    with steering.steer(HOOK, 0, 1.0), pytest.raises(RuntimeError, match="clear_steering"):
+        output_scores(steering, HOOK, choices, PROMPTS, 4.0)
+
+
+def test_pipeline_screens_the_interpretable_latents_by_output_score(setup, tmp_path):
+    """``steering_latents`` with a ``ModelSteering``: the interpretable latents of the analysis, reordered by
+    their output scores; without it (or with ``screen=0``), strongest-firing first."""
+    from types import SimpleNamespace
+
+    from sae_core.models import load_run_config
+
+    _, steering, _, _ = setup
+    rng = np.random.default_rng(0)
+    n, dense, tokens = 400, np.zeros((400, 16), np.float32), rng.integers(0, 2000, 400)
+    for feature, (rows, strength) in {2: (slice(10, 30), 9.0), 6: (slice(40, 60), 5.0), 11: (slice(70, 90), 3.0)}.items():
+        dense[rows, feature] = strength * rng.uniform(0.5, 1.0, 20)
+    with CSRBuilder(workdir=tmp_path) as builder:
+        builder.add(dense, torch.from_numpy(tokens), np.zeros(n, np.int64), np.arange(n))
+        csr = builder.finish(tmp_path / "csr")
+    analysis = SimpleNamespace(csr=csr, density=(dense != 0).mean(0), hook=HOOK)
+    run = load_run_config("tiny_random", ["steering.density_band=(0.01, 0.2)", "steering.candidates=2",
+                                          "steering.screen=3", f"steering.prompts={tuple(PROMPTS)!r}"])
+    strongest = pipeline.steering_latents(run, analysis, None)
+    assert [c.feature for c in strongest] == [2, 6] and all(c.output_score is None for c in strongest)
+    every = pipeline.steering_latents(run, analysis, None, count=3)
+    scores = output_scores(steering, HOOK, every, PROMPTS, run.steering.screen_multiple)
+    screened = pipeline.steering_latents(run, analysis, None, steering=steering)
+    assert [c.feature for c in screened] == [every[i].feature for i in np.argsort(-np.array(scores), kind="stable")[:2]]
+    off = load_run_config("tiny_random", ["steering.density_band=(0.01, 0.2)", "steering.candidates=2", "steering.screen=0"])
+    assert [c.feature for c in pipeline.steering_latents(off, analysis, None, steering=steering)] == [2, 6]
+
+
+def test_steering_config_refuses_a_bad_screen():
+    from sae_core.config import ConfigError, SteeringConfig
+
+    with pytest.raises(ConfigError, match="screen at least 0"):
+        SteeringConfig(screen=-1)
+    with pytest.raises(ConfigError, match="screen_multiple must be positive"):
+        SteeringConfig(screen_multiple=0.0)
 
 
 def test_dose_response_figure_plots_the_records():

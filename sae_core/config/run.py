@@ -115,13 +115,22 @@ class SteeringConfig:
     min_distinct_tokens: int = 3
     """Distinct tokens among its top-activating examples a picked latent needs (a concept, not one token)."""
     candidates: int = 4
-    """Interpretable latents the demo sweeps, strongest first, until one has a coefficient that raises
+    """Interpretable latents the demo sweeps, best first, until one has a coefficient that raises
     its concept score within ``max_perplexity_ratio`` (a latent can name a concept yet not steer)."""
+    screen: int = 16
+    """Interpretable latents (strongest-firing first) whose output score is measured before the sweep
+    (:func:`~sae_core.steering.screen_latents`: one forward each); the ``candidates`` with the highest
+    are swept, highest first. 0: no screen, the strongest-firing are swept."""
+    screen_multiple: float = 4.0
+    """The screen's coefficient, in units of each latent's mean activation."""
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.candidates < 1:
-            raise ConfigError(f"candidates must be at least 1 (latents tried by the demo's sweep), got {self.candidates}")
+        if self.candidates < 1 or self.screen < 0:
+            raise ConfigError(f"candidates must be at least 1 (latents tried by the demo's sweep) and screen at least 0 "
+                              f"(0: no output-score screen), got {self.candidates}, {self.screen}")
+        if not 0 < self.screen_multiple < float("inf"):
+            raise ConfigError(f"screen_multiple must be positive and finite, got {self.screen_multiple}")
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be positive (do_sample=False for greedy), got {self.temperature}")
         if self.max_new_tokens <= 0 or (self.feature is not None and self.feature < 0):

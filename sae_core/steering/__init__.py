@@ -19,6 +19,8 @@ from sae_core.steering.dose import (
            dose_response,
            interpretable_latent,
            interpretable_latents,
+           output_scores,
+           screen_latents,
 )
 from sae_core.steering.generation import (
            ModelSteering,
@@ -30,5 +32,5 @@ from sae_core.steering.registry import MODES, Steer, SteeringHandle, SteerMode
 
 __all__ = ["DoseRecord", "DoseResponse", "LatentChoice", "choose_coefficient", "coherent", "describe_latent",
            "distinct_fraction", "dose_response",
-           "interpretable_latent", "interpretable_latents", "MODES", "ModelSteering", "Steer", "SteerMode", "SteeredGeneration", "SteeringCapture",
+           "interpretable_latent", "interpretable_latents", "output_scores", "screen_latents", "MODES", "ModelSteering", "Steer", "SteerMode", "SteeredGeneration", "SteeringCapture",
            "SteeringComparison", "SteeringHandle"]

@@ -132,6 +132,21 @@ def equal_start_sae(model: Any, texts: list[str], documents: list[int], cfg: Any
     return equal_start_saes(model, texts, documents, with_overrides(cfg, "bench", hook_points=[HOOK]))[HOOK]
 
 
+def saelens_runner_config(model: Any, cfg: Any, precision: str, compiled: bool,
+                          sae_kwargs: dict[str, Any] | None = None, **runner_kwargs: Any) -> Any:
+    """``LanguageModelSAERunnerConfig`` of ``cfg``'s work on ``HOOK`` (``bench.common.saelens_training_kwargs``):
+    bf16 through its ``autocast`` / ``autocast_lm``; ``sae_kwargs`` / ``runner_kwargs`` override its fields."""
+    from sae_lens import LanguageModelSAERunnerConfig
+
+    from bench.common import saelens_training_kwargs, topk_training_config
+
+    autocast = precision == "bfloat16"
+    return LanguageModelSAERunnerConfig(
+        sae=topk_training_config(cfg.sae, model.cfg.d_model, **(sae_kwargs or {})), hook_name=HOOK, is_dataset_tokenized=False,
+        autocast=autocast, autocast_lm=autocast, compile_llm=compiled, compile_sae=compiled, verbose=False,
+        **{**saelens_training_kwargs(cfg), "model_name": model.cfg.model_name, **runner_kwargs})
+
+
 def train_saelens(model: Any, texts: list[str], documents: list[int], cfg: Any, precision: str, compiled: bool,
                   equal_start: bool = True, sae_kwargs: dict[str, Any] | None = None,
                   **runner_kwargs: Any) -> tuple[Any, float]:
@@ -140,17 +155,10 @@ def train_saelens(model: Any, texts: list[str], documents: list[int], cfg: Any, 
     on SAELens's clock), else from SAELens's own; ``sae_kwargs`` / ``runner_kwargs`` override the
     SAE's / the runner's config."""
     import datasets
-    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
+    from sae_lens import LanguageModelSAETrainingRunner
 
-    from bench.common import saelens_training_kwargs, topk_training_config
-
-    autocast = precision == "bfloat16"
-    train_texts = [texts[i] for i in documents]
-    runner_cfg = LanguageModelSAERunnerConfig(
-        sae=topk_training_config(cfg.sae, model.cfg.d_model, **(sae_kwargs or {})), hook_name=HOOK, is_dataset_tokenized=False,
-        autocast=autocast, autocast_lm=autocast, compile_llm=compiled, compile_sae=compiled, verbose=False,
-        **{**saelens_training_kwargs(cfg), "model_name": model.cfg.model_name, **runner_kwargs})
-    dataset = datasets.Dataset.from_dict({"text": train_texts}).shuffle(seed=cfg.seed)
+    runner_cfg = saelens_runner_config(model, cfg, precision, compiled, sae_kwargs, **runner_kwargs)
+    dataset = datasets.Dataset.from_dict({"text": [texts[i] for i in documents]}).shuffle(seed=cfg.seed)
     start = time.perf_counter()
     sae = equal_start_sae(model, texts, documents, cfg) if equal_start else None  # on SAELens's clock
     try:

@@ -219,25 +219,51 @@ def three_hook_rows(result: dict[str, Any]) -> list[str]:
 
 
 def lr_quality_rows(result: dict[str, Any]) -> list[str]:
-    """Held-out quality of each side at its best learning rate, same start; SAELens normalised as its docs suggest."""
+    """Held-out quality of each side at its best learning rate, same start, over seeds, in both context formats;
+    SAELens normalised as its docs suggest."""
     results, best, tokens = result["results"], result["best_lr"], f"{result['tokens_per_run']:,}"
+    summary = result.get("summary")
 
-    def cell(r: dict[str, Any]) -> str:
-        return f"{r['explained_variance']:.3f}" + (f" / {r['ce_recovered']:.3f}" if "ce_recovered" in r else "")
+    def cell(r: dict[str, Any], key: str = "explained_variance") -> str:  # "saelens_format": EV in its contexts
+        if key == "saelens_format":
+            return f"{r[key]['explained_variance']:.3f}"
+        return f"{r[key]:.3f}" + (f" / {r['ce_recovered']:.3f}" if "ce_recovered" in r else "")
 
-    ours, peer = results["ours"][best["ours"]], results["saelens"][best["saelens"]]
-    lrs = ", ".join(result["results"]["ours"])
-    rows = [f"| SAE quality, held-out EV / CE-loss recovered (on {result['ce_documents']} documents), each side at its "
-            f"best lr of {lrs} (ours {best['ours']}, "
-            f"SAELens {best['saelens']}), equal start, {result['precision']}, {tokens} tokens | {cell(ours)} | {cell(peer)} | "
-            f"{ours['explained_variance'] - peer['explained_variance']:+.3f} EV | reported (no seed repeats) | – |"]
+    def spread(m: dict[str, Any]) -> str:
+        return f"{m['median']:.3f} ({m['min']:.3f}-{m['max']:.3f})"
+
+    lrs = ", ".join(results["ours"])
+    what = (f"SAE quality, each side at its best lr of {lrs} (ours {best['ours']}, SAELens {best['saelens']}), equal "
+            f"start, {result['precision']}, {tokens} tokens")
+    if summary is None:  # a result from before the seed repeats
+        ours, peer = results["ours"][best["ours"]], results["saelens"][best["saelens"]]
+        rows = [f"| {what}: held-out EV / CE-loss recovered (on {result['ce_documents']} documents) | {cell(ours)} | "
+                f"{cell(peer)} | {ours['explained_variance'] - peer['explained_variance']:+.3f} EV | reported (no seed "
+                "repeats) | – |"]
+    else:
+        seeds, noise = len(result["repeats"]["ours"]), summary["within_noise_or_better"]
+        rows = []
+        for metric, label in (("explained_variance", "held-out EV, our windows (one document each)"),
+                              ("saelens_format_explained_variance", "held-out EV, SAELens's contexts (documents run "
+                                                                    "together)"),
+                              ("ce_recovered", f"CE-loss recovered on {result['ce_documents']} held-out documents")):
+            ours, peer = summary["ours"][metric], summary["saelens"][metric]
+            rows.append(f"| {'' if rows else what + ', '}{'' if not rows else '… '}{label}, median (min-max) of {seeds} seeds | "
+                        f"{spread(ours)} | {spread(peer)} | {ours['median'] - peer['median']:+.3f} | within noise or "
+                        f"better (our median >= SAELens's lowest seed) | {_fmt(noise[metric])} |")
     for lr in results["ours"]:
-        rows.append(f"| … held-out EV at lr {lr} | {cell(results['ours'][lr])} | {cell(results['saelens'][lr])} | – | "
-                    "reported | – |")
+        both = "saelens_format" in results["ours"][lr]
+        rows.append(f"| … seed 0, lr {lr}: held-out EV{' / CE' if 'ce_recovered' in results['ours'][lr] else ''}"
+                    f"{', EV in SAELens contexts' if both else ''} | "
+                    f"{cell(results['ours'][lr])}{', ' + cell(results['ours'][lr], 'saelens_format') if both else ''} | "
+                    f"{cell(results['saelens'][lr])}{', ' + cell(results['saelens'][lr], 'saelens_format') if both else ''} | "
+                    "– | reported | – |")
     normalized = result["saelens_normalized"]
+    both = "saelens_format" in normalized
     rows.append(f"| … SAELens with normalize_activations=\"expected_average_only_in\" (its docs' advice) at lr "
-                f"{normalized['lr']}, its own start (b_dec zero), norm from {normalized['norm_batches']} batches | "
-                f"– | {cell(normalized)} | – | reported | – |")
+                f"{normalized['lr']}, its own start (b_dec zero), norm from {normalized['norm_batches']} batches"
+                f"{', EV in SAELens contexts' if both else ''} | – | "
+                f"{cell(normalized)}{', ' + cell(normalized, 'saelens_format') if both else ''} | – | reported | – |")
     return rows
 
 

@@ -34,6 +34,7 @@ def main() -> None:
         raise SystemExit(f"--long-tokens ({args.long_tokens}) and --long-windows ({args.long_windows}) must be positive")
     from sae_core import pipeline
     from sae_core.files import read_json
+    from sae_core.hooks import stop_layer_for
 
     began = time.perf_counter()
     run = pipeline.run_from_argv(args.run)
@@ -44,6 +45,7 @@ def main() -> None:
     model, texts = pipeline.load_model_of(run), pipeline.load_texts_of(run)
     sae = pipeline.load_saes(model, run, out, [hook])[hook].sae
     held_out, width, rng = read_json(split_path)["held_out"], run.windows.max_text_length - 1, random.Random(0)
+    stop = stop_layer_for([hook], model.cfg.n_layers)
     rows: dict[str, list[torch.Tensor]] = {"short": [], "long": []}
     documents = {"short": 0, "long": 0}
     with torch.no_grad():
@@ -54,7 +56,7 @@ def main() -> None:
             windows = [ids[s:s + width] for s in range(0, len(ids), width)]
             for window in windows if kind == "short" else rng.sample(windows, min(args.long_windows, len(windows))):
                 tokens = torch.tensor([[model.tokenizer.bos_token_id, *window]], device=run.device)
-                _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=int(hook.split(".")[1]) + 1)
+                _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=stop)
                 rows[kind].append(cache[hook][0, 1:].float().cpu())
     scores = {kind: {"documents": documents[kind], "rows": sum(len(r) for r in parts),
                      **(held_out_scores(sae, torch.cat(parts)) if parts else {})} for kind, parts in rows.items()}

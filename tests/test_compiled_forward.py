@@ -27,10 +27,10 @@ def _batches(model, texts=TEXTS, max_len=16):
     return pad_collate(items, pad), pad_collate(items, pad, pack=True)
 
 
-def _fresh_model(tokenizer, positions="rotary"):
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=64, n_ctx=128, act_fn="silu",
+def _fresh_model(tokenizer, positions="rotary", n_layers=2, seed=3):
+    cfg = HookedTransformerConfig(n_layers=n_layers, d_model=32, d_head=8, n_heads=4, d_mlp=64, n_ctx=128, act_fn="silu",
                                   normalization_type="RMS", positional_embedding_type=positions,
-                                  d_vocab=len(tokenizer), seed=3)
+                                  d_vocab=len(tokenizer), seed=seed)
     model = HookedTransformer(cfg, tokenizer=tokenizer)
     model.eval()
     return model
@@ -52,6 +52,41 @@ def test_compiled_equals_eager_plain_and_packed_over_varying_shapes(tiny_model):
             torch.testing.assert_close(got[hook], want[hook], rtol=0, atol=1e-5)
     assert compiled.compiled_calls == calls + 4 and compiled.disabled is None
     assert _no_hooks_left(tiny_model)
+
+
+def test_blocks_share_one_graph_and_stay_eager_outside_the_call(tiny_model):
+    """Regional compilation: a 6-layer model compiles no more graphs than a 2-layer one (blocks with the
+    same hooks share a graph), and after the call the model's blocks are plain eager modules again."""
+    from torch._dynamo.utils import counters
+
+    plain, packed = _batches(tiny_model)
+    graphs = {}
+    for n_layers in (2, 6):
+        model = _fresh_model(tiny_model.tokenizer, n_layers=n_layers)
+        hook = f"blocks.{n_layers - 1}.hook_resid_post"
+        before = counters["stats"]["unique_graphs"]
+        for batch in (plain, packed):
+            got = run_to_hooks(model, [hook], batch.input_ids, batch=batch, compile=True)[hook]
+            torch.testing.assert_close(got, run_to_hooks(model, [hook], batch.input_ids, batch=batch)[hook],
+                                       rtol=0, atol=1e-5)
+        graphs[n_layers] = counters["stats"]["unique_graphs"] - before
+        assert compiled_forward(model).compiled_calls == 2
+        assert all(block._compiled_call_impl is None for block in model.blocks)
+    assert 0 < graphs[6] <= graphs[2], graphs
+
+
+def test_two_models_of_one_shape_each_get_their_own_activations(tiny_model):
+    """Blocks of two models share compiled code (same class and shapes): each call must still read its
+    own model's weights and write its own captures."""
+    plain, packed = _batches(tiny_model)
+    models = [_fresh_model(tiny_model.tokenizer, seed=seed) for seed in (5, 6)]
+    for batch in (plain, packed, plain):
+        outs = [run_to_hooks(m, HOOKS, batch.input_ids, batch=batch, compile=True) for m in models]
+        for model, got in zip(models, outs, strict=True):
+            want = run_to_hooks(model, HOOKS, batch.input_ids, batch=batch)
+            for hook in HOOKS:
+                torch.testing.assert_close(got[hook], want[hook], rtol=0, atol=1e-5)
+        assert (outs[0][HOOKS[-1]] - outs[1][HOOKS[-1]]).abs().amax() > 1e-2
 
 
 def test_compiled_packed_rows_are_kept_apart(tiny_model):
@@ -126,11 +161,11 @@ def test_a_failing_compiler_falls_back_to_the_eager_forward(tiny_model, caplog):
     plain, packed = _batches(model)
     attempts = []
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         attempts.append(args)
         raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
 
-    compiled_forward(model).fn = broken
+    compiled_forward(model).compiler = lambda call: broken
     with caplog.at_level(logging.WARNING, logger="sae_core.activations"):
         first = run_to_hooks(model, HOOKS, packed.input_ids, batch=packed, compile=True)
         second = run_to_hooks(model, HOOKS, plain.input_ids, batch=plain, compile=True)

@@ -138,7 +138,9 @@ def main() -> None:
     documents, held_out = split_documents(len(texts), base.evaluation.held_out_documents, base.seed)
     rows = stream_rows(model_source(model, texts, held_out, base), HOOK, None)  # one window per held-out document
     run_together = saelens_format_rows(model, texts, held_out, base)
-    evaluator = HeldOutEvaluator(model, texts, held_out[:args.ce_documents], with_overrides(base, "bench", dtype="float32"))
+    evaluator = HeldOutEvaluator(model, texts, held_out[:args.ce_documents],  # every window scored for CE too
+                                 with_overrides(base, "bench", dtype="float32", eval_windows=args.ce_documents,
+                                                ce_windows=args.ce_documents))
 
     def score(sae: Any, seconds: float) -> dict[str, Any]:
         return {**held_out_scores(sae, rows), "saelens_format": held_out_scores(sae, run_together), "seconds": seconds}

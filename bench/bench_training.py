@@ -223,7 +223,8 @@ def main() -> None:
         add_serial_limit(record, model, texts, train_docs, base, args)
         finish(record)
         return
-    evaluator = HeldOutEvaluator(model, texts, eval_docs, with_overrides(base, "bench", dtype="float32"))
+    evaluator = HeldOutEvaluator(model, texts, eval_docs, with_overrides(  # every window scored for CE too
+        base, "bench", dtype="float32", eval_windows=len(eval_docs), ce_windows=len(eval_docs)))
     record: dict[str, Any] = {"tokens_per_run": tokens, "quick": args.quick, "hook": HOOK,
                               "config": base.to_json()}
     record["end_to_end"] = {}

@@ -34,9 +34,14 @@ their clean activation: the SAE never saw them in training (the BOS attention si
 norms), so replacing them would score out-of-distribution inputs and swamp the CE. Ablations touch
 the same rows, so a zero SAE scores exactly 0 and a perfect one exactly 1.
 
-Each batch costs one forward per variant (clean, spliced, zero-ablated, [mean-ablated]); the
-reconstruction metrics are taken inside the splice hook, whose input equals the clean activation
-(nothing upstream changed), so the SAE encodes each row once. Hooks are added with
+Two tiers of windows, as SAELens separates its reconstruction and sparsity batches: each window
+of ``batches`` costs one full forward per variant (clean, spliced, zero-ablated, [mean-ablated])
+and is scored for everything, its reconstruction metrics taken inside the splice hook, whose input
+equals the clean activation (nothing upstream changed), so the SAE encodes each row once; each
+window of ``reconstruction_batches`` (packed or not) costs one forward stopped after the hook and
+adds to the reconstruction and sparsity metrics only. So the explained variance can be measured on
+many windows at little cost, and ``n_rows`` / ``n_predictions`` say how many rows each figure has.
+``subsets`` (name -> documents) reports the reconstruction metrics on each subset's rows as well. Hooks are added with
 ``model.hooks(...)``, which removes them even after an exception. No attention mask is passed:
 padding is on the right and attention is causal, so real tokens never see the pads.
 
@@ -54,7 +59,7 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -68,7 +73,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from sae_core.activations import forward_context
+from sae_core.activations import forward_context, run_to_hooks
 from sae_core.config import TokenPolicy
 from sae_core.data import WindowBatch
 from sae_core.files import atomic_write_json, read_json
@@ -135,6 +140,9 @@ class EvalResult:
     policy: dict[str, Any] = field(default_factory=dict, compare=False)
     firing_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), compare=False, repr=False)
     """(d_sae,) int64: rows on which each latent was non-zero."""
+    subsets: dict[str, dict[str, float]] = field(default_factory=dict, compare=False)
+    """Reconstruction metrics (``n_rows``, ``l0`` and those of :data:`METRIC_CONVENTIONS`) on the rows of
+    named subsets of the documents (e.g. short and long documents), when the caller names some."""
 
     @property
     def latent_density(self) -> np.ndarray:
@@ -169,11 +177,8 @@ class _ReconstructionTotals:
     """Streaming float64 sums of the reconstruction and sparsity metrics."""
 
     def __init__(self, d_sae: int) -> None:
-        self.variance = ExplainedVarianceCalculator()
-        self.firing_counts = torch.zeros(d_sae, dtype=torch.int64)
-        self.l0_sum = 0
-        self.norm_sum = 0.0
-        self.recon_norm_sum = 0.0
+        self.variance, self.firing_counts = ExplainedVarianceCalculator(), torch.zeros(d_sae, dtype=torch.int64)
+        self.l0_sum, self.norm_sum, self.recon_norm_sum = 0, 0.0, 0.0
         self.row_nmse_sum, self.row_nmse_rows, self.d = 0.0, 0, 0
 
     def add(self, x: Float[Tensor, "rows d"], x_hat: Float[Tensor, "rows d"],
@@ -205,6 +210,22 @@ class _ReconstructionTotals:
                 "normalized_mse": self.row_nmse_sum / self.row_nmse_rows if self.row_nmse_rows else math.nan}
 
 
+class _Scores:
+    """Reconstruction totals of every kept row, and of the rows of each named subset of documents."""
+
+    def __init__(self, d_sae: int, subsets: Mapping[str, Collection[int]]) -> None:
+        self.all = _ReconstructionTotals(d_sae)
+        self.subsets = {name: (torch.as_tensor(sorted(docs), dtype=torch.long), _ReconstructionTotals(d_sae))
+                        for name, docs in subsets.items()}
+
+    def add(self, x: Float[Tensor, "rows d"], x_hat: Float[Tensor, "rows d"], latents: Float[Tensor, "rows d_sae"],
+            docs: Int[Tensor, " rows"]) -> None:
+        self.all.add(x, x_hat, latents)
+        for members, totals in self.subsets.values():
+            rows = torch.isin(docs, members).to(x.device)
+            if rows.any():
+                totals.add(x[rows], x_hat[rows], latents[rows])
+
 def reconstruction_metrics(pairs: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
     """:data:`METRIC_CONVENTIONS` metrics of ``(x, x_hat)`` row batches, streamed as :func:`evaluate_sae` does."""
     totals = _ReconstructionTotals(0)
@@ -220,19 +241,25 @@ def _check_activation(act: Tensor, sae: Any, hook: str) -> None:
                          f"(per-head hooks such as hook_z are not supported)")
 
 
+def _score(act: Tensor, keep: Bool[Tensor, "batch pos"], sae: Any, hook: str, whitener: WhitenerLike | None,
+           scores: _Scores, docs: Int[Tensor, " rows"]) -> Float[Tensor, "rows d"]:
+    """Reconstruct the kept rows of ``act`` and add them to ``scores``; returns the reconstruction."""
+    _check_activation(act, sae, hook)
+    x = act[keep]  # (rows, d)
+    if not torch.isfinite(x).all():
+        raise FloatingPointError(f"non-finite activations at {hook}; check forward_dtype and the model")
+    latents, x_hat = reconstruct(sae, x, whitener)
+    scores.add(x, x_hat, latents, docs)
+    return x_hat
+
+
 def _splice_hook(sae: Any, keep: Bool[Tensor, "batch pos"], whitener: WhitenerLike | None,
-                 totals: _ReconstructionTotals) -> Any:
+                 scores: _Scores, docs: Int[Tensor, " rows"]) -> Any:
     """A hook replacing kept rows with their reconstruction and recording the metrics."""
 
     def hook_fn(act: Tensor, hook: Any) -> Tensor:
-        _check_activation(act, sae, hook.name)
-        x = act[keep]  # (rows, d)
-        if not torch.isfinite(x).all():
-            raise FloatingPointError(f"non-finite activations at {hook.name}; check forward_dtype and the model")
-        latents, x_hat = reconstruct(sae, x, whitener)
-        totals.add(x, x_hat, latents)
         out = act.clone()
-        out[keep] = x_hat
+        out[keep] = _score(act, keep, sae, hook.name, whitener, scores, docs)
         return out
 
     return hook_fn
@@ -267,19 +294,21 @@ def _ce_and_kl(log_probs: Float[Tensor, "n vocab"], targets: Int[Tensor, " n"],
 
 
 def _eval_batch(model: HookedTransformer, sae: Any, hook: str, batch: WindowBatch, policy: TokenPolicy,
-                whitener: WhitenerLike | None, ablation_mean: Tensor | None, totals: _ReconstructionTotals,
+                whitener: WhitenerLike | None, ablation_mean: Tensor | None, scores: _Scores,
                 sums: dict[str, float]) -> None:
     """Run every variant of one batch and add its CE / KL sums to ``sums``."""
     device = model.cfg.device
     tokens = batch.input_ids.to(device)
-    keep = policy.keep_mask(batch.input_ids, batch.attention_mask, model.tokenizer).to(device)
+    keep_cpu = policy.keep_mask(batch.input_ids, batch.attention_mask, model.tokenizer)
+    keep = keep_cpu.to(device)
     counted = batch.attention_mask[:, 1:].bool().to(device)  # (batch, pos-1): target is real
     targets = tokens[:, 1:][counted]  # (n,)
     sums["n"] += int(counted.sum())
 
     clean = target_log_probs(model(tokens, return_type="logits"), counted)
     sums["ce_clean"] += _ce_and_kl(clean, targets, None)[0]
-    variants = {"spliced": _splice_hook(sae, keep, whitener, totals), "zero_ablated": _ablate_hook(keep, None)}
+    variants = {"spliced": _splice_hook(sae, keep, whitener, scores, batch.cell_doc_index()[keep_cpu]),
+                "zero_ablated": _ablate_hook(keep, None)}
     if ablation_mean is not None:
         variants["mean_ablated"] = _ablate_hook(keep, ablation_mean)
     for name, hook_fn in variants.items():
@@ -289,6 +318,14 @@ def _eval_batch(model: HookedTransformer, sae: Any, hook: str, batch: WindowBatc
         sums[f"ce_{name}"] += ce
         sums[f"kl_{name}"] += kl
         del log_probs
+
+
+def _reconstruction_batch(model: HookedTransformer, sae: Any, hook: str, batch: WindowBatch, policy: TokenPolicy,
+                          whitener: WhitenerLike | None, forward_dtype: str | torch.dtype, scores: _Scores) -> None:
+    """Score one (possibly packed) batch for reconstruction only: one forward, stopped after the hook."""
+    keep = policy.keep_mask(batch.input_ids, batch.attention_mask, model.tokenizer)
+    act = run_to_hooks(model, [hook], batch.input_ids, forward_dtype, batch)[hook]
+    _score(act, keep.to(act.device), sae, hook, whitener, scores, batch.cell_doc_index()[keep])
 
 
 def _recovered(ablated: float, spliced: float, clean: float) -> float:
@@ -302,12 +339,16 @@ def _recovered(ablated: float, spliced: float, clean: float) -> float:
 def evaluate_sae(model: HookedTransformer, sae: Any, hook: str, batches: Iterable[WindowBatch],
                  policy: TokenPolicy = DEFAULT_POLICY, forward_dtype: str | torch.dtype = "float32",
                  whitener: WhitenerLike | None = None, max_batches: int | None = None,
-                 ablation_mean: Float[Tensor, " d"] | None = None) -> EvalResult:
+                 ablation_mean: Float[Tensor, " d"] | None = None,
+                 reconstruction_batches: Iterable[WindowBatch] = (),
+                 subsets: Mapping[str, Collection[int]] | None = None) -> EvalResult:
     """Evaluate a SAELens SAE at ``hook`` on held-out windows (see the module docstring).
 
     ``sae`` is any SAELens SAE (inference or training class; only ``encode`` / ``decode`` are
     used). ``whitener`` (optional) whitens the SAE's input and un-whitens its output.
     ``ablation_mean`` (optional, shape (d_in,)) adds the mean-ablation baseline.
+    ``reconstruction_batches`` (optional, packed or not) are scored for reconstruction and sparsity
+    only, one forward each; ``subsets`` (name -> document indices) adds those metrics per subset.
     """
     validate_hook(model, hook)
     if max_batches is not None and max_batches <= 0:
@@ -317,7 +358,7 @@ def evaluate_sae(model: HookedTransformer, sae: Any, hook: str, batches: Iterabl
     metadata_hook = getattr(getattr(sae.cfg, "metadata", None), "hook_name", None)
     if metadata_hook and metadata_hook != hook:
         logger.warning("evaluating at %s an SAE whose config names hook %s", hook, metadata_hook)
-    totals = _ReconstructionTotals(sae.cfg.d_sae)
+    scores = _Scores(sae.cfg.d_sae, subsets or {})
     sums = dict.fromkeys(["n", "ce_clean", "ce_spliced", "kl_spliced", "ce_zero_ablated",
                           "kl_zero_ablated", "ce_mean_ablated", "kl_mean_ablated"], 0.0)
     n_batches = 0
@@ -327,14 +368,19 @@ def evaluate_sae(model: HookedTransformer, sae: Any, hook: str, batches: Iterabl
                 break
             if batch.input_ids.numel() == 0:
                 continue
-            _eval_batch(model, sae, hook, batch, policy, whitener, ablation_mean, totals, sums)
+            _eval_batch(model, sae, hook, batch, policy, whitener, ablation_mean, scores, sums)
             n_batches += 1
-    return _summarise(hook, n_batches, totals, sums, ablation_mean is not None, whitener is not None,
+        for batch in tqdm(reconstruction_batches, desc=f"eval {hook} (reconstruction)", leave=False,
+                          total=len(reconstruction_batches) if hasattr(reconstruction_batches, "__len__") else None):
+            _reconstruction_batch(model, sae, hook, batch, policy, whitener, forward_dtype, scores)
+            n_batches += 1
+    return _summarise(hook, n_batches, scores, sums, ablation_mean is not None, whitener is not None,
                       str(forward_dtype).removeprefix("torch."), policy.to_json(model.tokenizer))
 
 
-def _summarise(hook: str, n_batches: int, totals: _ReconstructionTotals, sums: dict[str, float],
+def _summarise(hook: str, n_batches: int, scores: _Scores, sums: dict[str, float],
                with_mean: bool, whitened: bool, forward_dtype: str, policy: dict[str, Any]) -> EvalResult:
+    totals = scores.all
     n_rows, n_pred = totals.n_rows, int(sums["n"])
     if n_rows == 0 or n_pred == 0:
         raise ValueError(f"the eval set has {n_rows} kept rows and {n_pred} real next-token targets; "
@@ -351,7 +397,9 @@ def _summarise(hook: str, n_batches: int, totals: _ReconstructionTotals, sums: d
         kl_spliced=ce["kl_spliced"], kl_zero_ablated=ce["kl_zero_ablated"],
         ce_mean_ablated=ce["ce_mean_ablated"] if with_mean else None,
         ce_recovered_mean=_recovered(ce["ce_mean_ablated"], ce["ce_spliced"], ce["ce_clean"]) if with_mean else None,
-        whitened=whitened, forward_dtype=forward_dtype, policy=policy, firing_counts=counts)
+        whitened=whitened, forward_dtype=forward_dtype, policy=policy, firing_counts=counts,
+        subsets={name: {"n_rows": t.n_rows, "l0": t.l0_sum / t.n_rows, **t.metrics()}
+                 for name, (_, t) in scores.subsets.items() if t.n_rows})
     logger.info("eval %s: EV %.4f, L0 %.1f, dead %.3f, CE recovered %.4f, KL %.4g over %d rows",
                 hook, result.explained_variance, result.l0, result.dead_fraction, result.ce_recovered,
                 result.kl_spliced, n_rows)

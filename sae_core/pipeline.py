@@ -95,11 +95,9 @@ def load_model_of(run: RunConfig) -> Any:
 
     from sae_core.model_loading import load_model
 
-    kind = torch.device(run.device).type
-    if kind == "cuda" and not torch.cuda.is_available():
+    if torch.device(run.device).type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"{run.name}: MODEL_LOAD_CONFIG['device'] is {run.device!r} but this machine has no CUDA "
                            "device; set 'device': 'cpu' there (every stage follows it)")
-
     return load_model(run.constants if run.constants is not None else run.name)
 
 
@@ -132,9 +130,9 @@ def fit_whitening(stored: Any, run: RunConfig, out: Path) -> dict[str, Any]:
     for hook in stored.hooks:
         folder = out / "whitening" / hook
         if not (folder / WHITENING_FILENAME).exists():
-            statistics = statistics_from_run(stored.path, hook)
             knobs = run.whitening
-            statistics.to_whitener(method=knobs.method, eps=knobs.eps, shrinkage=knobs.shrinkage, hook=hook).save(folder)
+            statistics_from_run(stored.path, hook).to_whitener(method=knobs.method, eps=knobs.eps,
+                                                               shrinkage=knobs.shrinkage, hook=hook).save(folder)
             write_run_config(run, folder)
         whiteners[hook] = Whitener.load(folder, device=run.device)
     return whiteners
@@ -216,12 +214,9 @@ def analyse(model: Any, manager: Any, texts: list[str], run: RunConfig, out: Pat
     from sae_core.data import windowed_dataset
     from sae_core.latents import LatentCSR, encode_to_csr, latent_density, top_activating_examples
     from sae_core.loader import document_progress, make_dataloader
-    from sae_core.similarity import (
-        compute_feature_cooccurrence,
-        compute_feature_similarity,
-        similarity_blocks,
-        top_k_neighbours,
-    )
+    from sae_core.similarity import compute_feature_cooccurrence as cooccurrence
+    from sae_core.similarity import compute_feature_similarity, similarity_blocks, top_k_neighbours
+
     knobs = run.analysis
     folder = out / "analysis" / hook
     csr_dir = folder / "latents"
@@ -243,7 +238,7 @@ def analyse(model: Any, manager: Any, texts: list[str], run: RunConfig, out: Pat
     if not paths["similarity"].exists():
         compute_feature_similarity(W_dec, knobs.similarity_metric, knobs.similarity_chunk_size, out=folder)
     if not paths["cooccurrence"].exists():
-        compute_feature_cooccurrence(csr, knobs.cooccurrence_metric, knobs.cooccurrence_chunk_size, out=folder)
+        cooccurrence(csr, knobs.cooccurrence_metric, knobs.cooccurrence_chunk_size, out=folder)
     if not paths["neighbours"].exists():
         top_k_neighbours(similarity_blocks(W_dec, "cosine", knobs.similarity_chunk_size), k=knobs.n_neighbours,
                          out=folder, name="decoder_neighbours")
@@ -276,8 +271,8 @@ def feature_browser(model: Any, manager: Any, run: RunConfig, analysis: LatentAn
 
 
 def analysis_documents(run: RunConfig, texts: Sequence[str], sae_folder: Path) -> tuple[list[int], str]:
-    """The documents the analysis encodes: the first ``ANALYSIS['n_documents']`` of the SAE's held-out
-    split (``split.json``, checked against ``texts``), and where they came from.
+    """The documents the analysis encodes: ``ANALYSIS['n_documents']`` of the SAE's held-out split
+    (``split.json``, checked against ``texts``; all of them, or a seeded sample), and where they came from.
 
     An SAE without a split (trained elsewhere) is refused unless ``ANALYSIS['documents'] = "other"``,
     which analyses a seeded sample of ``texts`` and records it as such: those may include documents
@@ -296,7 +291,11 @@ def analysis_documents(run: RunConfig, texts: Sequence[str], sae_folder: Path) -
                                 "on are unknown; train it with this package (python -m scripts.train_sae), or "
                                 "set ANALYSIS['documents'] = 'other' to analyse a sample that may overlap them")
     split.check(texts, run.windows.text_field)
-    return split.held_out[:n], f"held out: the first {min(n, len(split.held_out))} of {sae_folder / SPLIT_FILENAME}"
+    if n >= len(split.held_out):
+        return list(split.held_out), f"held out: all {len(split.held_out)} of {sae_folder / SPLIT_FILENAME}"
+    # a seeded sample, not the first n: in a mix the corpora follow each other, so the first n would drop the last one's
+    sample = np.random.default_rng(run.windows.seed).choice(split.held_out, n, replace=False)
+    return sorted(sample.tolist()), f"held out: a seeded sample of {n} of the {len(split.held_out)} in {sae_folder / SPLIT_FILENAME}"
 
 
 def top_tokens(analysis: LatentAnalysis, tokenizer: Any, n: int = 5) -> dict[int, list[str]]:

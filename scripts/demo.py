@@ -16,6 +16,7 @@ import time
 from sae_core import pipeline
 from sae_core.files import atomic_write_json, read_json
 from sae_core.hooks import list_hook_points
+from sae_core.sae_folders import read_split
 from sae_core.steering import ModelSteering, Steer, SteeringComparison
 
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -96,6 +97,7 @@ index = pipeline.write_figures(out, f"sae_core demo: {run_config.model_name}", a
 
 lap("browser + figures")
 result = trained[first.hook].eval
+split = read_split(trained[first.hook].folder)
 top_tokens = pipeline.top_tokens(first, model.tokenizer)
 zero = sweep.record_of(0.0)
 # "Dead" three ways, each with the tokens it counts: latents the eval's few held-out tokens never fire
@@ -128,6 +130,8 @@ summary = {
                  "generation": knobs.generation_kwargs(), "dose_response": records},
     "seconds": round(time.perf_counter() - began, 1), "stage_seconds": stage_seconds,
     "analysis_documents": read_json(first.folder / pipeline.DOCUMENTS_FILENAME)["origin"],
+    "split": {"method": split.method, "held_out": len(split.held_out), "seed": split.seed},
+    "explained_variance_by_subset": {name: scores["explained_variance"] for name, scores in result.subsets.items()},
     "steering_latents_tried": list(tried),
 }
 atomic_write_json(out / "summary.json", summary)
@@ -136,6 +140,11 @@ print(f"\n{first.hook}: explained variance {result.explained_variance:.3f} | L0 
 print(f"dead latents: {dead['training']['fraction']:.3f} silent over the last {dead['training']['window_tokens']:,} "
       f"training tokens, {dead['analysis']['fraction']:.3f} never firing on the {dead['analysis']['tokens']:,} analysed "
       f"held-out tokens, {dead['eval']['fraction']:.3f} on the {dead['eval']['tokens']:,} eval tokens")
+print(f"held-out rows scored: {result.n_rows:,} for reconstruction ({run_config.evaluation.eval_windows} windows drawn "
+      f"as training draws them), {result.n_predictions:,} next-token predictions for CE / KL; split "
+      f"{summary['split']['method']}, {summary['split']['held_out']} documents held out")
+for subset, scores in result.subsets.items():
+    print(f"  {subset}: explained variance {scores['explained_variance']:.3f} on {scores['n_rows']:,} rows")
 print(f"analysed documents: {summary['analysis_documents']}")
 for latent, tokens in top_tokens.items():
     print(f"latent {latent:5d} (density {first.density[latent]:.4f}): top tokens {tokens}")

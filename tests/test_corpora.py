@@ -233,3 +233,81 @@ def test_training_config_reaches_the_proportional_windows(tiny_model, tokenizer)
     assert windows == {d: max(1, math.ceil(len(_ids(tokenizer, t)) / 31)) for d, t in enumerate(texts)}
     with pytest.raises(ValueError, match="windows_per_document"):
         build_flat(TrainingConfig, "training", hook_points=("h",), d_sae=64, windows_per_document="many")
+
+
+# --------------------------------------------------------------------------- held-out split and eval windows
+
+
+def test_length_stratified_split_holds_out_each_length_band_in_proportion():
+    """One held-out document from each of n strata of the documents sorted by length (checked by rank
+    here), so 20 long documents among 1,000 short ones give ~2 held out on every seed, where a uniform
+    draw gives anywhere from none to several."""
+    from sae_core.texts import split_documents
+
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([rng.integers(20, 200, 1000), rng.integers(20_000, 200_000, 20)])
+    lengths = lengths[rng.permutation(len(lengths))]
+    long = set(np.flatnonzero(lengths >= 20_000).tolist())
+    rank = np.empty(len(lengths), dtype=int)
+    rank[np.argsort(lengths, kind="stable")] = np.arange(len(lengths))
+    bounds = np.arange(101) * len(lengths) // 100
+    stratified, uniform = [], []
+    for seed in range(40):
+        train, held = split_documents(len(lengths), 100, seed, lengths.tolist())
+        assert len(held) == 100 and set(train).isdisjoint(held) and sorted(train + held) == list(range(len(lengths)))
+        strata = np.searchsorted(bounds, rank[held], side="right") - 1
+        assert sorted(strata.tolist()) == list(range(100))  # exactly one from each stratum
+        stratified.append(len(long & set(held)))
+        uniform.append(len(long & set(split_documents(len(lengths), 100, seed)[1])))
+    assert set(stratified) <= {1, 2} and min(uniform) == 0 and max(uniform) >= 4
+    assert split_documents(len(lengths), 100, 3, lengths.tolist()) == split_documents(len(lengths), 100, 3, lengths.tolist())
+    with pytest.raises(ValueError, match="lengths"):
+        split_documents(10, 2, 0, [1, 2, 3])
+
+
+def test_document_split_records_its_method_and_reads_old_splits_as_random(tmp_path):
+    from sae_core.sae_folders import read_split, write_split
+    from sae_core.texts import DocumentSplit
+
+    texts = [_long_text(n, seed=n) for n in range(5, 65)]
+    split = DocumentSplit.of(texts, 6, seed=1)
+    assert split.method == "length_stratified"
+    write_split(tmp_path, split)
+    assert read_split(tmp_path) == split
+    old = {k: v for k, v in split._asdict().items() if k != "method"}  # a split.json written before the method
+    (tmp_path / "split.json").write_text(json.dumps(old))
+    assert read_split(tmp_path).method == "random"
+    assert DocumentSplit.of(texts, 6, seed=1, method="random").held_out == sorted(np.random.default_rng(1).permutation(60)[:6].tolist())
+    with pytest.raises(ValueError, match="split method"):
+        DocumentSplit.of(texts, 6, seed=1, method="by_length")
+
+
+def test_eval_windows_are_drawn_as_training_draws_them(tiny_model, tokenizer):
+    """The evaluator scores a seeded sample of the windows an epoch draws from the held-out documents
+    (a long document gives many), CE on the first ce_windows only, and splits the rows by length."""
+    from sae_core.config import TrainingConfig, build_flat
+    from sae_core.training import HeldOutEvaluator, to_inference_sae
+    from sae_core.training.state import build_training_sae
+
+    texts = [_long_text(n, seed=n) for n in (400, 3, 5, 7, 9, 11, 13)]
+    cfg = build_flat(TrainingConfig, "training", hook_points=("blocks.0.hook_resid_post",), d_sae=64,
+                     max_text_length=32, windows_per_document="proportional", batch_tokens=256, pack_windows=True,
+                     eval_windows=12, ce_windows=4)
+    evaluator = HeldOutEvaluator(tiny_model, texts, range(len(texts)), cfg)
+    n_windows = {d: max(1, math.ceil(len(_ids(tokenizer, t)) / 31)) for d, t in enumerate(texts)}
+    assert n_windows[0] > 10 and evaluator.n_windows == 12
+    seen = {"ce": [], "rest": []}
+    for name, loader in (("ce", evaluator.loader), ("rest", evaluator.reconstruction_loader)):
+        for batch in loader:
+            seen[name] += [int(d) for d in batch.doc_index]
+            if name == "ce":
+                assert batch.segment is None  # one window a row: next-token losses stay per window
+    assert len(seen["ce"]) == 4 and len(seen["ce"]) + len(seen["rest"]) == 12
+    # the 12 of the 18 windows an epoch draws: the long document's share, not one in seven
+    assert seen["ce"].count(0) + seen["rest"].count(0) >= 6
+    sae = to_inference_sae(build_training_sae(cfg, 32, cfg.hook_points[0], 0))
+    result = evaluator(cfg.hook_points[0], sae)
+    subsets = list(result.subsets.values())
+    assert sum(s["n_rows"] for s in subsets) == result.n_rows  # every row in one subset
+    assert result.subsets["longer documents (> 31 tokens)"]["n_rows"] >= 6 * 31
+    assert result.n_predictions < result.n_rows  # CE on the first 4 windows only

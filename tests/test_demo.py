@@ -34,6 +34,10 @@ def test_demo_runs_end_to_end_and_reuses_its_outputs(tmp_path):
     evaluation = json.loads((sae_dir / "eval.json").read_text())
     assert summary["explained_variance"] == evaluation["explained_variance"]
     assert summary["ce_loss_recovered"] == evaluation["ce_recovered"]
+    split = json.loads((sae_dir / "split.json").read_text())
+    assert summary["split"] == {"method": "length_stratified", "held_out": len(split["held_out"]), "seed": split["seed"]}
+    assert summary["explained_variance_by_subset"] == {k: v["explained_variance"] for k, v in evaluation["subsets"].items()}
+    assert sum(v["n_rows"] for v in evaluation["subsets"].values()) == evaluation["n_rows"]
     # dead latents three ways, each against the file it is read from (CSR columns counted with numpy)
     dead = summary["dead"]
     assert dead["eval"] == {"fraction": evaluation["dead_fraction"], "tokens": evaluation["n_rows"]}

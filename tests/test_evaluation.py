@@ -12,7 +12,7 @@ from sae_lens import StandardSAE, StandardSAEConfig, TopKTrainingSAE, TopKTraini
 from scipy.special import log_softmax
 
 from sae_core.config import KEEP_ALL_BUT_PAD, LoaderConfig, TokenPolicy
-from sae_core.data import Window, WindowedTextDataset, pad_collate
+from sae_core.data import Window, WindowedTextDataset, pad_collate, pad_id_of
 from sae_core.evaluation import (
     CURVE_FILENAME,
     EVAL_FILENAME,
@@ -190,6 +190,40 @@ def test_metrics_match_dense_reference(tiny_model, batches):
     assert_matches(result, ref)
     assert result.dead_fraction >= 8 / (2 * D)  # the 8 latents with bias -1e4 never fire
     assert 0 < result.l0 < 2 * D
+
+
+def test_reconstruction_batches_and_subsets_match_dense_reference(tiny_model):
+    """Windows scored for reconstruction only (here packed, one forward each) add to the reconstruction
+    metrics but not to the CE; per-subset metrics equal a dense recomputation on those documents' rows."""
+    dataset = WindowedTextDataset(TEXTS, tiny_model.tokenizer, max_text_length=20, prepend_bos=True)
+    items, pad = [dataset[i] for i in range(len(TEXTS))], pad_id_of(tiny_model.tokenizer)
+    ce_batches, plain_rest = [pad_collate(items[:4], pad)], [pad_collate(items[4:], pad)]
+    packed_rest = [pad_collate(items[4:], pad, pack=True)]
+    assert packed_rest[0].input_ids.shape[0] < len(items) - 4  # windows do share rows
+    sae, subsets = standard_sae(), {"a": [0, 1, 5, 9], "b": [2, 3, 4, 6, 7, 8]}
+    result = evaluate_sae(tiny_model, sae, HOOK, ce_batches, reconstruction_batches=packed_rest, subsets=subsets)
+    keep = lambda b: reference_keep(b, tiny_model.tokenizer)  # noqa: E731
+    everything = dense_reference(tiny_model, ce_batches + plain_rest, lambda x: standard_ref(sae, x), keep)
+    ce_only = dense_reference(tiny_model, ce_batches, lambda x: standard_ref(sae, x), keep)
+    for key in ("n_rows", "mse", "explained_variance", "l0", "mean_activation_norm", "normalized_mse"):
+        assert getattr(result, key) == pytest.approx(everything[key], rel=1e-4), key
+    np.testing.assert_array_equal(result.firing_counts, everything["firing_counts"])
+    for key in ("n_predictions", "ce_clean", "ce_spliced", "ce_recovered", "kl_spliced"):
+        assert getattr(result, key) == pytest.approx(ce_only[key], rel=1e-5, abs=1e-6), key
+    for name, docs in subsets.items():
+        rows, doc_of = [], []
+        for batch in ce_batches + plain_rest:
+            with torch.no_grad():
+                _, cache = tiny_model.run_with_cache(batch.input_ids, names_filter=[HOOK])
+            k = keep(batch)
+            rows.append(cache[HOOK].double().numpy()[k])
+            doc_of.append(np.broadcast_to(batch.doc_index.numpy()[:, None], k.shape)[k])
+        x = np.concatenate(rows)[np.isin(np.concatenate(doc_of), docs)]
+        latents, x_hat = standard_ref(sae, x)
+        got = result.subsets[name]
+        assert got["n_rows"] == len(x) and got["l0"] == pytest.approx((latents != 0).sum(1).mean(), rel=1e-6)
+        assert got["explained_variance"] == pytest.approx(
+            1 - ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum(), rel=1e-4)
 
 
 def test_topk_training_sae_with_sparse_latents(tiny_model, batches):

@@ -183,7 +183,7 @@ def test_a_constant_file_sweep_reaches_the_pipeline(tiny_model, tmp_path, monkey
     module.__dict__.update({k: getattr(base, k) for k in dir(base) if k.isupper()})
     module.TRAINING = {**base.TRAINING, "total_training_tokens": 512, "shuffle_buffer_tokens": 256,
                        "sweep": [{"k": 2}, {"k": 8, "name": "wide"}]}
-    module.EVALUATION = {"held_out_documents": 4, "eval_documents": 4}
+    module.EVALUATION = {"held_out_documents": 4, "ce_windows": 4}
     run = RunConfig.from_constants(module)
     texts = [f"Document {i} talks about the weather, the sea and the hills." * 3 for i in range(24)]
     reports = pipeline.train_saes(tiny_model, texts, run, tmp_path)

@@ -135,16 +135,28 @@ class EvaluationConfig:
     held_out_documents: int = 512
     """Documents held out of training: the run's one split, saved with the SAE (``split.json``) and used
     by evaluation, the CSR latents, top examples, densities and co-occurrence."""
-    eval_documents: int = 64
-    """Held-out documents the evaluation scores (the first of the split; each costs ~4 forward passes)."""
+    split: Literal["length_stratified", "random"] = "length_stratified"
+    """How they are drawn: one from each of ``held_out_documents`` strata of the documents sorted by
+    length (the held-out set spans short and long documents as the corpus does), or uniformly."""
+    eval_windows: int = 256
+    """Held-out windows scored for reconstruction and sparsity (explained variance, MSE, L0, dead): a
+    seeded sample of the windows an epoch draws from the held-out documents, drawn as training draws
+    them (``TRAINING['windows_per_document']``), so long documents weigh as they do in training. One
+    forward to the hook each (cheap)."""
+    ce_windows: int = 32
+    """The first of those (a random order) also scored for CE-loss recovered and KL: three or four full
+    forward passes each (clean, spliced, zero- and mean-ablated)."""
     eval_every_tokens: int | None = None
     """Evaluate on held-out windows every so many tokens (None: at the end only)."""
 
     def __post_init__(self) -> None:
         check_fields(self)
         problems: list[str] = []
-        positive(problems, held_out_documents=self.held_out_documents, eval_documents=self.eval_documents,
-                 eval_every_tokens=self.eval_every_tokens)
+        positive(problems, held_out_documents=self.held_out_documents, eval_windows=self.eval_windows,
+                 ce_windows=self.ce_windows, eval_every_tokens=self.eval_every_tokens)
+        if self.ce_windows > self.eval_windows:
+            problems.append(f"ce_windows ({self.ce_windows}) must not exceed eval_windows ({self.eval_windows}): "
+                            "the CE windows are the first of the eval windows")
         raise_problems("EvaluationConfig", problems)
 
 

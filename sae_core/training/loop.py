@@ -59,7 +59,6 @@ the hook, step and source position, before anything is written.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -67,18 +66,19 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from sae_lens import SAE
 from torch import Tensor
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from sae_core.checks import check_against_model, check_texts, model_fingerprint, texts_digest
 from sae_core.config import TrainingConfig, to_json
-from sae_core.data import WindowedTextDataset, windowed_dataset
+from sae_core.data import PadCollate, WindowedTextDataset, pad_id_of, windowed_dataset
 from sae_core.evaluation import EvalResult, append_curve, evaluate_sae, write_curve, write_eval
 from sae_core.files import FolderLock, atomic_write_json
-from sae_core.loader import make_dataloader
 from sae_core.sae_folders import load_sae_folder, write_sae_folder, write_split
 from sae_core.texts import DocumentSplit
 from sae_core.training.sources import (
@@ -88,6 +88,7 @@ from sae_core.training.sources import (
     ModelActivationSource,
     StepProfile,
     TensorChunkSource,
+    TokenBudgetBatchSampler,
     hook_widths,
     rank_and_world,
 )
@@ -111,6 +112,7 @@ CONFIG_FILENAME = "training_config.json"
 CHECKPOINTS_DIRNAME = "checkpoints"
 TRAINING_LOCK = ".training.lock"
 PROFILE_FILENAME = "profile.json"  # where the run's wall time went (StepProfile.summary)
+EVAL_STREAM = 7_919  # seeds the eval windows' order apart from every other stream of the run
 
 
 class TrainedSAE(NamedTuple):
@@ -136,18 +138,40 @@ class TrainingRun(NamedTuple):
 
 
 class HeldOutEvaluator:
-    """``sae_core.evaluation.evaluate_sae`` on the windows of held-out documents."""
+    """``sae_core.evaluation.evaluate_sae`` on held-out windows drawn as training draws them.
+
+    The windows an epoch would draw from the held-out ``documents`` (one a document, or in
+    proportion to length: ``TRAINING['windows_per_document']``) are shuffled with the run's seed;
+    the first ``EVALUATION['eval_windows']`` are scored for reconstruction (the first ``ce_windows``
+    of them, one window a row, also for CE and KL: those forwards score next-token losses per row,
+    which packing would mix; the rest in the loader's batches, packed if it packs). Reconstruction
+    is also reported per subset: documents of one window and longer documents.
+    """
 
     def __init__(self, model: HookedTransformer, texts: Any, documents: Sequence[int], cfg: TrainingConfig) -> None:
-        dataset = windowed_dataset(texts, model.tokenizer, cfg.windows)
-        # One window per row: the spliced forwards score next-token losses per row, which packing would mix.
-        self.loader = make_dataloader(dataset, dataclasses.replace(cfg.loader, pack_windows=False), documents)
+        dataset = windowed_dataset(texts, model.tokenizer, cfg.windows, windows_per_document=cfg.windows_per_document)
+        sampler = TokenBudgetBatchSampler(dataset, documents, cfg.loader.training_batch_tokens,
+                                          cfg.loader.length_group_documents, cfg.loader.pack_windows)
+        order = np.random.default_rng((cfg.seed, EVAL_STREAM)).permutation(len(sampler.items))
+        items = [sampler.items[i] for i in order[:cfg.evaluation.eval_windows]]
+        pad, ce = pad_id_of(model.tokenizer), cfg.evaluation.ce_windows
+        self.loader = self._loader(dataset, sampler.restricted(items[:ce], pack=False), pad)
+        self.reconstruction_loader = self._loader(dataset, sampler.restricted(items[ce:]), pad)
+        room = dataset.max_text_length - int(dataset.prepend_bos)
+        long = {d for d in sampler.documents if sampler.windows[d] > 1 or sampler.lengths[d] > room}
+        self.subsets = {f"documents of one window (<= {room} tokens)": sorted(set(sampler.documents) - long),
+                        f"longer documents (> {room} tokens)": sorted(long)}
+        self.n_windows = len(items)
         self.model, self.cfg = model, cfg
 
-    def __call__(self, hook: str, sae: SAE, whitener: Any = None, ablation_mean: Tensor | None = None,
-                 max_batches: int | None = None) -> EvalResult:
+    @staticmethod
+    def _loader(dataset: WindowedTextDataset, sampler: TokenBudgetBatchSampler, pad: int) -> DataLoader:
+        return DataLoader(dataset, batch_sampler=sampler.batches(0), collate_fn=PadCollate(pad, sampler.pack))
+
+    def __call__(self, hook: str, sae: SAE, whitener: Any = None, ablation_mean: Tensor | None = None) -> EvalResult:
         return evaluate_sae(self.model, sae, hook, self.loader, self.cfg.policy, self.cfg.forward.dtype,
-                            whitener, max_batches=max_batches, ablation_mean=ablation_mean)
+                            whitener, ablation_mean=ablation_mean, reconstruction_batches=self.reconstruction_loader,
+                            subsets=self.subsets)
 
 
 Evaluator = Callable[..., EvalResult]
@@ -191,7 +215,7 @@ def train_saes(cfg: TrainingConfig, source: ActivationSource, widths: Mapping[st
 
     ``whitener`` (optional): the SAEs see ``whitener.forward(x)`` (or ``x`` itself when the source
     is already whitened, ``inputs_whitened``) and the whitening is saved beside each SAE.
-    ``evaluator(hook, sae, whitener, ablation_mean, max_batches=None)`` scores the final SAEs
+    ``evaluator(hook, sae, whitener, ablation_mean)`` scores the final SAEs
     (and intermediate ones every ``eval_every_tokens``). With ``resume``, an interrupted run
     continues from its last checkpoint in ``output_root/checkpoints/<hooks>``, refused when
     ``identity`` (what the rows are made from: model fingerprint, texts) or a setting differs.
@@ -358,13 +382,14 @@ def train_from_model(model: HookedTransformer, texts: Any, cfg: TrainingConfig, 
     """Train on activations of ``model`` over windows of ``texts``, holding out the run's split.
 
     The split (:class:`~sae_core.texts.DocumentSplit`: ``EVALUATION['held_out_documents']`` seeded
-    documents) is saved as ``split.json`` in every SAE folder; the evaluation scores the first
-    ``eval_documents`` of them, and the analysis reads the split back, so no later stage sees a
-    training document.
+    documents, length-stratified by default) is saved as ``split.json`` in every SAE folder; the
+    evaluation scores windows drawn from them as training draws windows (:class:`HeldOutEvaluator`),
+    and the analysis reads the split back, so no later stage sees a training document.
     """
     check_texts(texts, cfg.windows.text_field)
     check_against_model(model, cfg.windows.max_text_length, "TrainingConfig")
-    split = DocumentSplit.of(texts, cfg.evaluation.held_out_documents, cfg.seed, cfg.windows.text_field)
+    split = DocumentSplit.of(texts, cfg.evaluation.held_out_documents, cfg.seed, cfg.windows.text_field,
+                             cfg.evaluation.split)
     dataset = windowed_dataset(texts, model.tokenizer, cfg.windows, windows_per_document=cfg.windows_per_document)
     source = model_source(model, dataset, cfg, split.train)
     widths = hook_widths(model, cfg.hook_points)
@@ -373,8 +398,7 @@ def train_from_model(model: HookedTransformer, texts: Any, cfg: TrainingConfig, 
         whitener = Whitener.load(cfg.whitening_path, expected_d=widths[cfg.hook_points[0]], device=cfg.device)
     info = {"model_name": model.cfg.model_name, "context_size": cfg.windows.max_text_length,
             "prepend_bos": cfg.windows.prepend_bos, **dict(metadata or {})}
-    scored = split.held_out[:cfg.evaluation.eval_documents]
-    evaluator = HeldOutEvaluator(model, texts, scored, cfg)  # every rank has one; rank 0 runs it
+    evaluator = HeldOutEvaluator(model, texts, split.held_out, cfg)  # every rank has one; rank 0 runs it
     identity = {"model": model.cfg.model_name, "model_fingerprint": model_fingerprint(model), "widths": widths,
                 "texts": {"n_documents": len(texts), "sha256": texts_digest(texts, cfg.windows.text_field)}}
     run = train_saes(cfg, source, widths, output_root, evaluator=evaluator, whitener=whitener,

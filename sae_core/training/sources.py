@@ -116,9 +116,16 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
         self.batch_tokens, self.group, self.pack = batch_tokens, group_documents, pack
         lengths, windows = self._window_lengths(self.documents)
         self.lengths = dict(zip(self.documents, lengths, strict=True))
+        self.windows = dict(zip(self.documents, windows, strict=True))
         # what an epoch draws: each document once, or (proportional) each of its windows
         self.items: list[Any] = (self.documents if dataset.windows_per_document == "one" else
                                  [WindowKey(d, j) for d, n in zip(self.documents, windows, strict=True) for j in range(n)])
+
+    def restricted(self, items: Sequence[Any], pack: bool | None = None) -> TokenBudgetBatchSampler:
+        """The same sampler drawing only ``items`` (some of :attr:`items`), packed or not."""
+        out = copy.copy(self)
+        out.items, out.pack = list(items), self.pack if pack is None else pack
+        return out
 
     def _window_lengths(self, documents: list[int]) -> tuple[list[int], list[int]]:
         """(window length, windows an epoch) of each document."""

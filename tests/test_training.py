@@ -62,8 +62,8 @@ def _grads(sae: TopKTrainingSAE, loss: torch.Tensor) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("rescale", [True, False])
 @pytest.mark.parametrize("b_dec_in", [True, False])
-@pytest.mark.parametrize("with_dead", [False, True])
-def test_sparse_step_equals_saelens_dense_step(rescale, b_dec_in, with_dead):
+@pytest.mark.parametrize("dead_every", [None, 3, 20])  # no AuxK; 32 dead > k_aux = 12; 5 dead < k_aux
+def test_sparse_step_equals_saelens_dense_step(rescale, b_dec_in, dead_every):
     """Loss and every gradient equal SAELens's dense ``training_forward_pass`` (MSE + AuxK).
 
     In float64 both compute the same sums in different orders, so they agree to ~1e-15 relative;
@@ -72,13 +72,13 @@ def test_sparse_step_equals_saelens_dense_step(rescale, b_dec_in, with_dead):
     """
     sae = _saelens_topk(24, 96, 6, rescale, b_dec_in, "float64")
     x = torch.randn(64, 24, dtype=torch.float64) * 2
-    dead = (torch.arange(96) % 3 == 0) if with_dead else None
+    dead = (torch.arange(96) % dead_every == 0) if dead_every else None
     ref = sae.training_forward_pass(TrainStepInput(x, {}, dead, 0, False))
     ref_grads = _grads(sae, ref.loss)
     out = topk_training_step(sae, x, dead, torch.float64)
     grads = _grads(sae, out.loss)
     assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-12)
-    if with_dead:
+    if dead_every:
         assert out.aux_loss.item() == pytest.approx(ref.losses["auxiliary_reconstruction_loss"].item(), rel=1e-12)
         assert out.aux_loss.item() > 0
     torch.testing.assert_close(out.sae_out, ref.sae_out.detach(), rtol=1e-12, atol=1e-12)

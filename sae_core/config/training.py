@@ -143,7 +143,7 @@ class EvaluationConfig:
     seeded sample of the windows an epoch draws from the held-out documents, drawn as training draws
     them (``TRAINING['windows_per_document']``), so long documents weigh as they do in training. One
     forward to the hook each (cheap)."""
-    ce_windows: int = 32
+    ce_windows: int = 64
     """The first of those (a random order) also scored for CE-loss recovered and KL: three or four full
     forward passes each (clean, spliced, zero- and mean-ablated)."""
     eval_every_tokens: int | None = None

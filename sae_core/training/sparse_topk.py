@@ -166,9 +166,16 @@ def _aux_loss(sae: TopKTrainingSAE, x: Tensor, sae_out: Tensor, ranking: Tensor,
     scale = min(n_dead / k_aux, 1.0)
     k_aux = min(k_aux, n_dead)
     with torch.no_grad():
-        masked = ranking.masked_fill(~dead_mask.to(ranking.device), float("-inf"))
-        aux_indices = torch.topk(masked, k_aux, dim=-1, sorted=False).indices  # (rows, k_aux)
-        aux_selected = _pre_acts_at(ranking, aux_indices, norms, x.dtype)
+        # the top k_aux of the dead columns alone: the same latents as a top-k over the ranking with the
+        # live columns at -inf, without copying and masking the whole (rows, d_sae) ranking
+        dead = dead_mask.to(ranking.device).nonzero().squeeze(1)  # (n_dead,)
+        among = ranking.index_select(1, dead)  # (rows, n_dead)
+        if k_aux < n_dead:
+            aux_indices = dead[torch.topk(among, k_aux, dim=-1, sorted=False).indices]  # (rows, k_aux)
+            among = among.gather(1, torch.searchsorted(dead, aux_indices))
+        else:
+            aux_indices = dead.expand(ranking.shape[0], n_dead)
+        aux_selected = among.to(x.dtype) / norms[aux_indices] if norms is not None else among.to(x.dtype)
     aux_pre = _SelectedPreActs.apply(aux_selected, centered, sae.W_enc, sae.b_enc, b_dec, aux_indices)
     recons = _SparseDecode.apply(aux_pre, sae.W_dec, aux_indices)  # no b_dec: it is in the residual
     residual = (x - sae_out).detach()

@@ -51,7 +51,14 @@ def machine_info() -> dict[str, Any]:
     mem_gib = None
     with contextlib.suppress(OSError, ValueError):
         mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    cpu_model, flags = None, []
+    with contextlib.suppress(OSError):
+        info = Path("/proc/cpuinfo").read_text()
+        cpu_model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), None)
+        present = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+        flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in present]  # what the matmuls can use
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_model": cpu_model, "cpu_flags": flags,
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory_gib": mem_gib,
             "load_average": list(os.getloadavg()), "python": platform.python_version(), "versions": versions}
 

@@ -26,6 +26,17 @@ stage_seconds: dict[str, float] = {}
 mark = [began]
 
 
+def corpus_line(record: dict | None, source: str, n_documents: int) -> str:
+    """The corpus in one line: each part's share, package and licence (``run_config.json`` has the hashes)."""
+    if record is None:
+        return f"corpus: {source}, {n_documents:,} documents (a source of the user's)"
+    parts = record.get("corpora", {source: record})
+    tokens = f", {record['total_tokens'] / 1e6:.2f}M tokens" if "total_tokens" in record else ""
+    return (f"corpus: {source}, {n_documents:,} documents{tokens}: " + "; ".join(
+        f"{name}" + (f" {p['weight']:.0%}" if "weight" in p else "") + f" ({p['package']} {p['version']}, {p['licence']})"
+        for name, p in parts.items()))
+
+
 def lap(stage: str) -> None:
     """Record the wall time of the stage that just ended."""
     now = time.perf_counter()
@@ -42,8 +53,9 @@ model = pipeline.load_model_of(run_config)
 print(f"{len(model.hook_dict)} hook points, e.g. {[h.name for h in list_hook_points(model, '*resid_post', seq_len=None)][:3]}")
 texts = pipeline.load_texts_of(run_config)
 
+corpus = corpus_line(pipeline.corpus_record(run_config), run_config.dataset.source, len(texts))
 lap("load")
-print(f"[1/7] {len(texts):,} documents; collecting activations")
+print(f"[1/7] {corpus}\n  collecting activations")
 run = pipeline.collect_activations(model, run_config, texts, out)
 
 lap("store")
@@ -108,7 +120,7 @@ dead = {"eval": {"fraction": result.dead_fraction, "tokens": result.n_rows},
                      "window_tokens": run_config.training.dead_window_tokens},
         "analysis": {"fraction": float((first.density == 0).mean()), "tokens": first.csr.n_rows}}
 summary = {
-    "model": run_config.model_name, "hook": first.hook, "stored_rows": len(run), "d_sae": int(first.W_dec.shape[0]),
+    "model": run_config.model_name, "corpus": corpus, "hook": first.hook, "stored_rows": len(run), "d_sae": int(first.W_dec.shape[0]),
     "explained_variance": result.explained_variance, "l0": result.l0, "dead_fraction": result.dead_fraction,
     "dead": dead,
     "ce_loss_recovered": result.ce_recovered, "kl": result.kl_spliced,
@@ -140,6 +152,7 @@ print(f"\n{first.hook}: explained variance {result.explained_variance:.3f} | L0 
 print(f"dead latents: {dead['training']['fraction']:.3f} silent over the last {dead['training']['window_tokens']:,} "
       f"training tokens, {dead['analysis']['fraction']:.3f} never firing on the {dead['analysis']['tokens']:,} analysed "
       f"held-out tokens, {dead['eval']['fraction']:.3f} on the {dead['eval']['tokens']:,} eval tokens")
+print(corpus)
 print(f"held-out rows scored: {result.n_rows:,} for reconstruction ({run_config.evaluation.eval_windows} windows drawn "
       f"as training draws them), {result.n_predictions:,} next-token predictions for CE / KL; split "
       f"{summary['split']['method']}, {summary['split']['held_out']} documents held out")

@@ -34,6 +34,9 @@ def test_demo_runs_end_to_end_and_reuses_its_outputs(tmp_path):
     evaluation = json.loads((sae_dir / "eval.json").read_text())
     assert summary["explained_variance"] == evaluation["explained_variance"]
     assert summary["ce_loss_recovered"] == evaluation["ce_recovered"]
+    run_config = json.loads((sae_dir / "run_config.json").read_text())
+    part = run_config["corpus"] if "package" in run_config["corpus"] else next(iter(run_config["corpus"]["corpora"].values()))
+    assert summary["corpus"] in stdout and f"({part['package']} {part['version']}, {part['licence']})" in summary["corpus"]
     split = json.loads((sae_dir / "split.json").read_text())
     assert summary["split"] == {"method": "length_stratified", "held_out": len(split["held_out"]), "seed": split["seed"]}
     assert summary["explained_variance_by_subset"] == {k: v["explained_variance"] for k, v in evaluation["subsets"].items()}

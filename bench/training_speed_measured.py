@@ -1,0 +1,107 @@
+"""Training speed with every compile counted, measured (not projected) at 1,048,576 tokens a run.
+
+    python -m bench.training_speed_measured                                   # bf16, 1 repeat (~30 min)
+    python -m bench.training_speed_measured --repeats 3 --precisions bfloat16,float32
+
+The same rows and settings as ``bench.bench_training_speed`` (ours compiled + packed + prefetched;
+SAELens's ``LanguageModelSAETrainingRunner`` as shipped and with ``compile_llm`` / ``compile_sae``;
+equal start; its dataset shuffled), but every run is a fresh process with an empty inductor cache
+(``TORCHINDUCTOR_CACHE_DIR`` a new folder), so each compiled row pays its whole compile inside
+its timed call, as a user's first run does. Rows are interleaved within a repeat (ours, SAELens,
+SAELens compiled); a ratio is taken per repeat and reported as median with min-max (one repeat:
+the single value). The timed call is the training call alone on both sides (model loading and
+corpus reading before it, in the same process, untimed on both sides).
+Results: ``bench/results/training_speed_measured_<precisions>.json`` (``..._<tokens>.json`` below 1M tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from bench.bench_training_speed import FULL_TOKENS, ours_config, run_ours, run_saelens
+from bench.common import write_result
+
+ROWS = ("ours", "saelens", "saelens_compiled")
+
+
+def one_row(row: str, precision: str, tokens: int) -> dict[str, Any]:
+    """One timed training run of ``row`` in this process (see the module docstring)."""
+    from bench.bench_training import base_config
+    from bench.common import load_smollm2
+    from sae_core.corpora import fortunes_corpus
+    from sae_core.training import split_documents
+
+    model, texts, base = load_smollm2("float32"), fortunes_corpus(), base_config(tokens)
+    documents, _ = split_documents(len(texts), base.evaluation.held_out_documents, base.seed)
+    cfg = ours_config(base, precision, tokens)
+    if row == "ours":
+        return run_ours(model, texts, documents, cfg)
+    return run_saelens(model, texts, documents, cfg, precision, compiled=row == "saelens_compiled")
+
+
+def run_in_fresh_process(row: str, precision: str, tokens: int) -> dict[str, Any]:
+    """:func:`one_row` in a new interpreter with an empty inductor cache; its JSON line back."""
+    with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        done = subprocess.run([sys.executable, "-m", "bench.training_speed_measured", "--row", row,
+                               "--precisions", precision, "--tokens", str(tokens)],
+                              env=env, capture_output=True, text=True, timeout=4 * 3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"{row} {precision} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=FULL_TOKENS, help="tokens per training run")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats of every row")
+    parser.add_argument("--precisions", default="bfloat16", help="comma-separated")
+    parser.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # one run, in a child process
+    args = parser.parse_args()
+    if args.repeats < 1 or args.tokens < 4096:
+        parser.error("--repeats must be >= 1 and --tokens >= 4096")
+    logging.basicConfig(level=logging.WARNING)
+    if args.row:
+        print(json.dumps(one_row(args.row, args.precisions, args.tokens), default=str))
+        return
+    precisions, began = args.precisions.split(","), time.perf_counter()
+    repeats: list[dict[str, Any]] = []
+    for repeat in range(args.repeats):
+        rows = {}
+        for precision in precisions:
+            for row in ROWS:
+                rows[f"{row}_{precision}"] = run_in_fresh_process(row, precision, args.tokens)
+                print(f"repeat {repeat + 1}/{args.repeats} {row}_{precision}: "
+                      f"{rows[f'{row}_{precision}']['tokens_per_s']:,.0f} tokens/s", flush=True)
+        repeats.append(rows)
+    summary = {}
+    for p in precisions:
+        summary[f"rates_{p}"] = {row: spread([r[f"{row}_{p}"]["tokens_per_s"] for r in repeats]) for row in ROWS}
+        for peer in ("saelens", "saelens_compiled"):
+            summary[f"ours_{p}_vs_{peer}_{p}"] = spread([r[f"ours_{p}"]["tokens_per_s"] / r[f"{peer}_{p}"]["tokens_per_s"]
+                                                        for r in repeats])
+    record = {"tokens_per_run": args.tokens, "repeats": args.repeats, "precisions": precisions,
+              "command": " ".join(sys.argv), "runs": repeats, "summary": summary,
+              "wall_seconds": time.perf_counter() - began}
+    suffix = "" if args.tokens >= FULL_TOKENS else f"_{args.tokens}"  # a smoke run never replaces the full result
+    path = write_result("training_speed_measured_" + "_".join(precisions) + suffix, record)
+    for key, value in summary.items():
+        print(key, json.dumps(value, default=lambda v: round(v, 3)))
+    print(f"wrote {path} in {record['wall_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -33,6 +33,7 @@ from sae_core.training import (
     train_from_activations,
     train_saes,
 )
+from sae_core.training import sparse_topk
 from sae_core.training import state as training_state
 from sae_core.training.sources import BlockShuffler, TensorChunkSource
 from sae_core.training.sparse_topk import topk_training_step
@@ -62,14 +63,17 @@ def _grads(sae: TopKTrainingSAE, loss: torch.Tensor) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("rescale", [True, False])
 @pytest.mark.parametrize("b_dec_in", [True, False])
-@pytest.mark.parametrize("dead_every", [None, 3, 20])  # no AuxK; 32 dead > k_aux = 12; 5 dead < k_aux
-def test_sparse_step_equals_saelens_dense_step(rescale, b_dec_in, dead_every):
+@pytest.mark.parametrize("dead_every,dense_ratio", [(None, 8), (3, 8), (20, 8), (3, 1), (20, 0)])
+def test_sparse_step_equals_saelens_dense_step(rescale, b_dec_in, dead_every, dense_ratio, monkeypatch):
     """Loss and every gradient equal SAELens's dense ``training_forward_pass`` (MSE + AuxK).
 
     In float64 both compute the same sums in different orders, so they agree to ~1e-15 relative;
     1e-10 leaves room for the rescale identity relu(h n)/n = relu(h) (SAELens differentiates
     both sides, we use the identity), which is exact in real arithmetic.
     """
+    # dead_every: no AuxK; 32 dead > k_aux = 12; 5 dead < k_aux. dense_ratio: the AuxK path (dense over the
+    # dead columns while n_dead <= ratio * k_aux: 8 takes it in both cases, 1 and 0 take the sparse one)
+    monkeypatch.setattr(sparse_topk, "DENSE_AUX_RATIO", dense_ratio)
     sae = _saelens_topk(24, 96, 6, rescale, b_dec_in, "float64")
     x = torch.randn(64, 24, dtype=torch.float64) * 2
     dead = (torch.arange(96) % dead_every == 0) if dead_every else None
@@ -384,6 +388,7 @@ from sae_core.corpora import fortunes_corpus
 from sae_core.files import atomic_path
 from sae_core.model_loading import load_model
 from sae_core.training import hook_widths, train_saes
+from sae_core.training import sparse_topk
 from sae_core.training import state as training_state
 from test_training import HOOK, _model_cfg, _model_source
 

@@ -158,25 +158,66 @@ def _pre_acts_at(ranking: Tensor, indices: Tensor, norms: Tensor | None, dtype: 
 
 def _aux_loss(sae: TopKTrainingSAE, x: Tensor, sae_out: Tensor, ranking: Tensor, norms: Tensor | None,
               centered: Tensor, b_dec: Tensor | None, dead_mask: Tensor | None) -> Tensor:
-    """SAELens's AuxK loss (``calculate_topk_aux_loss``) on the sparse path."""
+    """SAELens's AuxK loss (``calculate_topk_aux_loss``): dense over the dead columns when they are few
+    enough next to ``k_aux`` (:data:`DENSE_AUX_RATIO`), else on the sparse path."""
     n_dead = int(dead_mask.sum()) if dead_mask is not None else 0
     if n_dead == 0:
         return x.new_zeros(())
     k_aux = x.shape[-1] // 2
     scale = min(n_dead / k_aux, 1.0)
     k_aux = min(k_aux, n_dead)
+    residual = (x - sae_out).detach()
     with torch.no_grad():
         # the top k_aux of the dead columns alone: the same latents as a top-k over the ranking with the
         # live columns at -inf, without copying and masking the whole (rows, d_sae) ranking
         dead = dead_mask.to(ranking.device).nonzero().squeeze(1)  # (n_dead,)
         among = ranking.index_select(1, dead)  # (rows, n_dead)
-        if k_aux < n_dead:
+        if n_dead <= DENSE_AUX_RATIO * k_aux:
+            values, keep = among.to(x.dtype) / norms[dead] if norms is not None else among.to(x.dtype), None
+            if k_aux < n_dead:
+                keep = torch.zeros_like(values, dtype=torch.bool)
+                keep.scatter_(1, torch.topk(among, k_aux, dim=-1, sorted=False).indices, True)
+                values = values.masked_fill(~keep, 0.0)
+    if n_dead <= DENSE_AUX_RATIO * k_aux:
+        recons = _DenseDeadDecode.apply(values, keep, centered, sae.W_enc, sae.b_enc, b_dec, sae.W_dec, dead)
+    else:
+        with torch.no_grad():
             aux_indices = dead[torch.topk(among, k_aux, dim=-1, sorted=False).indices]  # (rows, k_aux)
-            among = among.gather(1, torch.searchsorted(dead, aux_indices))
-        else:
-            aux_indices = dead.expand(ranking.shape[0], n_dead)
-        aux_selected = among.to(x.dtype) / norms[aux_indices] if norms is not None else among.to(x.dtype)
-    aux_pre = _SelectedPreActs.apply(aux_selected, centered, sae.W_enc, sae.b_enc, b_dec, aux_indices)
-    recons = _SparseDecode.apply(aux_pre, sae.W_dec, aux_indices)  # no b_dec: it is in the residual
-    residual = (x - sae_out).detach()
+            aux_selected = _pre_acts_at(ranking, aux_indices, norms, x.dtype)
+        aux_pre = _SelectedPreActs.apply(aux_selected, centered, sae.W_enc, sae.b_enc, b_dec, aux_indices)
+        recons = _SparseDecode.apply(aux_pre, sae.W_dec, aux_indices)  # no b_dec: it is in the residual
     return sae.cfg.aux_loss_coefficient * scale * (recons - residual).pow(2).sum(dim=-1).mean()
+
+
+DENSE_AUX_RATIO = 8
+"""The AuxK reconstruction runs as dense matmuls over the dead columns while there are at most this
+many dead latents per selected one (``n_dead <= 8 k_aux``): four ``rows x n_dead x d_in`` matmuls
+then cost less than the gathers and scatters of the ``rows x k_aux`` sparse path."""
+
+
+class _DenseDeadDecode(torch.autograd.Function):
+    """``values @ W_dec[dead]`` where ``values[r, j]`` is the pre-activation ``h`` of dead latent
+    ``dead[j]`` if it is among row ``r``'s top ``k_aux`` (``keep``; None: all are) and 0 else, with exact gradients for
+    ``W_enc``, ``b_enc``, ``b_dec`` (through ``h``) and ``W_dec``, all as dense matmuls over the
+    dead columns."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, keep: Tensor | None, centered: Tensor, W_enc: Tensor,  # type: ignore[override]
+                b_enc: Tensor, b_dec: Tensor | None, W_dec: Tensor, dead: Tensor) -> Tensor:
+        W_dec_dead = W_dec.index_select(0, dead)  # (n_dead, d_in)
+        ctx.save_for_backward(values, keep, centered, W_enc, W_dec, W_dec_dead, dead)
+        ctx.has_b_dec = b_dec is not None
+        return values @ W_dec_dead
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        values, keep, centered, W_enc, W_dec, W_dec_dead, dead = ctx.saved_tensors
+        grad_W_dec = torch.zeros_like(W_dec).index_copy_(0, dead, values.t() @ grad_out)
+        grad_values = grad_out @ W_dec_dead.t()  # (rows, n_dead)
+        if keep is not None:
+            grad_values.masked_fill_(~keep, 0.0)  # only the selected entries are pre-activations
+        grad_W_enc = torch.zeros_like(W_enc).index_copy_(1, dead, centered.t() @ grad_values)
+        grad_h_sum = grad_values.sum(0)  # (n_dead,)
+        grad_b_enc = torch.zeros(W_enc.shape[1], dtype=grad_out.dtype, device=grad_out.device).index_copy_(0, dead, grad_h_sum)
+        grad_b_dec = -(W_enc.index_select(1, dead) @ grad_h_sum) if ctx.has_b_dec else None
+        return None, None, None, grad_W_enc, grad_b_enc, grad_b_dec, grad_W_dec, None

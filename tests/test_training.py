@@ -28,12 +28,12 @@ from sae_core.training import (
     build_training_sae,
     hook_widths,
     model_source,
+    sparse_topk,
     split_documents,
     to_inference_sae,
     train_from_activations,
     train_saes,
 )
-from sae_core.training import sparse_topk
 from sae_core.training import state as training_state
 from sae_core.training.sources import BlockShuffler, TensorChunkSource
 from sae_core.training.sparse_topk import topk_training_step

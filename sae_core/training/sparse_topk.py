@@ -15,6 +15,11 @@ parameters with
   ``W_enc`` is a sparse ``(d_sae, rows)`` matrix (``k`` non-zeros per batch row) times a dense
   ``(rows, d_in)`` matrix (``torch.sparse.mm``); ``b_enc`` gets an ``index_add``.
 
+The AuxK loss picks its ``k_aux`` latents among the dead columns of the ranking alone, and while the
+dead latents are few (``n_dead <= 8 k_aux``) reconstructs the residual with dense matmuls over those
+columns (:class:`_DenseDeadDecode`; a long run at a low learning rate has hundreds of dead latents,
+and ``k_aux = d_in / 2`` gathers per row made the step ~2.5x slower); with more, on the sparse path.
+
 Measured at SmolLM2 sizes (batch 4096, d_in 576, d_sae 4608, k 32; 2 CPU cores; the Adam update
 included): ~4x the tokens/s of SAELens's step under bfloat16 autocast, ~3x in float32.
 

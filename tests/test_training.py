@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -267,6 +268,12 @@ def test_config_rejects_bad_values():
         _small_cfg(shuffle_buffer_tokens=1000)
     with pytest.raises(ValueError, match="hook_points"):
         _small_cfg(hook_points=())
+    with pytest.raises(ValueError, match=r"ce_windows \(300\) must not exceed eval_windows \(256\)"):
+        _small_cfg(ce_windows=300)
+    with pytest.raises(ValueError, match="eval_windows must be positive"):
+        _small_cfg(eval_windows=0, ce_windows=0)
+    with pytest.raises(TypeError, match=re.escape("split should be 'length_stratified' | 'random', got 'by_length'")):
+        _small_cfg(split="by_length")
     assert _small_cfg(d_sae=None, expansion_factor=4.0).sae.d_sae_for(16) == 64
 
 

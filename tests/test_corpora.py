@@ -311,3 +311,10 @@ def test_eval_windows_are_drawn_as_training_draws_them(tiny_model, tokenizer):
     assert sum(s["n_rows"] for s in subsets) == result.n_rows  # every row in one subset
     assert result.subsets["longer documents (> 31 tokens)"]["n_rows"] >= 6 * 31
     assert result.n_predictions < result.n_rows  # CE on the first 4 windows only
+    # one window a document: the long document still counts as longer (by its tokens, not its windows)
+    one = HeldOutEvaluator(tiny_model, texts, range(len(texts)), build_flat(
+        TrainingConfig, "training", hook_points=cfg.hook_points, d_sae=64, max_text_length=32, batch_tokens=256))
+    result = one(cfg.hook_points[0], sae)
+    assert one.n_windows == len(texts) and result.subsets["longer documents (> 31 tokens)"]["n_rows"] == 31
+    short = sum(len(_ids(tokenizer, t)) for t in texts[1:])  # every token of the short ones; BOS rows dropped
+    assert result.subsets["documents of one window (<= 31 tokens)"]["n_rows"] == short

@@ -158,7 +158,7 @@ class HeldOutEvaluator:
         self.loader = self._loader(dataset, sampler.restricted(items[:ce], pack=False), pad)
         self.reconstruction_loader = self._loader(dataset, sampler.restricted(items[ce:]), pad)
         room = dataset.max_text_length - int(dataset.prepend_bos)
-        long = {d for d in sampler.documents if sampler.windows[d] > 1 or sampler.lengths[d] > room}
+        long = {d for d in sampler.documents if sampler.tokens[d] > room}
         self.subsets = {f"documents of one window (<= {room} tokens)": sorted(set(sampler.documents) - long),
                         f"longer documents (> {room} tokens)": sorted(long)}
         self.n_windows = len(items)

@@ -114,9 +114,9 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
                  group_documents: int, pack: bool = False) -> None:
         self.dataset, self.documents = dataset, list(documents)
         self.batch_tokens, self.group, self.pack = batch_tokens, group_documents, pack
+        self.tokens: dict[int, int] = {}  # each document's token count
         lengths, windows = self._window_lengths(self.documents)
         self.lengths = dict(zip(self.documents, lengths, strict=True))
-        self.windows = dict(zip(self.documents, windows, strict=True))
         # what an epoch draws: each document once, or (proportional) each of its windows
         self.items: list[Any] = (self.documents if dataset.windows_per_document == "one" else
                                  [WindowKey(d, j) for d, n in zip(self.documents, windows, strict=True) for j in range(n)])
@@ -128,13 +128,14 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
         return out
 
     def _window_lengths(self, documents: list[int]) -> tuple[list[int], list[int]]:
-        """(window length, windows an epoch) of each document."""
+        """(window length, windows an epoch) of each document; its token count goes to :attr:`tokens`."""
         ds, lengths, windows = self.dataset, [], []
         room = ds.max_text_length - int(ds.prepend_bos)
         for start in range(0, len(documents), 1024):
             ids = ds.tokenise(documents[start:start + 1024])
             lengths += [min(len(t), room) + int(ds.prepend_bos and len(t) > 0) for t in ids]
             windows += [ds.windows_of(len(t)) for t in ids]
+            self.tokens.update(zip(documents[start:start + 1024], map(len, ids), strict=True))
         return lengths, windows
 
     def _length(self, item: int | WindowKey) -> int:

@@ -113,8 +113,7 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
     def __init__(self, dataset: WindowedTextDataset, documents: Sequence[int], batch_tokens: int,
                  group_documents: int, pack: bool = False) -> None:
         self.dataset, self.documents = dataset, list(documents)
-        self.batch_tokens, self.group, self.pack = batch_tokens, group_documents, pack
-        self.tokens: dict[int, int] = {}  # each document's token count
+        self.batch_tokens, self.group, self.pack, self.tokens = batch_tokens, group_documents, pack, {}  # tokens: each document's count
         lengths, windows = self._window_lengths(self.documents)
         self.lengths = dict(zip(self.documents, lengths, strict=True))
         # what an epoch draws: each document once, or (proportional) each of its windows

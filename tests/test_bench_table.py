@@ -12,7 +12,9 @@ from bench import run_all
 
 
 def _section(text: str, start: str, end: str) -> str:
-    return re.search(re.escape(start) + "\n(.*?)\n" + re.escape(end), text, re.S).group(1)
+    found = re.search(re.escape(start) + "\n(.*?)\n" + re.escape(end), text, re.S)
+    assert found, f"README.md lost its {start} ... {end} markers"
+    return found.group(1)
 
 
 def test_readme_tables_are_regenerated_from_the_result_files():

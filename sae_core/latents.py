@@ -368,13 +368,21 @@ def _top_k_per_column(cols: np.ndarray, rows: np.ndarray, values: np.ndarray, k:
     return order[rank < k]
 
 
+def follows(doc: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """``out[i]``: row ``i + 1`` continues row ``i``'s text (same document, the next token, or the first
+    token after a prepended BOS at -1). Two windows of one document packed side by side, or rows on
+    either side of an excluded token, are separate contexts."""
+    doc, position = np.asarray(doc), np.asarray(position)
+    return (doc[1:] == doc[:-1]) & ((position[1:] == position[:-1] + 1) | ((position[:-1] == -1) & (position[1:] >= 0)))
+
+
 def _context_rows(doc: np.ndarray, position: np.ndarray, row: int, window: int) -> range:
-    """Rows around ``row`` in the same document and window (same doc, positions increasing)."""
+    """Rows around ``row`` (up to ``window`` each side) of the same stretch of text (:func:`follows`)."""
     lo = row
-    while lo > 0 and row - lo < window and doc[lo - 1] == doc[row] and position[lo - 1] < position[lo]:
+    while lo > 0 and row - lo < window and follows(doc[lo - 1:lo + 1], position[lo - 1:lo + 1])[0]:
         lo -= 1
     hi = row
-    while hi + 1 < doc.shape[0] and hi - row < window and doc[hi + 1] == doc[row] and position[hi + 1] > position[hi]:
+    while hi + 1 < doc.shape[0] and hi - row < window and follows(doc[hi:hi + 2], position[hi:hi + 2])[0]:
         hi += 1
     return range(lo, hi + 1)
 

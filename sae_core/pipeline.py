@@ -18,8 +18,9 @@ figures + index         :func:`write_figures`                       ``figures/``
 
 Every stage takes the run's :class:`~sae_core.config.RunConfig` (one constant file plus its
 command-line overrides, :func:`run_from_argv`) and writes the effective configuration as
-``run_config.json`` next to what it made. Nothing here is an algorithm: every stage is a
-composition of the modules that do the work.
+``run_config.json`` next to what it made, and reuses a finished folder only while the knobs its
+stage depends on are unchanged (:mod:`sae_core.reuse`; otherwise it names them and stops). Nothing
+here is an algorithm: every stage is a composition of the modules that do the work.
 """
 
 from __future__ import annotations
@@ -35,15 +36,16 @@ import numpy as np
 
 from sae_core.config import RunConfig
 from sae_core.files import atomic_write_json, atomic_write_text
+from sae_core.held_out import analysis_documents  # noqa: F401 - part of this module's interface
+from sae_core.reuse import RUN_CONFIG_FILENAME, changed_settings, check_reusable
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RUN_ID = "main"
 """Run id of the activation run the scripts and the demo share (a second run resumes or reuses it)."""
 DOCUMENTS_FILENAME = "documents.json"
-"""The documents an analysis encoded, and where they came from (the SAE's held-out split, or other)."""
-RUN_CONFIG_FILENAME = "run_config.json"
-"""The effective :class:`RunConfig`, written next to every artifact a stage makes."""
+"""The windows an analysis encoded, the documents they came from, and where those came from
+(the SAE's held-out split, or other): :func:`sae_core.held_out.analysis_loader`."""
 
 
 def run_from_argv(argv: Sequence[str]) -> RunConfig:
@@ -129,7 +131,9 @@ def fit_whitening(stored: Any, run: RunConfig, out: Path) -> dict[str, Any]:
     whiteners = {}
     for hook in stored.hooks:
         folder = out / "whitening" / hook
-        if not (folder / WHITENING_FILENAME).exists():
+        if (folder / WHITENING_FILENAME).exists():
+            check_reusable(folder, run, "whitening")
+        else:
             knobs = run.whitening
             statistics_from_run(stored.path, hook).to_whitener(method=knobs.method, eps=knobs.eps,
                                                                shrinkage=knobs.shrinkage, hook=hook).save(folder)
@@ -159,7 +163,10 @@ def train_saes(model: Any, texts: list[str], run: RunConfig, out: Path,
     cfg = run.training_for(hooks)
     units = {unit.name: unit.hook for unit in cfg.units()}
     folders = {name: out / "sae" / name for name in units}
-    if not all((folder / "eval.json").exists() for folder in folders.values()):
+    if all((folder / "eval.json").exists() for folder in folders.values()):
+        for folder in folders.values():
+            check_reusable(folder, run, "sae")
+    else:
         logger.info("training %s SAEs on %s (%s tokens)", cfg.sae.architecture, cfg.hook_points,
                     f"{cfg.total_training_tokens:,}")
         train_from_model(model, texts, cfg, out / "sae")
@@ -203,6 +210,8 @@ class LatentAnalysis:
     """Latents worth showing: the most active among those firing on 0.1%-10% of tokens."""
     examples: dict[int, list[Any]]
     paths: dict[str, Path] = field(default_factory=dict)
+    fresh: bool = False
+    """The CSR was encoded by this call (so a browser on disk shows an older one)."""
 
 
 def analyse(model: Any, manager: Any, texts: list[str], run: RunConfig, out: Path, hook: str,
@@ -211,22 +220,23 @@ def analyse(model: Any, manager: Any, texts: list[str], run: RunConfig, out: Pat
     decoder nearest neighbours (``ANALYSIS`` knobs) and, with ``browser``, the feature browser
     (:func:`feature_browser`); every file already on disk is reused."""
     from sae_core.activations import iter_activation_batches
-    from sae_core.data import windowed_dataset
+    from sae_core.held_out import analysis_loader, window_progress
     from sae_core.latents import LatentCSR, encode_to_csr, latent_density, top_activating_examples
-    from sae_core.loader import document_progress, make_dataloader
     from sae_core.similarity import compute_feature_cooccurrence as cooccurrence
     from sae_core.similarity import compute_feature_similarity, similarity_blocks, top_k_neighbours
 
     knobs = run.analysis
     folder = out / "analysis" / hook
     csr_dir = folder / "latents"
-    if not (csr_dir / "meta.json").exists():
-        documents, origin = analysis_documents(run, texts, out / "sae" / hook)
-        loader = make_dataloader(windowed_dataset(texts, model.tokenizer, run.windows), run.loader, documents)
-        batches = iter_activation_batches(model, document_progress(loader, f"encode latents {hook}"), [hook],
-                                          run.windows.policy, run.forward.dtype)
+    fresh = not (csr_dir / "meta.json").exists()
+    if not fresh:
+        check_reusable(folder, run, "analysis")
+    else:
+        loader, record = analysis_loader(model.tokenizer, texts, run, out / "sae" / hook)
+        batches = iter_activation_batches(model, window_progress(loader, record["windows"], f"encode latents {hook}"),
+                                          [hook], run.windows.policy, run.forward.dtype)
         encode_to_csr(model, lambda x: manager.encode(hook, x), batches, hook, csr_dir, overwrite=True, progress=False)
-        atomic_write_json(folder / DOCUMENTS_FILENAME, {"origin": origin, "documents": documents})
+        atomic_write_json(folder / DOCUMENTS_FILENAME, record)
         write_run_config(run, folder)
     csr = LatentCSR.load(csr_dir)
     density = latent_density(csr)
@@ -247,7 +257,7 @@ def analyse(model: Any, manager: Any, texts: list[str], run: RunConfig, out: Pat
     candidates = np.flatnonzero((density > 1e-3) & (density < 0.1))
     shown = candidates[np.argsort(-max_activation[candidates])][:knobs.n_shown].tolist()
     examples = top_activating_examples(csr, shown, k=knobs.top_k_examples, context_window=knobs.context_window)
-    analysis = LatentAnalysis(hook, folder, csr, density, W_dec, shown, examples, paths)
+    analysis = LatentAnalysis(hook, folder, csr, density, W_dec, shown, examples, paths, fresh)
     if browser:
         feature_browser(model, manager, run, analysis)
     return analysis
@@ -255,47 +265,24 @@ def analyse(model: Any, manager: Any, texts: list[str], run: RunConfig, out: Pat
 
 def feature_browser(model: Any, manager: Any, run: RunConfig, analysis: LatentAnalysis,
                     steering: dict[int, list[dict[str, float]]] | None = None) -> Path:
-    """The feature browser of ``analysis`` (``browser/<hook>/index.html``): reused when it exists, rebuilt
-    when ``steering`` (latent -> dose-response records) is given, so the browser shows them."""
+    """The feature browser of ``analysis`` (``browser/<hook>/index.html``): reused when it exists and was
+    built from this analysis with the run's knobs, rebuilt otherwise, and when ``steering`` (latent ->
+    dose-response records) is given, so the browser shows them."""
     from sae_core.browser import build_browser
     from sae_core.browser.export import neuronpedia_header
 
     path, hook = analysis.paths["browser"], analysis.hook
-    if steering is not None or not path.exists():
+    changed = changed_settings(path.parent, run, "browser") if path.exists() else None
+    if changed:
+        logger.info("rebuilding %s: made with other settings (%s)", path.parent, "; ".join(changed))
+    if steering is not None or analysis.fresh or changed is None or changed:
         build_browser(path.parent, analysis.csr, analysis.W_dec, model.W_U, model.tokenizer,
                       similarity_path=analysis.paths["similarity"], cooccurrence_path=analysis.paths["cooccurrence"],
                       neighbours_path=analysis.paths["neighbours"], whitener=manager[hook].whitener,
                       steering=steering, title=f"{run.model_name} {hook}",
                       neuronpedia=neuronpedia_header(run, hook, analysis.csr))
+        write_run_config(run, path.parent)
     return path
-
-
-def analysis_documents(run: RunConfig, texts: Sequence[str], sae_folder: Path) -> tuple[list[int], str]:
-    """The documents the analysis encodes: ``ANALYSIS['n_documents']`` of the SAE's held-out split
-    (``split.json``, checked against ``texts``; all of them, or a seeded sample), and where they came from.
-
-    An SAE without a split (trained elsewhere) is refused unless ``ANALYSIS['documents'] = "other"``,
-    which analyses a seeded sample of ``texts`` and records it as such: those may include documents
-    the SAE was trained on.
-    """
-    from sae_core.sae_folders import SPLIT_FILENAME, read_split
-    from sae_core.texts import split_documents
-
-    n = run.analysis.n_documents
-    if run.analysis.documents == "other":
-        _, sample = split_documents(len(texts), min(n, len(texts) // 2), run.windows.seed)
-        return sample, "other: a seeded sample of the run's texts, not checked against the SAE's training documents"
-    split = read_split(sae_folder)
-    if split is None:
-        raise FileNotFoundError(f"{sae_folder / SPLIT_FILENAME} is missing, so the documents the SAE was trained "
-                                "on are unknown; train it with this package (python -m scripts.train_sae), or "
-                                "set ANALYSIS['documents'] = 'other' to analyse a sample that may overlap them")
-    split.check(texts, run.windows.text_field)
-    if n >= len(split.held_out):
-        return list(split.held_out), f"held out: all {len(split.held_out)} of {sae_folder / SPLIT_FILENAME}"
-    # a seeded sample, not the first n: in a mix the corpora follow each other, so the first n would drop the last one's
-    sample = np.random.default_rng(run.windows.seed).choice(split.held_out, n, replace=False)
-    return sorted(sample.tolist()), f"held out: a seeded sample of {n} of the {len(split.held_out)} in {sae_folder / SPLIT_FILENAME}"
 
 
 def top_tokens(analysis: LatentAnalysis, tokenizer: Any, n: int = 5) -> dict[int, list[str]]:

@@ -141,7 +141,7 @@ summary = {
                                  for p, b, a in zip(sweep.prompts, before_text, after_text, strict=True)],
                  "generation": knobs.generation_kwargs(), "dose_response": records},
     "seconds": round(time.perf_counter() - began, 1), "stage_seconds": stage_seconds,
-    "analysis_documents": read_json(first.folder / pipeline.DOCUMENTS_FILENAME)["origin"],
+    "analysis_windows": read_json(first.folder / pipeline.DOCUMENTS_FILENAME)["origin"],
     "split": {"method": split.method, "held_out": len(split.held_out), "seed": split.seed},
     "explained_variance_by_subset": {name: scores["explained_variance"] for name, scores in result.subsets.items()},
     "steering_latents_tried": list(tried),
@@ -158,7 +158,7 @@ print(f"held-out rows scored: {result.n_rows:,} for reconstruction ({run_config.
       f"{summary['split']['method']}, {summary['split']['held_out']} documents held out")
 for subset, scores in result.subsets.items():
     print(f"  {subset}: explained variance {scores['explained_variance']:.3f} on {scores['n_rows']:,} rows")
-print(f"analysed documents: {summary['analysis_documents']}")
+print(f"analysed windows: {summary['analysis_windows']}")
 for latent, tokens in top_tokens.items():
     print(f"latent {latent:5d} (density {first.density[latent]:.4f}): top tokens {tokens}")
 print(f"steering latent {choice.feature} (density {choice.density:.4f}, top tokens {summary['steering']['top_tokens'][:5]}):")

@@ -45,4 +45,8 @@ def test_make_bench_runs_every_precision_the_table_reads():
     precisions = [command[command.index("--precisions") + 1] for command in commands]
     assert precisions == ["bfloat16", "float32"]  # one file each: training_speed_measured_<precision>.json
     assert all(command[command.index("--tokens") + 1] == "1048576" for command in commands)
+    for command, precision in zip(commands, precisions, strict=True):  # the repeats the table shows
+        path = run_all.RESULTS / f"training_speed_measured_{precision}.json"
+        if path.exists():
+            assert int(command[command.index("--repeats") + 1]) == json.loads(path.read_text())["repeats"]
     assert run_all.invocations("bench_whitening", quick=True)[0][-1] == "--quick"

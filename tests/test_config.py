@@ -119,6 +119,9 @@ def test_overrides_are_routed_to_the_owner_and_type_checked():
         load_run_config("tiny_random", ["optimizer.lrr=1"])
     with pytest.raises(ConfigError, match="section.key=value"):
         load_run_config("tiny_random", ["lr"])
+    for old, new in (("analysis.n_documents=6", "'n_windows'"), ("evaluation.eval_documents=6", "'eval_windows'")):
+        with pytest.raises(ConfigError, match=f"unknown key '{old.split('.')[1].split('=')[0]}'; it was replaced by {new}"):
+            load_run_config("tiny_random", [old])
     with pytest.raises(ConfigError, match="unknown section 'trainig'"):
         load_run_config("tiny_random", ["trainig.lr=1e-3"])
 
@@ -214,7 +217,7 @@ def test_one_held_out_split_per_run_reaches_the_analysis(tiny_model, tmp_path):
 
     run = load_run_config("tiny_random", ["training.total_training_tokens=512", "training.train_batch_size_tokens=256",
                                           "training.shuffle_buffer_tokens=256", "evaluation.held_out_documents=10",
-                                          "analysis.n_documents=6"])
+                                          "analysis.n_windows=6"])
     texts = [f"Text number {i}: " + " ".join(f"word{(i * 7 + j) % 50}" for j in range(12 + i % 9)) for i in range(40)]
     hook = run.hook_points[0]
     pipeline.train_saes(tiny_model, texts, run, tmp_path)
@@ -224,9 +227,10 @@ def test_one_held_out_split_per_run_reaches_the_analysis(tiny_model, tmp_path):
     manager = pipeline.load_saes(tiny_model, run, tmp_path)
     analysis = pipeline.analyse(tiny_model, manager, texts, run, tmp_path, hook)
     used = json.loads((analysis.folder / pipeline.DOCUMENTS_FILENAME).read_text())
-    assert len(set(used["documents"])) == 6 and set(used["documents"]) <= set(split.held_out)
-    assert used["origin"].startswith("held out: a seeded sample of 6 of the 10")
-    assert set(np.unique(analysis.csr.doc_index).tolist()) <= set(used["documents"])  # no training document
+    assert used["documents"] == split.held_out and used["windows"] == 6
+    assert len(used["documents_drawn"]) == 6 and set(used["documents_drawn"]) <= set(split.held_out)
+    assert used["origin"].startswith("held out: the 10 documents of") and "6 of the 10 windows" in used["origin"]
+    assert set(np.unique(analysis.csr.doc_index).tolist()) <= set(used["documents_drawn"])  # no training document
     # the analysis also writes the Neuronpedia export: one feature per latent, density from the CSR
     batches = sorted((analysis.paths["browser"].parent / "neuronpedia").glob("batch-*.json"))
     features = [f for b in batches for f in json.loads(b.read_text())["features"]]
@@ -242,6 +246,6 @@ def test_one_held_out_split_per_run_reaches_the_analysis(tiny_model, tmp_path):
     (tmp_path / "sae" / hook / SPLIT_FILENAME).unlink()
     with pytest.raises(FileNotFoundError, match="ANALYSIS\\['documents'\\] = 'other'"):
         pipeline.analysis_documents(run, texts, tmp_path / "sae" / hook)
-    other = load_run_config("tiny_random", ["analysis.documents=other", "analysis.n_documents=6"])
+    other = load_run_config("tiny_random", ["analysis.documents=other", "analysis.n_windows=6"])
     documents, origin = pipeline.analysis_documents(other, texts, tmp_path / "sae" / hook)
     assert len(documents) == 6 and origin.startswith("other")

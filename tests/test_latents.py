@@ -144,6 +144,28 @@ def test_context_stops_at_window_boundaries(tmp_path):
     assert example.focus == 3
 
 
+def test_context_stops_between_windows_of_one_document_side_by_side(tmp_path):
+    """Two windows of document 0 packed next to each other (positions 10-13, then a BOS and 40-43),
+    then document 1: each context is one stretch of consecutive tokens, a BOS (position -1) joins the
+    window it opens, and the browser's context starts agree with the examples' contexts."""
+    from sae_core.browser.data import context_bounds, window_starts
+
+    doc = np.array([0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1])
+    position = np.array([10, 11, 12, 13, -1, 40, 41, 42, 43, 44, 45])
+    token_ids = np.arange(doc.size) + 100
+    dense = np.zeros((doc.size, 3), np.float32)
+    dense[3, 0], dense[5, 1], dense[9, 2] = 1.0, 1.0, 1.0
+    csr = build(tmp_path / "store", dense, (token_ids, doc, position), [doc.size])
+    found = top_activating_examples(csr, [0, 1, 2], k=1, context_window=8)
+    np.testing.assert_array_equal(found[0][0].context_token_ids, token_ids[0:4])  # not into the next window
+    np.testing.assert_array_equal(found[1][0].context_token_ids, token_ids[4:9])  # the BOS opens its window
+    np.testing.assert_array_equal(found[2][0].context_token_ids, token_ids[9:11])  # 44 -> 45 is another document
+    starts = window_starts(csr, block=3)  # blocks smaller than the rows: starts found across block edges
+    np.testing.assert_array_equal(starts, [0, 4, 9])
+    lo, hi = context_bounds(starts, csr.n_rows, np.array([3, 5, 9]), 8)
+    assert [(a, b) for a, b in zip(lo.tolist(), hi.tolist(), strict=True)] == [(0, 3), (4, 8), (9, 10)]
+
+
 def test_bad_input_errors(tmp_path):
     with CSRBuilder(workdir=tmp_path) as builder:
         builder.add(np.ones((2, 4), np.float32), [1, 2], [0, 0], [0, 1])

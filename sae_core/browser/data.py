@@ -17,7 +17,7 @@ Decisions:
   taken from each group (reproducible, and testable against a plain sort).
 - Per-token activations of the latent over an example's context come from the same chunk, looked
   up by ``searchsorted`` on ``latent * n_rows + row`` keys. Context bounds follow
-  :func:`sae_core.latents._context_rows` (same document, increasing positions, ``window`` rows each
+  :func:`sae_core.latents._context_rows` (a stretch of consecutive tokens of one document, ``window`` rows each
   side), from the rows where a window starts (one pass, ``n_windows`` integers).
 - Logit lens: ``W_dec @ W_U`` in row blocks (never ``n x vocab``); with a whitener the decoder
   rows are first mapped back to the residual stream, ``W_dec @ reverse_transform``, because the
@@ -42,7 +42,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from sae_core.latents import LatentCSR
+from sae_core.latents import LatentCSR, follows
 from sae_core.similarity import (
     Block,
     BlockStream,
@@ -109,12 +109,12 @@ def top_k_rows(values: np.ndarray, k: int) -> Neighbours:
 # --- the CSR by latent ----------------------------------------------------------------------------
 
 def window_starts(csr: LatentCSR, block: int = 1 << 22) -> np.ndarray:
-    """Sorted rows where a new context starts (another document, or positions not increasing)."""
+    """Sorted rows where a new context starts: a row that does not continue the row before it
+    (another document, or not its next token: :func:`sae_core.latents.follows`)."""
     starts = [np.zeros(1, np.int64)]
     for start in range(1, csr.n_rows, block):
         stop = min(start + block, csr.n_rows)
-        doc, pos = np.asarray(csr.doc_index[start - 1:stop]), np.asarray(csr.position[start - 1:stop])
-        new = (doc[1:] != doc[:-1]) | (pos[1:] <= pos[:-1])
+        new = ~follows(csr.doc_index[start - 1:stop], csr.position[start - 1:stop])
         starts.append(np.flatnonzero(new) + start)
     return np.concatenate(starts)
 

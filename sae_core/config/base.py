@@ -35,9 +35,16 @@ class ConfigTypeError(ConfigError, TypeError):
     """A config value has the wrong type; the message names the field and the expected type."""
 
 
+RENAMED = {"n_documents": ("n_windows", "the analysis encodes held-out windows drawn as training draws them"),
+           "eval_documents": ("eval_windows", "evaluation scores held-out windows drawn as training draws them")}
+"""Keys an earlier version had: the key that replaced each, and why (named in the error)."""
+
+
 def closest(name: str, choices: typing.Iterable[str]) -> str:
     """``"did you mean: a, b"`` from the closest of ``choices`` (or all of them when none is close)."""
     choices = sorted(choices)
+    if name in RENAMED and RENAMED[name][0] in choices:
+        return f"it was replaced by {RENAMED[name][0]!r} ({RENAMED[name][1]})"
     near = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
     return f"closest valid keys: {', '.join(near)}" if near else f"valid keys: {', '.join(choices)}"
 

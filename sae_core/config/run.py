@@ -46,11 +46,13 @@ class AnalysisConfig:
     run's device; similarity and co-occurrence run in numpy on the CPU by design (out of core, into
     ``.npy`` memmaps)."""
 
-    n_documents: int = 500
-    """Held-out documents encoded into the CSR latent store (the first of the SAE's split)."""
+    n_windows: int = 512
+    """Windows encoded into the CSR latent store: the first of those an epoch of training would draw from
+    the held-out documents (``TRAINING['windows_per_document']``), in a seeded order, so a mix of short
+    and long documents is analysed in its training proportions (:mod:`sae_core.held_out`)."""
     documents: Literal["held_out", "other"] = "held_out"
     """``held_out``: the SAE's own held-out split (``split.json``; refused if missing or drawn from other
-    texts); ``other``: a seeded sample of the texts, recorded as such (may overlap training)."""
+    texts); ``other``: windows of a seeded sample of the texts, recorded as such (may overlap training)."""
     top_k_examples: int = 10
     """Top-activating examples kept per latent."""
     context_window: int = 8
@@ -73,7 +75,7 @@ class AnalysisConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        for name in ("n_documents", "top_k_examples", "similarity_chunk_size", "cooccurrence_chunk_size",
+        for name in ("n_windows", "top_k_examples", "similarity_chunk_size", "cooccurrence_chunk_size",
                      "n_neighbours", "n_shown"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

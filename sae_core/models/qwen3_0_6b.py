@@ -40,6 +40,6 @@ OPTIMIZER = {"lr": 2e-4}
 # A hub-scale budget.
 TRAINING = {"total_training_tokens": 50_000_000}
 # More held-out documents for analysis.
-ANALYSIS = {"n_documents": 5000, "top_k_examples": 20}
+ANALYSIS = {"n_windows": 5000, "top_k_examples": 20}
 # A stronger push than the small default.
 STEERING = {"coefficient": 8.0, "max_new_tokens": 30}

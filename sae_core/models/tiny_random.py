@@ -49,7 +49,7 @@ TRAINING = {"total_training_tokens": 4096, "train_batch_size_tokens": 256}
 # A small held-out split for the few documents tests pass; half of its windows also scored for CE.
 EVALUATION = {"held_out_documents": 32, "ce_windows": 16}
 # Analysis on the held-out documents, small blocks.
-ANALYSIS = {"n_documents": 32, "top_k_examples": 5, "context_window": 4, "similarity_chunk_size": 16,
+ANALYSIS = {"n_windows": 32, "top_k_examples": 5, "context_window": 4, "similarity_chunk_size": 16,
             "cooccurrence_chunk_size": 16}
 # Steering smoke settings.
 STEERING = {"prompt": "Hello", "coefficient": 4.0, "max_new_tokens": 5}

@@ -75,7 +75,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from sae_core.checks import check_against_model, check_texts, model_fingerprint, texts_digest
-from sae_core.config import TrainingConfig, to_json
+from sae_core.config import LoaderConfig, TrainingConfig, to_json
 from sae_core.data import PadCollate, WindowedTextDataset, pad_id_of, windowed_dataset
 from sae_core.evaluation import EvalResult, append_curve, evaluate_sae, write_curve, write_eval
 from sae_core.files import FolderLock, atomic_write_json
@@ -137,6 +137,17 @@ class TrainingRun(NamedTuple):
     profile: dict[str, Any] | None = None  # forward / data / step / other (StepProfile.summary), as in profile.json
 
 
+def drawn_windows(dataset: WindowedTextDataset, documents: Sequence[int], loader: LoaderConfig, n: int,
+                  key: tuple[int, ...]) -> tuple[TokenBudgetBatchSampler, list[Any]]:
+    """The training sampler over ``documents`` and the first ``n`` of the windows an epoch of it draws
+    (one a document, or in proportion to length: the dataset's ``windows_per_document``), in the order
+    of the generator ``key``: held-out windows drawn as training draws them (evaluation, analysis)."""
+    sampler = TokenBudgetBatchSampler(dataset, documents, loader.training_batch_tokens, loader.length_group_documents,
+                                      loader.pack_windows)
+    order = np.random.default_rng(key).permutation(len(sampler.items))
+    return sampler, [sampler.items[i] for i in order[:n]]
+
+
 class HeldOutEvaluator:
     """``sae_core.evaluation.evaluate_sae`` on held-out windows drawn as training draws them.
 
@@ -150,10 +161,7 @@ class HeldOutEvaluator:
 
     def __init__(self, model: HookedTransformer, texts: Any, documents: Sequence[int], cfg: TrainingConfig) -> None:
         dataset = windowed_dataset(texts, model.tokenizer, cfg.windows, windows_per_document=cfg.windows_per_document)
-        sampler = TokenBudgetBatchSampler(dataset, documents, cfg.loader.training_batch_tokens,
-                                          cfg.loader.length_group_documents, cfg.loader.pack_windows)
-        order = np.random.default_rng((cfg.seed, EVAL_STREAM)).permutation(len(sampler.items))
-        items = [sampler.items[i] for i in order[:cfg.evaluation.eval_windows]]
+        sampler, items = drawn_windows(dataset, documents, cfg.loader, cfg.evaluation.eval_windows, (cfg.seed, EVAL_STREAM))
         pad, ce = pad_id_of(model.tokenizer), cfg.evaluation.ce_windows
         self.loader = self._loader(dataset, sampler.restricted(items[:ce], pack=False), pad)
         self.reconstruction_loader = self._loader(dataset, sampler.restricted(items[ce:]), pad)

@@ -17,12 +17,12 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
-
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from typing import TYPE_CHECKING, Any
 
 from sae_core.config import RunConfig
+
+if TYPE_CHECKING:  # torch is imported where a loader is made: importing the pipeline stays light
+    from torch.utils.data import DataLoader
 
 ANALYSIS_STREAM = 104_729
 """Seeds the analysis windows' order apart from the evaluator's and training's streams."""
@@ -55,6 +55,8 @@ def analysis_loader(tokenizer: Any, texts: Sequence[Any], run: RunConfig, sae_fo
     """The loader of the analysis windows (see the module docstring) and the record of what it reads
     (written as ``analysis/<hook>/documents.json``): origin, held-out documents, windows drawn and how,
     the documents they came from, and their tokens (a prepended BOS included)."""
+    from torch.utils.data import DataLoader
+
     from sae_core.data import PadCollate, pad_id_of, windowed_dataset
     from sae_core.training.loop import drawn_windows
 
@@ -80,6 +82,8 @@ def analysis_loader(tokenizer: Any, texts: Sequence[Any], run: RunConfig, sae_fo
 
 def window_progress(loader: DataLoader, windows: int, desc: str) -> Iterator[Any]:
     """The batches of ``loader`` under a bar counting windows (its total known up front)."""
+    from tqdm.auto import tqdm
+
     with tqdm(total=windows, unit="window", desc=desc) as bar:
         for batch in loader:
             yield batch

@@ -233,11 +233,12 @@ def analyse(model: Any, manager: Any, texts: list[str], run: RunConfig, out: Pat
         check_reusable(folder, run, "analysis")
     else:
         loader, record = analysis_loader(model.tokenizer, texts, run, out / "sae" / hook)
+        # the record first: the folder counts as finished only once the CSR's meta.json exists
+        write_run_config(run, folder)  # makes the folder
+        atomic_write_json(folder / DOCUMENTS_FILENAME, record)
         batches = iter_activation_batches(model, window_progress(loader, record["windows"], f"encode latents {hook}"),
                                           [hook], run.windows.policy, run.forward.dtype)
         encode_to_csr(model, lambda x: manager.encode(hook, x), batches, hook, csr_dir, overwrite=True, progress=False)
-        atomic_write_json(folder / DOCUMENTS_FILENAME, record)
-        write_run_config(run, folder)
     csr = LatentCSR.load(csr_dir)
     density = latent_density(csr)
     W_dec = manager[hook].sae.W_dec.detach().float().cpu().numpy()

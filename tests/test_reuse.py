@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -62,6 +63,12 @@ def test_the_analysis_is_refused_for_other_windows_and_its_browser_rebuilt_for_o
         pipeline.analyse(tiny_model, manager, texts(), run_with("analysis.n_windows=20"), out, hook)
     with pytest.raises(StaleOutputError, match="sae.k: 4 -> 2"):  # the SAE it encoded with is not this run's
         pipeline.analyse(tiny_model, manager, texts(), run_with("sae.k=2"), out, hook)
+    meta.unlink()  # an encode interrupted before its meta.json: unfinished, so redone with the new settings
+    redone = pipeline.analyse(tiny_model, manager, texts(), run_with("analysis.n_windows=20"), out, hook)
+    assert redone.fresh and meta.exists() and browser.stat().st_mtime_ns != built
+    record = json.loads((first.folder / pipeline.DOCUMENTS_FILENAME).read_text())
+    written = json.loads((first.folder / RUN_CONFIG_FILENAME).read_text())
+    assert written["analysis"]["n_windows"] == 20 and record["windows"] == min(20, record["windows_available"])
 
 
 def test_whitening_is_refused_for_other_settings_and_a_folder_without_record_is_reused_with_a_warning(

@@ -12,6 +12,11 @@ SAELens compiled); a ratio is taken per repeat and reported as median with min-m
 the single value). The timed call is the training call alone on both sides (model loading and
 corpus reading before it, in the same process, untimed on both sides).
 Results: ``bench/results/training_speed_measured_<precisions>.json`` (``..._<tokens>.json`` below 1M tokens).
+
+``--add-to-existing`` runs ``--repeats`` more interleaved repeats and adds them to that file (same
+tokens and precisions, refused otherwise), for a session too short for all repeats in one go: each
+repeat is interleaved within itself and its ratios are taken within it, so repeats from different
+hours stay like for like; ``measured`` records each batch of repeats' date, commit and command.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from bench.bench_training_speed import FULL_TOKENS, ours_config, run_ours, run_saelens
-from bench.common import write_result
+from bench.common import RESULTS_DIR, write_result
 
 ROWS = ("ours", "saelens", "saelens_compiled")
 
@@ -64,11 +70,44 @@ def spread(values: list[float]) -> dict[str, Any]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
 
 
+def summarise(repeats: list[dict[str, Any]], precisions: list[str]) -> dict[str, Any]:
+    """Per precision: each row's rates and our ratio to each peer row, taken within each repeat."""
+    summary = {}
+    for p in precisions:
+        summary[f"rates_{p}"] = {row: spread([r[f"{row}_{p}"]["tokens_per_s"] for r in repeats]) for row in ROWS}
+        for peer in ("saelens", "saelens_compiled"):
+            summary[f"ours_{p}_vs_{peer}_{p}"] = spread([r[f"ours_{p}"]["tokens_per_s"] / r[f"{peer}_{p}"]["tokens_per_s"]
+                                                        for r in repeats])
+    return summary
+
+
+def _commit() -> str | None:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent, check=False)
+    return done.stdout.strip() or None
+
+
+def existing_repeats(path: Path, tokens: int, precisions: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The runs already in ``path`` and their provenance (``--add-to-existing``); refused unless alike."""
+    if not path.exists():
+        raise SystemExit(f"--add-to-existing: {path} does not exist; run without it first")
+    old = json.loads(path.read_text())
+    if old["tokens_per_run"] != tokens or old["precisions"] != precisions:
+        raise SystemExit(f"--add-to-existing: {path.name} holds {old['tokens_per_run']:,} tokens a run in "
+                         f"{old['precisions']}, not {tokens:,} in {precisions}; pass the same --tokens / --precisions")
+    measured = old.get("measured") or [{"written_at": old["written_at"], "repeats": old["repeats"],
+                                        "command": old["command"], "commit": None,
+                                        "wall_seconds": old.get("wall_seconds")}]
+    return old["runs"], measured
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=FULL_TOKENS, help="tokens per training run")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats of every row")
     parser.add_argument("--precisions", default="bfloat16", help="comma-separated")
+    parser.add_argument("--add-to-existing", action="store_true",
+                        help="add the repeats to the existing result file (see the module docstring)")
     parser.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # one run, in a child process
     args = parser.parse_args()
     if args.repeats < 1 or args.tokens < 4096:
@@ -78,7 +117,10 @@ def main() -> None:
         print(json.dumps(one_row(args.row, args.precisions, args.tokens), default=str))
         return
     precisions, began = args.precisions.split(","), time.perf_counter()
-    repeats: list[dict[str, Any]] = []
+    suffix = "" if args.tokens >= FULL_TOKENS else f"_{args.tokens}"  # a smoke run never replaces the full result
+    name = "training_speed_measured_" + "_".join(precisions) + suffix
+    runs, measured = existing_repeats(RESULTS_DIR / f"{name}.json", args.tokens, precisions) \
+        if args.add_to_existing else ([], [])  # checked before the first run: a mismatch costs nothing
     for repeat in range(args.repeats):
         rows = {}
         for precision in precisions:
@@ -86,21 +128,17 @@ def main() -> None:
                 rows[f"{row}_{precision}"] = run_in_fresh_process(row, precision, args.tokens)
                 print(f"repeat {repeat + 1}/{args.repeats} {row}_{precision}: "
                       f"{rows[f'{row}_{precision}']['tokens_per_s']:,.0f} tokens/s", flush=True)
-        repeats.append(rows)
-    summary = {}
-    for p in precisions:
-        summary[f"rates_{p}"] = {row: spread([r[f"{row}_{p}"]["tokens_per_s"] for r in repeats]) for row in ROWS}
-        for peer in ("saelens", "saelens_compiled"):
-            summary[f"ours_{p}_vs_{peer}_{p}"] = spread([r[f"ours_{p}"]["tokens_per_s"] / r[f"{peer}_{p}"]["tokens_per_s"]
-                                                        for r in repeats])
-    record = {"tokens_per_run": args.tokens, "repeats": args.repeats, "precisions": precisions,
-              "command": " ".join(sys.argv), "runs": repeats, "summary": summary,
-              "wall_seconds": time.perf_counter() - began}
-    suffix = "" if args.tokens >= FULL_TOKENS else f"_{args.tokens}"  # a smoke run never replaces the full result
-    path = write_result("training_speed_measured_" + "_".join(precisions) + suffix, record)
+        runs.append(rows)
+    measured.append({"written_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "repeats": args.repeats,
+                     "command": " ".join(sys.argv), "commit": _commit(), "wall_seconds": time.perf_counter() - began})
+    summary = summarise(runs, precisions)
+    record = {"tokens_per_run": args.tokens, "repeats": len(runs), "precisions": precisions,
+              "command": "; ".join(m["command"] for m in measured), "measured": measured, "runs": runs,
+              "summary": summary, "wall_seconds": sum(m.get("wall_seconds") or 0 for m in measured)}
+    path = write_result(name, record)
     for key, value in summary.items():
         print(key, json.dumps(value, default=lambda v: round(v, 3)))
-    print(f"wrote {path} in {record['wall_seconds']:.0f} s")
+    print(f"wrote {path} in {time.perf_counter() - began:.0f} s")
 
 
 if __name__ == "__main__":

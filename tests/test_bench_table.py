@@ -50,3 +50,25 @@ def test_make_bench_runs_every_precision_the_table_reads():
         if path.exists():
             assert int(command[command.index("--repeats") + 1]) == json.loads(path.read_text())["repeats"]
     assert run_all.invocations("bench_whitening", quick=True)[0][-1] == "--quick"
+
+
+def test_added_repeats_join_the_file_they_match_and_nothing_else(tmp_path):
+    from bench import training_speed_measured as measured
+
+    rates = [{"ours": 2400.0, "saelens": 1500.0, "saelens_compiled": 1600.0},
+             {"ours": 2450.0, "saelens": 1400.0, "saelens_compiled": 1700.0}]
+    runs = [{f"{row}_float32": {"tokens_per_s": rate} for row, rate in r.items()} for r in rates]
+    path = tmp_path / "training_speed_measured_float32.json"
+    path.write_text(json.dumps({"tokens_per_run": 1048576, "precisions": ["float32"], "runs": runs[:1], "repeats": 1,
+                                "written_at": "2026-12-06T04:03:10", "command": "first", "wall_seconds": 10.0}))
+    earlier, batches = measured.existing_repeats(path, 1048576, ["float32"])
+    assert earlier == runs[:1] and batches[0]["repeats"] == 1 and batches[0]["command"] == "first"
+    summary = measured.summarise(earlier + runs[1:], ["float32"])
+    ratios = [r["ours"] / r["saelens"] for r in rates]  # taken within each repeat, then the median
+    assert summary["ours_float32_vs_saelens_float32"]["median"] == pytest.approx(statistics.median(ratios))
+    assert summary["rates_float32"]["saelens_compiled"]["min"] == 1600.0
+    for tokens, precisions in ((65536, ["float32"]), (1048576, ["bfloat16"])):
+        with pytest.raises(SystemExit, match="pass the same --tokens / --precisions"):
+            measured.existing_repeats(path, tokens, precisions)
+    with pytest.raises(SystemExit, match="does not exist"):
+        measured.existing_repeats(tmp_path / "missing.json", 1048576, ["float32"])

@@ -321,10 +321,10 @@ def _eval_batch(model: HookedTransformer, sae: Any, hook: str, batch: WindowBatc
 
 
 def _reconstruction_batch(model: HookedTransformer, sae: Any, hook: str, batch: WindowBatch, policy: TokenPolicy,
-                          whitener: WhitenerLike | None, forward_dtype: str | torch.dtype, scores: _Scores) -> None:
+                          whitener: WhitenerLike | None, forward_dtype: str | torch.dtype, scores: _Scores, compile: bool) -> None:
     """Score one (possibly packed) batch for reconstruction only: one forward, stopped after the hook."""
     keep = policy.keep_mask(batch.input_ids, batch.attention_mask, model.tokenizer)
-    act = run_to_hooks(model, [hook], batch.input_ids, forward_dtype, batch)[hook]
+    act = run_to_hooks(model, [hook], batch.input_ids, forward_dtype, batch, compile)[hook]
     _score(act, keep.to(act.device), sae, hook, whitener, scores, batch.cell_doc_index()[keep])
 
 
@@ -341,14 +341,15 @@ def evaluate_sae(model: HookedTransformer, sae: Any, hook: str, batches: Iterabl
                  whitener: WhitenerLike | None = None, max_batches: int | None = None,
                  ablation_mean: Float[Tensor, " d"] | None = None,
                  reconstruction_batches: Iterable[WindowBatch] = (),
-                 subsets: Mapping[str, Collection[int]] | None = None) -> EvalResult:
+                 subsets: Mapping[str, Collection[int]] | None = None, compile: bool = False) -> EvalResult:
     """Evaluate a SAELens SAE at ``hook`` on held-out windows (see the module docstring).
 
     ``sae`` is any SAELens SAE (inference or training class; only ``encode`` / ``decode`` are
     used). ``whitener`` (optional) whitens the SAE's input and un-whitens its output.
     ``ablation_mean`` (optional, shape (d_in,)) adds the mean-ablation baseline.
     ``reconstruction_batches`` (optional, packed or not) are scored for reconstruction and sparsity
-    only, one forward each; ``subsets`` (name -> document indices) adds those metrics per subset.
+    only, one forward each (compiled with ``compile``); ``subsets`` (name -> document indices) adds
+    those metrics per subset.
     """
     validate_hook(model, hook)
     if max_batches is not None and max_batches <= 0:
@@ -358,10 +359,9 @@ def evaluate_sae(model: HookedTransformer, sae: Any, hook: str, batches: Iterabl
     metadata_hook = getattr(getattr(sae.cfg, "metadata", None), "hook_name", None)
     if metadata_hook and metadata_hook != hook:
         logger.warning("evaluating at %s an SAE whose config names hook %s", hook, metadata_hook)
-    scores = _Scores(sae.cfg.d_sae, subsets or {})
+    scores, n_batches = _Scores(sae.cfg.d_sae, subsets or {}), 0
     sums = dict.fromkeys(["n", "ce_clean", "ce_spliced", "kl_spliced", "ce_zero_ablated",
                           "kl_zero_ablated", "ce_mean_ablated", "kl_mean_ablated"], 0.0)
-    n_batches = 0
     with torch.inference_mode(), forward_context(model.cfg.device, forward_dtype):
         for batch in tqdm(batches, desc=f"eval {hook}", total=max_batches, leave=False):
             if max_batches is not None and n_batches >= max_batches:
@@ -370,9 +370,10 @@ def evaluate_sae(model: HookedTransformer, sae: Any, hook: str, batches: Iterabl
                 continue
             _eval_batch(model, sae, hook, batch, policy, whitener, ablation_mean, scores, sums)
             n_batches += 1
+    with torch.no_grad(), forward_context(model.cfg.device, forward_dtype):  # inference_mode: never compiled
         for batch in tqdm(reconstruction_batches, desc=f"eval {hook} (reconstruction)", leave=False,
                           total=len(reconstruction_batches) if hasattr(reconstruction_batches, "__len__") else None):
-            _reconstruction_batch(model, sae, hook, batch, policy, whitener, forward_dtype, scores)
+            _reconstruction_batch(model, sae, hook, batch, policy, whitener, forward_dtype, scores, compile)
             n_batches += 1
     return _summarise(hook, n_batches, scores, sums, ablation_mean is not None, whitener is not None,
                       str(forward_dtype).removeprefix("torch."), policy.to_json(model.tokenizer))

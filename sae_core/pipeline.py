@@ -237,7 +237,7 @@ def analyse(model: Any, manager: Any, texts: list[str], run: RunConfig, out: Pat
         write_run_config(run, folder)  # makes the folder
         atomic_write_json(folder / DOCUMENTS_FILENAME, record)
         batches = iter_activation_batches(model, window_progress(loader, record["windows"], f"encode latents {hook}"),
-                                          [hook], run.windows.policy, run.forward.dtype)
+                                          [hook], run.windows.policy, run.forward.dtype, compile=run.forward.compile)
         encode_to_csr(model, lambda x: manager.encode(hook, x), batches, hook, csr_dir, overwrite=True, progress=False)
     csr = LatentCSR.load(csr_dir)
     density = latent_density(csr)

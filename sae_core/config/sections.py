@@ -203,8 +203,12 @@ class ForwardConfig:
     ``MODEL_LOAD_CONFIG['dtype']``)."""
     compile: bool = False
     """Run the forward through ``torch.compile`` (same hook points and activations up to float
-    rounding; ~1.2x faster in float32 and ~1.5x in bfloat16 on CPU after a one-off compile of about a
-    minute, so worth it from ~0.5M tokens on); falls back to eager when it cannot compile."""
+    rounding; ~1.2x faster in float32 and ~1.5x in bfloat16 on CPU after a one-off compile of ~30 s
+    per process, so worth it from ~0.2M tokens on in bfloat16 and ~0.6M in float32, by the store
+    bench's rates); falls back to eager when it cannot compile. Every
+    stage's plain forward follows it (store, training, held-out reconstruction rows, the analysis
+    encode, whitening from the model); forwards under other hooks (CE splicing, steering) run
+    eagerly."""
 
     def __post_init__(self) -> None:
         check_fields(self)

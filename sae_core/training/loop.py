@@ -179,7 +179,7 @@ class HeldOutEvaluator:
     def __call__(self, hook: str, sae: SAE, whitener: Any = None, ablation_mean: Tensor | None = None) -> EvalResult:
         return evaluate_sae(self.model, sae, hook, self.loader, self.cfg.policy, self.cfg.forward.dtype,
                             whitener, ablation_mean=ablation_mean, reconstruction_batches=self.reconstruction_loader,
-                            subsets=self.subsets)
+                            subsets=self.subsets, compile=self.cfg.forward.compile)
 
 
 Evaluator = Callable[..., EvalResult]

@@ -214,7 +214,8 @@ class ActivationExtractor:
                 state["done"], state["batch"] = state["done"] + 1, batch
                 yield batch
 
-        for acts in iter_activation_batches(self.model, counted(), [self.hook], policy, self.config.forward.dtype):
+        for acts in iter_activation_batches(self.model, counted(), [self.hook], policy, self.config.forward.dtype,
+                                            compile=self.config.forward.compile):
             yield state["done"], state["batch"], acts
 
     def _load_progress(self) -> tuple[IncrementalWhitener, dict[str, Any]] | None:

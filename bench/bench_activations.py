@@ -1,6 +1,6 @@
 """Activation extraction throughput: ``sae_core.store.save`` vs the bare forward and SAELens.
 
-    python -m bench.bench_activations            # full run (~27 min; run it on a quiet machine)
+    python -m bench.bench_activations            # full run (~57 min with the 1M-token runs; a quiet machine)
     python -m bench.bench_activations --quick    # smoke run (a few minutes), validates the pipeline
 
 Writes ``bench/results/bench_activations[_quick].json``. On SmolLM2-135M-Instruct (CPU), for each

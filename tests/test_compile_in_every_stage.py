@@ -10,25 +10,19 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from _tiny_pipeline import run_with as tiny_run
+from _tiny_pipeline import texts
 
 from sae_core import pipeline
 from sae_core.activations import compiled_forward
 from sae_core.config import ForwardConfig
 from sae_core.latents import LatentCSR
-from sae_core.models import load_run_config
 from sae_core.training import HeldOutEvaluator
 from sae_core.whitening.extraction import ActivationExtractor, ExtractionConfig
 
-BASE = ["training.total_training_tokens=512", "training.train_batch_size_tokens=256", "training.shuffle_buffer_tokens=256",
-        "evaluation.held_out_documents=10", "analysis.n_windows=12", "loader.pack_windows=True"]
-
-
-def texts() -> list[str]:
-    return [f"Entry {i}: " + " ".join(f"word{(i * 7 + j) % 50}" for j in range(8 + i % 23)) for i in range(40)]
-
 
 def run_with(*overrides: str):
-    return load_run_config("tiny_random", [*BASE, *overrides])
+    return tiny_run("loader.pack_windows=True", *overrides)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Activation extraction throughput: ``sae_core.store.save`` vs the bare forward and SAELens.
 
-    python -m bench.bench_activations            # full run (~57 min with the 1M-token runs; a quiet machine)
+    python -m bench.bench_activations            # full run (~1 h 50 min with 3 repeats of the 1M-token runs)
     python -m bench.bench_activations --quick    # smoke run (a few minutes), validates the pipeline
 
 Writes ``bench/results/bench_activations[_quick].json``. On SmolLM2-135M-Instruct (CPU), for each
@@ -43,6 +43,7 @@ import argparse
 import logging
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +52,7 @@ from typing import Any
 import torch
 
 from bench.common import machine_info, median_rate, saelens_offline, write_result
+from bench.store_long_run import LONG_REPEATS, long_run
 
 HOOK = "blocks.10.hook_resid_post"
 THREE_HOOKS = ["blocks.4.hook_resid_post", "blocks.10.hook_resid_post", "blocks.16.hook_resid_post"]
@@ -246,40 +248,6 @@ def shakespeare_pieces(chars: int = 350) -> list[str]:
     return [p for p in pieces if p]
 
 
-def long_run_compile_counted(model: Any, precision: str, n_tokens: int, root: Path) -> dict[str, Any]:
-    """One run each of >= 1M tokens with every compile on the clock: ours compiled, SAELens compiled and eager.
-
-    ``torch._dynamo.reset()`` before each case, so each compiled side pays its graph capture and
-    compile inside its timed call (inductor's on-disk cache, warm from the rounds, serves both).
-    Documents: Shakespeare in pieces (``shakespeare_pieces``), the same list on both sides.
-    """
-    import datasets
-
-    texts = shakespeare_pieces()
-    corpus = datasets.Dataset.from_dict({"text": texts})
-    docs = documents_for(texts, model.tokenizer, n_tokens)
-    out: dict[str, Any] = {"target_tokens": n_tokens, "documents": len(docs), "text": "Shakespeare in ~350-character pieces"}
-    cases = {"ours_compiled_compile_counted": lambda: run_save(model, [HOOK], docs, precision, root, TOKEN_BUDGET,
-                                                               pack=True, compile_forward=True),
-             "saelens_compiled_compile_counted": lambda: run_saelens_compiled(model, [HOOK], corpus, n_tokens,
-                                                                             precision, root),
-             "ours_eager": lambda: run_save(model, [HOOK], docs, precision, root, TOKEN_BUDGET, pack=True),
-             "saelens_eager": lambda: run_saelens(model, [HOOK], corpus, n_tokens, precision, root)}
-    for name, fn in cases.items():
-        torch._dynamo.reset()
-        _PEER_COMPILED.clear()
-        start = time.perf_counter()
-        tokens = fn()
-        seconds = time.perf_counter() - start
-        out[name] = {"tokens": tokens, "seconds": round(seconds, 1), "tokens_per_s": round(tokens / seconds, 1)}
-    out["ratio_compiled_compile_counted"] = round(out["ours_compiled_compile_counted"]["tokens_per_s"]
-                                                  / out["saelens_compiled_compile_counted"]["tokens_per_s"], 3)
-    out["ratio_ours_compiled_over_saelens_eager"] = round(out["ours_compiled_compile_counted"]["tokens_per_s"]
-                                                          / out["saelens_eager"]["tokens_per_s"], 3)
-    out["ratio_eager"] = round(out["ours_eager"]["tokens_per_s"] / out["saelens_eager"]["tokens_per_s"], 3)
-    return out
-
-
 def bench_precision(model: Any, texts: list[str], corpus: Any, precision: str, n_tokens: int,
                     repeats: int, root: Path) -> dict[str, Any]:
     from sae_core.activations import compiled_forward
@@ -355,7 +323,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny token counts, one repeat: validates the pipeline")
     parser.add_argument("--long-tokens", type=int, default=1_048_576,
-                        help="tokens of the compile-counted bf16 run (0: skip it)")
+                        help="tokens of the compile-counted bf16 runs (0: skip them)")
+    parser.add_argument("--long-repeats", type=int, default=LONG_REPEATS, help="interleaved repeats of the compile-counted runs")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("sae_lens").setLevel(logging.WARNING)
@@ -390,7 +359,8 @@ def main() -> None:
             payload[precision] = bench_precision(model, texts, corpus, precision, tokens[precision], repeats, Path(tmp))
         long_tokens = 8192 if args.quick else args.long_tokens
         if long_tokens:
-            payload["long_run_bfloat16"] = long_run_compile_counted(model, "bfloat16", long_tokens, Path(tmp))
+            payload["long_run_bfloat16"] = long_run(model, long_tokens, Path(tmp), 1 if args.quick else args.long_repeats,
+                                                    command="python -m bench.bench_activations " + " ".join(sys.argv[1:]))
     path = write_result("bench_activations_quick" if args.quick else "bench_activations", payload)
     for precision in ("float32", "bfloat16"):
         logging.getLogger("bench").info("%s ratios: %s", precision, payload[precision]["ratios"])

@@ -145,18 +145,30 @@ def activation_rows(result: dict[str, Any]) -> list[str]:
                              None if peer is None else f"{peer:.0f} (1 hook)", None, "reported", None))
     long = result.get("long_run_bfloat16")
     if long:
-        ours, peer = long["ours_compiled_compile_counted"], long["saelens_compiled_compile_counted"]
-        rows.append(_row(f"save, compiled, compile counted (dynamo reset; inductor's disk cache warm from the rounds on "
-                         f"both sides), {ours['tokens']:,} tokens, bf16 vs SAELens compiled, compile counted",
-                         ours["tokens_per_s"], peer["tokens_per_s"],
-                         long["ratio_compiled_compile_counted"], "reported (one run each)", None))
-        rows.append(_row("… the same compiled run of ours vs SAELens eager, bf16", ours["tokens_per_s"],
-                         long["saelens_eager"]["tokens_per_s"], long["ratio_ours_compiled_over_saelens_eager"],
-                         "reported (one run each)", None))
-        if "ours_eager" in long:
-            rows.append(_row("… the same 1M tokens eager vs eager, bf16", long["ours_eager"]["tokens_per_s"],
-                             long["saelens_eager"]["tokens_per_s"], long["ratio_eager"], "reported (one run each)", None))
+        rows += long_run_rows(long)
     return rows
+
+
+def long_run_rows(long: dict[str, Any]) -> list[str]:
+    """The store's >= 1M-token runs, every compile counted: median (min-max) over interleaved repeats."""
+    from bench.store_long_run import as_runs, summarise
+
+    runs = as_runs(long)
+    summary, n = summarise(runs), len(runs)
+    rates, tokens = summary["rates_median"], runs[0]["ours_compiled_compile_counted"]["tokens"]
+    verdict = "reported (one run each)" if n == 1 else f"reported ({n} interleaved repeats)"
+    batches = long.get("measured", [])
+    when = (" (" + " + ".join(f"{m['repeats']} at {m['written_at'][:16].replace('T', ' ')}" for m in batches) + ")"
+            if len(batches) > 1 else "")  # repeats added later (bench.store_long_run --add-repeats)
+    return [
+        f"| save, compiled, compile counted (dynamo reset; inductor's disk cache warm on both sides), {tokens:,} tokens, "
+        f"bf16 vs SAELens compiled, compile counted{when} | {_fmt(rates['ours_compiled_compile_counted'])} | "
+        f"{_fmt(rates['saelens_compiled_compile_counted'])} | {_spread(summary['ratio_compiled_compile_counted'])} | "
+        f"{verdict} | – |",
+        f"| … the same compiled runs of ours vs SAELens eager, bf16 | {_fmt(rates['ours_compiled_compile_counted'])} | "
+        f"{_fmt(rates['saelens_eager'])} | {_spread(summary['ratio_ours_compiled_over_saelens_eager'])} | {verdict} | – |",
+        f"| … the same 1M tokens eager vs eager, bf16 | {_fmt(rates['ours_eager'])} | {_fmt(rates['saelens_eager'])} | "
+        f"{_spread(summary['ratio_eager'])} | {verdict} | – |"]
 
 
 def training_speed_rows(result: dict[str, Any]) -> list[str]:

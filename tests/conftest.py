@@ -47,6 +47,26 @@ def golden(request):
     return check
 
 
+@pytest.fixture(autouse=True)
+def _threads_unchanged():
+    """Fail a test that leaves torch's thread count or ``OMP_NUM_THREADS`` changed (and put them back).
+
+    Such a leak is silent and costly: every later test, and every subprocess they start (notebook
+    kernels, scripts, the demo), would run on fewer threads.
+    """
+    before = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    yield
+    after = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    if after != before:
+        torch.set_num_threads(before[0])
+        if before[1] is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before[1]
+        pytest.fail(f"this test left (torch threads, OMP_NUM_THREADS) at {after}, not {before}: restore them "
+                    "(monkeypatch.setenv, or set the threads back in a fixture's teardown)")
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """A 2-layer random model (d_model 32) with SmolLM2's tokenizer; treat it as read-only."""

@@ -10,7 +10,6 @@ order. Tolerance: after a few Adam steps the weights agree to ~1e-6; we allow 1e
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -50,10 +49,10 @@ def _rank_main(rank: int, world: int, init_file: str, out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def test_two_gloo_ranks_match_one_process(tmp_path):
+def test_two_gloo_ranks_match_one_process(tmp_path, monkeypatch):
     chunks = _chunks()
     single = train_saes(_cfg(), TensorChunkSource(lambda: chunks, [HOOK]), {HOOK: 12}, tmp_path / "single")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the spawned ranks only: restored after the test
     mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp")), nprocs=2, join=True)
     one = SAE.load_from_disk(str(tmp_path / "single" / HOOK)).state_dict()
     two = SAE.load_from_disk(str(tmp_path / "ddp" / HOOK)).state_dict()

@@ -35,6 +35,9 @@ forward (b3pc compiled, b3p eager) versus three single-hook SAELens runs. Ratios
 read: the machine is shared. SAELens's cache runner costs little beyond its forward pass, so
 ``c / a1`` bounds what an extraction on the same eager forward can gain over it (reported as a
 ratio); the compiled cases are how ``save`` gets past that bound.
+
+After the rounds, ``--long-repeats`` (3) interleaved repeats of the >= 1M-token bf16 runs with every
+compile on the clock (``bench.store_long_run``: ours and SAELens, each compiled and eager).
 """
 
 from __future__ import annotations

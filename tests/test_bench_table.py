@@ -72,3 +72,50 @@ def test_added_repeats_join_the_file_they_match_and_nothing_else(tmp_path):
             measured.existing_repeats(path, tokens, precisions)
     with pytest.raises(SystemExit, match="does not exist"):
         measured.existing_repeats(tmp_path / "missing.json", 1048576, ["float32"])
+
+
+def test_store_long_run_rows_match_ratios_recomputed_from_its_repeats():
+    from bench import store_long_run
+
+    result = json.loads((run_all.RESULTS / "bench_activations.json").read_text())
+    long = result["long_run_bfloat16"]
+    runs = store_long_run.as_runs(long)
+    assert len(runs) == store_long_run.LONG_REPEATS  # what `make bench` runs (bench_activations --long-repeats)
+    assert not any("--long-repeats" in command for command in run_all.invocations("bench_activations"))
+    rows = run_all.long_run_rows(long)
+    pairs = [("ours_compiled_compile_counted", "saelens_compiled_compile_counted"),
+             ("ours_compiled_compile_counted", "saelens_eager"), ("ours_eager", "saelens_eager")]
+    for (ours, peer), row in zip(pairs, rows, strict=True):
+        ratios = [run[ours]["tokens_per_s"] / run[peer]["tokens_per_s"] for run in runs]  # within each repeat
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[3] == f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+        assert cells[1] == f"{statistics.median(run[ours]['tokens_per_s'] for run in runs):,.0f}"
+        assert cells[4] == f"reported ({len(runs)} interleaved repeats)"
+    orders = [run["order"] for run in runs]
+    assert all(sorted(order) == sorted(store_long_run.CASES) for order in orders)
+    assert orders[0] != orders[1]  # the order alternates, so a drift favours neither side
+
+
+def test_store_long_run_repeats_join_only_a_file_of_the_same_tokens(tmp_path):
+    from bench import store_long_run
+
+    one = {case: {"tokens": 10, "seconds": 1.0, "tokens_per_s": rate}
+           for case, rate in zip(store_long_run.CASES, (3600.0, 3400.0, 2400.0, 2100.0), strict=True)}
+    path = tmp_path / "bench_activations.json"
+    path.write_text(json.dumps({"written_at": "2026-12-06T06:00:00",
+                                "long_run_bfloat16": {"target_tokens": 1048576, **one}}))  # a file from before repeats
+    long = store_long_run.existing(path, 1048576)["long_run_bfloat16"]
+    assert store_long_run.as_runs(long)[0]["ours_eager"]["tokens_per_s"] == 2400.0
+    assert long["measured"] == [{"written_at": "2026-12-06T06:00:00", "repeats": 1, "commit": None,
+                                 "command": "python -m bench.bench_activations"}]
+    later = {**one, "ours_eager": {"tokens": 10, "seconds": 1.0, "tokens_per_s": 2000.0}}
+    summary = store_long_run.summarise([*store_long_run.as_runs(long), later])
+    assert summary["ratio_eager"]["values"] == [round(2400 / 2100, 3), round(2000 / 2100, 3)]
+    assert summary["ratio_eager"]["median"] == pytest.approx(statistics.median([2400 / 2100, 2000 / 2100]), abs=1e-3)
+    with pytest.raises(SystemExit, match="pass --tokens 1048576"):
+        store_long_run.existing(path, 65536)
+    with pytest.raises(SystemExit, match="does not exist"):
+        store_long_run.existing(tmp_path / "missing.json", 1048576)
+    path.write_text(json.dumps({"written_at": "2026-12-06T06:00:00"}))
+    with pytest.raises(SystemExit, match="no long_run_bfloat16"):
+        store_long_run.existing(path, 1048576)

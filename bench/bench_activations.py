@@ -329,6 +329,8 @@ def main() -> None:
                         help="tokens of the compile-counted bf16 runs (0: skip them)")
     parser.add_argument("--long-repeats", type=int, default=LONG_REPEATS, help="interleaved repeats of the compile-counted runs")
     args = parser.parse_args()
+    if args.long_repeats < 1 or args.long_tokens < 0:
+        parser.error("--long-repeats must be >= 1 and --long-tokens >= 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("sae_lens").setLevel(logging.WARNING)
     import datasets

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
 import tempfile
 import time
@@ -54,7 +53,7 @@ import torch
 
 from bench.bench_training import HOOK, base_config, model_source, run_ours
 from bench.bench_training_speed import saelens_runner_config, train_saelens
-from bench.common import load_smollm2, write_result
+from bench.common import load_smollm2, spread, write_result
 from bench.lr_sweep import held_out_scores, stream_rows
 from sae_core.config import to_json, with_overrides
 
@@ -95,10 +94,6 @@ def saelens_format_rows(model: Any, texts: list[str], held_out: list[int], cfg: 
 
 def ce_scores(result: Any) -> dict[str, float]:
     return {"ce_recovered": result.ce_recovered, "kl": result.kl_spliced, "eval_explained_variance": result.explained_variance}
-
-
-def spread(values: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
 
 
 def summarise(repeats: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -37,16 +36,12 @@ from typing import Any
 import torch
 
 from bench.bench_training import HOOK, base_config, model_source
-from bench.common import load_smollm2, write_result
+from bench.common import load_smollm2, spread, write_result
 from sae_core.config import to_json, with_overrides
 
 SWEEP = ({"k": 16}, {"k": 32}, {"k": 64}, {"d_sae": 9216, "k": 32})
 QUICK_TOKENS = 8192
 TOKENS = 49_152
-
-
-def spread(values: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
 
 
 def run_ours(model: Any, texts: list[str], documents: list[int], cfg: Any, out: Path) -> tuple[Any, float]:

@@ -37,8 +37,8 @@ import time
 from typing import Any
 
 from bench.bench_training import MULTI_HOOKS, base_config
-from bench.bench_training_speed import FULL_TOKENS, equal_start_saes, ours_config, run_ours, spread
-from bench.common import load_smollm2, write_result
+from bench.bench_training_speed import FULL_TOKENS, equal_start_saes, ours_config, run_ours
+from bench.common import load_smollm2, spread, write_result
 from sae_core.config import to_json, with_overrides
 
 PRECISION = "bfloat16"

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from bench.bench_training import HOOK, STEP_REPEATS, base_config, model_source
-from bench.common import load_smollm2, write_result
+from bench.common import load_smollm2, spread, write_result
 from sae_core.config import to_json, with_overrides
 
 FULL_TOKENS = 1_048_576
@@ -174,10 +174,6 @@ def run_saelens(model: Any, texts: list[str], documents: list[int], cfg: Any, pr
                 compiled: bool) -> dict[str, Any]:
     _, seconds = train_saelens(model, texts, documents, cfg, precision, compiled)
     return {"tokens_per_s": cfg.total_steps * cfg.train_batch_size_tokens / seconds, "call_seconds": seconds}
-
-
-def spread(values: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
 
 
 def summarise(cold: dict[str, Any], warm: list[dict[str, Any]], precisions: list[str], tokens: int) -> dict[str, Any]:

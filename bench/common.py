@@ -27,6 +27,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+def spread(values: list[float]) -> dict[str, Any]:
+    """Median and min-max of repeated measurements (with the values)."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+
+
+def git_commit() -> str | None:
+    """The checkout's short commit, recorded with a result (None outside git)."""
+    import subprocess
+
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent, check=False)
+    return done.stdout.strip() or None
+
+
 def write_result(name: str, payload: dict[str, Any]) -> Path:
     """Write ``payload`` (plus machine info under ``"machine"``) to ``bench/results/<name>.json`` atomically."""
     from sae_core.files import atomic_write_json

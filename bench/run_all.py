@@ -149,6 +149,13 @@ def activation_rows(result: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _added_batches(measured: list[dict[str, Any]]) -> str:
+    """`` (2 at 2026-12-06 04:03 + 1 at ...)`` when a result's repeats were measured in several batches."""
+    if len(measured) < 2:
+        return ""
+    return " (" + " + ".join(f"{m['repeats']} at {m['written_at'][:16].replace('T', ' ')}" for m in measured) + ")"
+
+
 def long_run_rows(long: dict[str, Any]) -> list[str]:
     """The store's >= 1M-token runs, every compile counted: median (min-max) over interleaved repeats."""
     from bench.store_long_run import as_runs, summarise
@@ -157,9 +164,7 @@ def long_run_rows(long: dict[str, Any]) -> list[str]:
     summary, n = summarise(runs), len(runs)
     rates, tokens = summary["rates_median"], runs[0]["ours_compiled_compile_counted"]["tokens"]
     verdict = "reported (one run each)" if n == 1 else f"reported ({n} interleaved repeats)"
-    batches = long.get("measured", [])
-    when = (" (" + " + ".join(f"{m['repeats']} at {m['written_at'][:16].replace('T', ' ')}" for m in batches) + ")"
-            if len(batches) > 1 else "")  # repeats added later (bench.store_long_run --add-repeats)
+    when = _added_batches(long.get("measured", []))  # repeats added later (bench.store_long_run --add-repeats)
     return [
         f"| save, compiled, compile counted (dynamo reset; inductor's disk cache warm on both sides), {tokens:,} tokens, "
         f"bf16 vs SAELens compiled, compile counted{when} | {_fmt(rates['ours_compiled_compile_counted'])} | "
@@ -204,9 +209,7 @@ def training_speed_rows(result: dict[str, Any]) -> list[str]:
 def training_speed_measured_rows(result: dict[str, Any]) -> list[str]:
     """Compile counted, measured: every run a fresh process with an empty inductor cache."""
     rows, summary, tokens = [], result["summary"], f"{result['tokens_per_run']:,}"
-    batches = result.get("measured", [])
-    when = (" (" + " + ".join(f"{m['repeats']} at {m['written_at'][:16].replace('T', ' ')}" for m in batches) + ")"
-            if len(batches) > 1 else "")  # repeats added later (--add-to-existing)
+    when = _added_batches(result.get("measured", []))  # repeats added later (--add-to-existing)
     for p in result["precisions"]:
         rates = summary[f"rates_{p}"]
         for peer, label, limit in (("saelens", "LanguageModelSAETrainingRunner as shipped", 1.8),

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from bench.common import RESULTS_DIR
+from bench.common import RESULTS_DIR, git_commit, spread
 from sae_core.files import atomic_write_json
 
 CASES = ("ours_compiled_compile_counted", "saelens_compiled_compile_counted", "ours_eager", "saelens_eager")
@@ -87,8 +87,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                            "rates_median": {c: round(statistics.median(r[c]["tokens_per_s"] for r in runs), 1)
                                             for c in CASES}}
     for name, (ours, peer) in RATIOS.items():
-        values = [round(r[ours]["tokens_per_s"] / r[peer]["tokens_per_s"], 3) for r in runs]
-        out[name] = {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+        out[name] = spread([round(r[ours]["tokens_per_s"] / r[peer]["tokens_per_s"], 3) for r in runs])
     return out
 
 
@@ -97,14 +96,6 @@ def as_runs(long: dict[str, Any]) -> list[dict[str, Any]]:
     if "runs" in long:
         return long["runs"]
     return [{"repeat": 0, "order": list(CASES), **{c: long[c] for c in CASES}}]
-
-
-def _commit() -> str | None:
-    import subprocess
-
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parent, check=False)
-    return done.stdout.strip() or None
 
 
 def long_run(model: Any, n_tokens: int, root: Path, repeats: int, earlier: dict[str, Any] | None = None,
@@ -116,7 +107,7 @@ def long_run(model: Any, n_tokens: int, root: Path, repeats: int, earlier: dict[
     from bench.common import machine_info
 
     measured = [*(earlier or {}).get("measured", []), {"written_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "repeats": repeats,
-                            "commit": _commit(), "command": command,
+                            "commit": git_commit(), "command": command,
                             "seconds": round(time.perf_counter() - began), "machine": machine_info()}]
     return {**about, "runs": before + runs, "measured": measured, "summary": summarise(before + runs)}
 

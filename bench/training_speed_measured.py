@@ -25,7 +25,6 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.bench_training_speed import FULL_TOKENS, ours_config, run_ours, run_saelens
-from bench.common import RESULTS_DIR, write_result
+from bench.common import RESULTS_DIR, git_commit, spread, write_result
 
 ROWS = ("ours", "saelens", "saelens_compiled")
 
@@ -66,10 +65,6 @@ def run_in_fresh_process(row: str, precision: str, tokens: int) -> dict[str, Any
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def spread(values: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
-
-
 def summarise(repeats: list[dict[str, Any]], precisions: list[str]) -> dict[str, Any]:
     """Per precision: each row's rates and our ratio to each peer row, taken within each repeat."""
     summary = {}
@@ -79,12 +74,6 @@ def summarise(repeats: list[dict[str, Any]], precisions: list[str]) -> dict[str,
             summary[f"ours_{p}_vs_{peer}_{p}"] = spread([r[f"ours_{p}"]["tokens_per_s"] / r[f"{peer}_{p}"]["tokens_per_s"]
                                                         for r in repeats])
     return summary
-
-
-def _commit() -> str | None:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parent, check=False)
-    return done.stdout.strip() or None
 
 
 def existing_repeats(path: Path, tokens: int, precisions: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -130,7 +119,7 @@ def main() -> None:
                       f"{rows[f'{row}_{precision}']['tokens_per_s']:,.0f} tokens/s", flush=True)
         runs.append(rows)
     measured.append({"written_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "repeats": args.repeats,
-                     "command": " ".join(sys.argv), "commit": _commit(), "wall_seconds": time.perf_counter() - began})
+                     "command": " ".join(sys.argv), "commit": git_commit(), "wall_seconds": time.perf_counter() - began})
     summary = summarise(runs, precisions)
     record = {"tokens_per_run": args.tokens, "repeats": len(runs), "precisions": precisions,
               "command": "; ".join(m["command"] for m in measured), "measured": measured, "runs": runs,

@@ -64,7 +64,7 @@ def _grads(sae: TopKTrainingSAE, loss: torch.Tensor) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("rescale", [True, False])
 @pytest.mark.parametrize("b_dec_in", [True, False])
-@pytest.mark.parametrize("dead_every,dense_ratio", [(None, 8), (3, 8), (20, 8), (3, 1), (20, 0)])
+@pytest.mark.parametrize("dead_every,dense_ratio", [(None, 8), (3, 8), (5, 8), (20, 8), (3, 1), (20, 0)])
 def test_sparse_step_equals_saelens_dense_step(rescale, b_dec_in, dead_every, dense_ratio, monkeypatch):
     """Loss and every gradient equal SAELens's dense ``training_forward_pass`` (MSE + AuxK).
 
@@ -72,7 +72,8 @@ def test_sparse_step_equals_saelens_dense_step(rescale, b_dec_in, dead_every, de
     1e-10 leaves room for the rescale identity relu(h n)/n = relu(h) (SAELens differentiates
     both sides, we use the identity), which is exact in real arithmetic.
     """
-    # dead_every: no AuxK; 32 dead > k_aux = 12; 5 dead < k_aux. dense_ratio: the AuxK path (dense over the
+    # dead_every: no AuxK; 32 dead > 2 k_aux = 24; 20 dead between k_aux = 12 and 2 k_aux (the dropped ones
+    # are the selection); 5 dead < k_aux. dense_ratio: the AuxK path (dense over the
     # dead columns while n_dead <= ratio * k_aux: 8 takes it in both cases, 1 and 0 take the sparse one)
     monkeypatch.setattr(sparse_topk, "DENSE_AUX_RATIO", dense_ratio)
     sae = _saelens_topk(24, 96, 6, rescale, b_dec_in, "float64")
@@ -90,6 +91,36 @@ def test_sparse_step_equals_saelens_dense_step(rescale, b_dec_in, dead_every, de
     for name, grad in ref_grads.items():
         scale = grad.abs().max().item()
         assert (grads[name] - grad).abs().max().item() <= 1e-10 * scale, name
+
+
+def test_dense_aux_decode_in_bfloat16_matches_float64_autograd():
+    """The dense AuxK path with its matmuls in bfloat16 (the compute dtype) returns the output and
+    every gradient in the parameters' float32, equal to plain float64 autograd to bfloat16 rounding."""
+    gen = torch.Generator().manual_seed(0)
+    rows, d_in, d_sae = 256, 32, 128
+    dead = torch.arange(0, d_sae, 3)
+    keep = torch.rand(rows, len(dead), generator=gen) < 0.6
+    x = torch.randn(rows, d_in, generator=gen, dtype=torch.float64) * 2
+    start = [torch.randn(d_in, d_sae, generator=gen, dtype=torch.float64) / 6, torch.randn(d_sae, generator=gen, dtype=torch.float64) / 10,
+             torch.randn(d_in, generator=gen, dtype=torch.float64) / 10, torch.randn(d_sae, d_in, generator=gen, dtype=torch.float64) / 6]
+    grad_out = torch.randn(rows, d_in, generator=gen, dtype=torch.float64)
+
+    ref = [t.clone().requires_grad_(True) for t in start]  # W_enc, b_enc, b_dec, W_dec
+    h = (x - ref[2]) @ ref[0] + ref[1]
+    ref_out = (h[:, dead] * keep) @ ref[3][dead]
+    ref_out.backward(grad_out)
+
+    params = [t.float().requires_grad_(True) for t in start]
+    centered = (x.float() - params[2].detach()).bfloat16()
+    values = ((x.float() - params[2].detach()) @ params[0].detach() + params[1].detach())[:, dead].masked_fill(~keep, 0)
+    out = sparse_topk._DenseDeadDecode.apply(values.bfloat16(), keep, centered, *params, dead)
+    out.backward(grad_out.float())
+
+    assert out.dtype == torch.float32 and all(p.grad.dtype == torch.float32 for p in params)
+    torch.testing.assert_close(out.double(), ref_out.detach(), rtol=0, atol=2e-2 * ref_out.abs().max().item())
+    for name, p, r in zip(("W_enc", "b_enc", "b_dec", "W_dec"), params, ref, strict=True):
+        scale = r.grad.abs().max().item()
+        assert scale > 0 and (p.grad.double() - r.grad).abs().max().item() <= 2e-2 * scale, name
 
 
 def test_sparse_step_selects_exactly_k_distinct_latents():

@@ -19,6 +19,9 @@ The AuxK loss picks its ``k_aux`` latents among the dead columns of the ranking 
 dead latents are few (``n_dead <= 8 k_aux``) reconstructs the residual with dense matmuls over those
 columns (:class:`_DenseDeadDecode`; a long run at a low learning rate has hundreds of dead latents,
 and ``k_aux = d_in / 2`` gathers per row made the step ~2.5x slower); with more, on the sparse path.
+The dense AuxK matmuls run in ``compute_dtype`` as the encoder's does (SAELens's AuxK runs under the
+same autocast), and when more than half of the dead latents are selected the ones left out are found
+by a top-k of the smallest (a smaller selection than the top ``k_aux``).
 
 Measured at SmolLM2 sizes (batch 4096, d_in 576, d_sae 4608, k 32; 2 CPU cores; the Adam update
 included): ~4x the tokens/s of SAELens's step under bfloat16 autocast, ~3x in float32.
@@ -143,14 +146,15 @@ def topk_training_step(sae: TopKTrainingSAE, sae_in: Float[Tensor, "rows d_in"],
         norms = sae.W_dec.norm(dim=-1) if cfg.rescale_acts_by_decoder_norm else None
         W_enc = sae.W_enc * norms if norms is not None else sae.W_enc
         b_enc = sae.b_enc * norms if norms is not None else sae.b_enc
-        ranking = torch.addmm(b_enc.to(compute_dtype), centered.to(compute_dtype), W_enc.to(compute_dtype))  # (rows, d_sae)
+        centered_c = centered.to(compute_dtype)
+        ranking = torch.addmm(b_enc.to(compute_dtype), centered_c, W_enc.to(compute_dtype))  # (rows, d_sae)
         indices = torch.topk(ranking, cfg.k, dim=-1, sorted=False).indices  # (rows, k)
         selected = _pre_acts_at(ranking, indices, norms, x.dtype)
     pre = _SelectedPreActs.apply(selected, centered, sae.W_enc, sae.b_enc, b_dec, indices)
     acts = pre.relu()
     sae_out = _SparseDecode.apply(acts, sae.W_dec, indices) + sae.b_dec  # (rows, d_in)
     mse_loss = (sae_out - x).pow(2).sum(dim=-1).mean()
-    aux_loss = _aux_loss(sae, x, sae_out, ranking, norms, centered, b_dec, dead_mask)
+    aux_loss = _aux_loss(sae, x, sae_out, ranking, norms, (centered, centered_c), b_dec, dead_mask)
     return TopKStepOutput(mse_loss + aux_loss, mse_loss.detach(), aux_loss.detach(), sae_out.detach(),
                           indices, acts.detach())
 
@@ -162,9 +166,10 @@ def _pre_acts_at(ranking: Tensor, indices: Tensor, norms: Tensor | None, dtype: 
 
 
 def _aux_loss(sae: TopKTrainingSAE, x: Tensor, sae_out: Tensor, ranking: Tensor, norms: Tensor | None,
-              centered: Tensor, b_dec: Tensor | None, dead_mask: Tensor | None) -> Tensor:
+              centered: tuple[Tensor, Tensor], b_dec: Tensor | None, dead_mask: Tensor | None) -> Tensor:
     """SAELens's AuxK loss (``calculate_topk_aux_loss``): dense over the dead columns when they are few
-    enough next to ``k_aux`` (:data:`DENSE_AUX_RATIO`), else on the sparse path."""
+    enough next to ``k_aux`` (:data:`DENSE_AUX_RATIO`), else on the sparse path. ``centered`` is
+    ``x - b_dec`` in the parameters' dtype and in the ranking's (compute) dtype."""
     n_dead = int(dead_mask.sum()) if dead_mask is not None else 0
     if n_dead == 0:
         return x.new_zeros(())
@@ -172,26 +177,36 @@ def _aux_loss(sae: TopKTrainingSAE, x: Tensor, sae_out: Tensor, ranking: Tensor,
     scale = min(n_dead / k_aux, 1.0)
     k_aux = min(k_aux, n_dead)
     residual = (x - sae_out).detach()
+    dense = n_dead <= DENSE_AUX_RATIO * k_aux
     with torch.no_grad():
         # the top k_aux of the dead columns alone: the same latents as a top-k over the ranking with the
         # live columns at -inf, without copying and masking the whole (rows, d_sae) ranking
         dead = dead_mask.to(ranking.device).nonzero().squeeze(1)  # (n_dead,)
-        among = ranking.index_select(1, dead)  # (rows, n_dead)
-        if n_dead <= DENSE_AUX_RATIO * k_aux:
-            values, keep = among.to(x.dtype) / norms[dead] if norms is not None else among.to(x.dtype), None
-            if k_aux < n_dead:
-                keep = torch.zeros_like(values, dtype=torch.bool)
-                keep.scatter_(1, torch.topk(among, k_aux, dim=-1, sorted=False).indices, True)
-                values = values.masked_fill(~keep, 0.0)
-    if n_dead <= DENSE_AUX_RATIO * k_aux:
-        recons = _DenseDeadDecode.apply(values, keep, centered, sae.W_enc, sae.b_enc, b_dec, sae.W_dec, dead)
+        among = ranking.index_select(1, dead)  # (rows, n_dead), in the compute dtype
+        if dense:
+            values = (among.to(x.dtype) / norms[dead]).to(among.dtype) if norms is not None else among
+            keep = _top_mask(among, k_aux) if k_aux < n_dead else None
+            values = values.masked_fill(~keep, 0.0) if keep is not None else values
+    if dense:
+        recons = _DenseDeadDecode.apply(values, keep, centered[1], sae.W_enc, sae.b_enc, b_dec, sae.W_dec, dead)
     else:
         with torch.no_grad():
             aux_indices = dead[torch.topk(among, k_aux, dim=-1, sorted=False).indices]  # (rows, k_aux)
             aux_selected = _pre_acts_at(ranking, aux_indices, norms, x.dtype)
-        aux_pre = _SelectedPreActs.apply(aux_selected, centered, sae.W_enc, sae.b_enc, b_dec, aux_indices)
+        aux_pre = _SelectedPreActs.apply(aux_selected, centered[0], sae.W_enc, sae.b_enc, b_dec, aux_indices)
         recons = _SparseDecode.apply(aux_pre, sae.W_dec, aux_indices)  # no b_dec: it is in the residual
     return sae.cfg.aux_loss_coefficient * scale * (recons - residual).pow(2).sum(dim=-1).mean()
+
+
+def _top_mask(scores: Tensor, k: int) -> Tensor:
+    """Boolean mask of each row's ``k`` largest entries; when ``k`` is more than half the row, found
+    as the complement of the ``n - k`` smallest (the smaller selection)."""
+    n = scores.shape[-1]
+    if 2 * k > n:
+        mask = torch.ones_like(scores, dtype=torch.bool)
+        return mask.scatter_(1, torch.topk(scores, n - k, dim=-1, largest=False, sorted=False).indices, False)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    return mask.scatter_(1, torch.topk(scores, k, dim=-1, sorted=False).indices, True)
 
 
 DENSE_AUX_RATIO = 8
@@ -204,25 +219,27 @@ class _DenseDeadDecode(torch.autograd.Function):
     """``values @ W_dec[dead]`` where ``values[r, j]`` is the pre-activation ``h`` of dead latent
     ``dead[j]`` if it is among row ``r``'s top ``k_aux`` (``keep``; None: all are) and 0 else, with exact gradients for
     ``W_enc``, ``b_enc``, ``b_dec`` (through ``h``) and ``W_dec``, all as dense matmuls over the
-    dead columns."""
+    dead columns. The matmuls run in the dtype of ``values`` and ``centered`` (the compute dtype);
+    output and gradients are in the parameters' dtype."""
 
     @staticmethod
     def forward(ctx, values: Tensor, keep: Tensor | None, centered: Tensor, W_enc: Tensor,  # type: ignore[override]
                 b_enc: Tensor, b_dec: Tensor | None, W_dec: Tensor, dead: Tensor) -> Tensor:
-        W_dec_dead = W_dec.index_select(0, dead)  # (n_dead, d_in)
+        W_dec_dead = W_dec.index_select(0, dead).to(values.dtype)  # (n_dead, d_in)
         ctx.save_for_backward(values, keep, centered, W_enc, W_dec, W_dec_dead, dead)
         ctx.has_b_dec = b_dec is not None
-        return values @ W_dec_dead
+        return (values @ W_dec_dead).to(W_dec.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         values, keep, centered, W_enc, W_dec, W_dec_dead, dead = ctx.saved_tensors
-        grad_W_dec = torch.zeros_like(W_dec).index_copy_(0, dead, values.t() @ grad_out)
-        grad_values = grad_out @ W_dec_dead.t()  # (rows, n_dead)
+        grad = grad_out.to(values.dtype)
+        grad_W_dec = torch.zeros_like(W_dec).index_copy_(0, dead, (values.t() @ grad).to(W_dec.dtype))
+        grad_values = grad @ W_dec_dead.t()  # (rows, n_dead)
         if keep is not None:
             grad_values.masked_fill_(~keep, 0.0)  # only the selected entries are pre-activations
-        grad_W_enc = torch.zeros_like(W_enc).index_copy_(1, dead, centered.t() @ grad_values)
-        grad_h_sum = grad_values.sum(0)  # (n_dead,)
-        grad_b_enc = torch.zeros(W_enc.shape[1], dtype=grad_out.dtype, device=grad_out.device).index_copy_(0, dead, grad_h_sum)
+        grad_W_enc = torch.zeros_like(W_enc).index_copy_(1, dead, (centered.t() @ grad_values).to(W_enc.dtype))
+        grad_h_sum = grad_values.sum(0, dtype=W_enc.dtype)  # (n_dead,)
+        grad_b_enc = torch.zeros(W_enc.shape[1], dtype=W_enc.dtype, device=grad_out.device).index_copy_(0, dead, grad_h_sum)
         grad_b_dec = -(W_enc.index_select(1, dead) @ grad_h_sum) if ctx.has_b_dec else None
         return None, None, None, grad_W_enc, grad_b_enc, grad_b_dec, grad_W_dec, None

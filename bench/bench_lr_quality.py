@@ -65,17 +65,21 @@ METRICS = ("explained_variance", "saelens_format_explained_variance", "ce_recove
 """What the seed repeats summarise: EV in our format, EV in SAELens's, CE-loss recovered (our format)."""
 
 
-def saelens_format_rows(model: Any, texts: list[str], held_out: list[int], cfg: Any) -> torch.Tensor:
-    """The held-out documents as SAELens's runner would train on them: run together into contexts by its
-    ``ActivationsStore`` (same runner config), forwarded by it, special tokens dropped; every full context."""
+def saelens_format_rows(model: Any, texts: list[str], documents: list[int], cfg: Any, shuffle_seed: int | None = None,
+                        limit: int | None = None) -> torch.Tensor:
+    """``documents`` as SAELens's runner would train on them: run together into contexts by its
+    ``ActivationsStore`` (same runner config), forwarded by it, special tokens dropped; every full context,
+    or (``limit``) the first ``limit`` rows. ``shuffle_seed``: the documents in the order SAELens's
+    runner reads them in ``train_saelens`` (its dataset shuffled with that seed)."""
     import datasets
     from sae_lens.training.activations_store import ActivationsStore
 
     runner_cfg = saelens_runner_config(model, cfg, PRECISION, compiled=False)
-    dataset = datasets.Dataset.from_dict({"text": [texts[i] for i in held_out]})
+    dataset = datasets.Dataset.from_dict({"text": [texts[i] for i in documents]})
+    dataset = dataset.shuffle(seed=shuffle_seed) if shuffle_seed is not None else dataset
     store = ActivationsStore.from_config(model, runner_cfg, override_dataset=dataset)
-    rows, done = [], False
-    while not done:
+    rows, done, total = [], False, 0
+    while not done and (limit is None or total < limit):
         contexts = []
         try:
             while len(contexts) < store.store_batch_size_prompts:
@@ -89,7 +93,10 @@ def saelens_format_rows(model: Any, texts: list[str], held_out: list[int], cfg: 
             keep = torch.ones_like(token_ids, dtype=torch.bool) if store.exclude_special_tokens is None else \
                 ~torch.isin(token_ids, store.exclude_special_tokens)
             rows.append(activations[keep].float())
-    return torch.cat(rows)
+            total += rows[-1].shape[0]
+    if limit is not None and total < limit:
+        raise SystemExit(f"the documents give {total:,} rows in SAELens's contexts, fewer than the {limit:,} asked for")
+    return torch.cat(rows)[:limit]
 
 
 def ce_scores(result: Any) -> dict[str, float]:

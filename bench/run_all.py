@@ -22,7 +22,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 BENCHES = ["bench_whitening", "bench_activations", "bench_training_speed", "training_speed_measured",
-           "bench_three_hooks", "bench_lr_quality",
+           "bench_three_hooks", "bench_lr_quality", "quality_same_contexts",
            "bench_sweep",
            "bench_synthetic", "bench_analysis", "bench_browser", "quality_sweep"]
 # bench_training is not run here and has no rows: its comparisons (SAELens's b_dec at zero, ours at the mean; one
@@ -412,6 +412,26 @@ def browser_rows(result: dict[str, Any]) -> list[str]:
     return rows
 
 
+def same_contexts_rows(result: dict[str, Any]) -> list[str]:
+    """Quality with the data format taken out: ours trained on SAELens's own contexts, against SAELens."""
+    summary, seeds = result["summary"], len(result["repeats"]["saelens"])
+    what = (f"SAE quality with the data format taken out: ours trained on SAELens's contexts (the first "
+            f"{result['tokens_per_run']:,} rows its ActivationsStore makes from the same shuffled documents; not the same "
+            f"draw of them, b_dec from a batch of them) vs SAELens, lr {result['lr']:g}, {result['precision']}, equal "
+            "initial weights")
+    rows = []
+    for metric, label in (("saelens_format_explained_variance", "held-out EV, SAELens's contexts"),
+                          ("explained_variance", "held-out EV, our windows"),
+                          ("ce_recovered", f"CE-loss recovered on {result['ce_documents']} held-out documents")):
+        ours, peer = summary["ours_on_saelens_contexts"][metric], summary["saelens"][metric]
+        rows.append(f"| {what + ', ' if not rows else '… '}{label}, median (min-max) of {seeds} seeds | "
+                    f"{ours['median']:.3f} ({ours['min']:.3f}-{ours['max']:.3f}) | "
+                    f"{peer['median']:.3f} ({peer['min']:.3f}-{peer['max']:.3f}) | {ours['median'] - peer['median']:+.3f} | "
+                    f"within noise or better (our median >= SAELens's lowest seed) | "
+                    f"{_fmt(summary['within_noise_or_better'][metric])} |")
+    return rows
+
+
 def _cpu(machine: dict[str, Any] | None) -> str:
     if not machine or not machine.get("cpu_model"):
         return "CPU model not recorded"
@@ -427,6 +447,7 @@ def table() -> str:
                         (("training_speed_measured_float32",), training_speed_measured_rows),
                         (("three_hooks", "three_hooks_quick"), three_hook_rows),
                         (("lr_quality", "lr_quality_quick"), lr_quality_rows),
+                        (("quality_same_contexts", "quality_same_contexts_quick"), same_contexts_rows),
                         (("sweep", "sweep_quick"), sweep_rows),
                         (("synthetic", "synthetic_quick"), synthetic_rows),
                         (("whitening",), whitening_rows),

@@ -413,22 +413,33 @@ def browser_rows(result: dict[str, Any]) -> list[str]:
 
 
 def same_contexts_rows(result: dict[str, Any]) -> list[str]:
-    """Quality with the data format taken out: ours trained on SAELens's own contexts, against SAELens."""
+    """Quality with the data format taken out: ours trained on SAELens's own contexts, and our pipeline on
+    documents run together, each against SAELens (older results have the first side only)."""
     summary, seeds = result["summary"], len(result["repeats"]["saelens"])
-    what = (f"SAE quality with the data format taken out: ours trained on SAELens's contexts (the first "
-            f"{result['tokens_per_run']:,} rows its ActivationsStore makes from the same shuffled documents; not the same "
-            f"draw of them, b_dec from a batch of them) vs SAELens, lr {result['lr']:g}, {result['precision']}, equal "
-            "initial weights")
+    sides = {"ours_on_saelens_contexts": (
+        f"SAE quality with the data format taken out: ours trained on SAELens's contexts (the first "
+        f"{result['tokens_per_run']:,} rows its ActivationsStore makes from the same shuffled documents; not the same "
+        f"draw of them, b_dec from a batch of them) vs SAELens, lr {result['lr']:g}, {result['precision']}, equal "
+        "initial weights"),
+        "ours_run_together": (
+        "… our pipeline end to end with windows_per_document=\"run_together\" (the same documents run together into "
+        "contexts as SAELens's ActivationsStore makes them; each side's own document order, b_dec from a batch of "
+        "its own rows) vs SAELens, same settings")}
     rows = []
-    for metric, label in (("saelens_format_explained_variance", "held-out EV, SAELens's contexts"),
-                          ("explained_variance", "held-out EV, our windows"),
-                          ("ce_recovered", f"CE-loss recovered on {result['ce_documents']} held-out documents")):
-        ours, peer = summary["ours_on_saelens_contexts"][metric], summary["saelens"][metric]
-        rows.append(f"| {what + ', ' if not rows else '… '}{label}, median (min-max) of {seeds} seeds | "
-                    f"{ours['median']:.3f} ({ours['min']:.3f}-{ours['max']:.3f}) | "
-                    f"{peer['median']:.3f} ({peer['min']:.3f}-{peer['max']:.3f}) | {ours['median'] - peer['median']:+.3f} | "
-                    f"within noise or better (our median >= SAELens's lowest seed) | "
-                    f"{_fmt(summary['within_noise_or_better'][metric])} |")
+    for side, what in sides.items():
+        if side not in result["repeats"]:
+            continue
+        verdicts = summary["within_noise_or_better"]
+        verdicts = verdicts.get(side, verdicts)  # older files: the first side only, not keyed by side
+        for n, (metric, label) in enumerate((("saelens_format_explained_variance", "held-out EV, SAELens's contexts"),
+                                             ("explained_variance", "held-out EV, our windows"),
+                                             ("ce_recovered", f"CE-loss recovered on {result['ce_documents']} held-out documents"))):
+            ours, peer = summary[side][metric], summary["saelens"][metric]
+            rows.append(f"| {what + ', ' if n == 0 else '… '}{label}, median (min-max) of {seeds} seeds | "
+                        f"{ours['median']:.3f} ({ours['min']:.3f}-{ours['max']:.3f}) | "
+                        f"{peer['median']:.3f} ({peer['min']:.3f}-{peer['max']:.3f}) | {ours['median'] - peer['median']:+.3f} | "
+                        f"within noise or better (our median >= SAELens's lowest seed) | "
+                        f"{_fmt(verdicts[metric])} |")
     return rows
 
 

@@ -14,7 +14,9 @@ position embeddings, ``hook_pos_embed`` restarts positions at each window. Rotar
 scores depend only on the distance between two positions, so a window placed further along a
 row attends exactly as it would at the start. Each window's activations are then those it has
 alone, up to float rounding (tested against unpacked batches). TransformerLens's own
-``attention_mask`` is per token, not per pair of tokens, so it cannot express this.
+``attention_mask`` is per token, not per pair of tokens, so it cannot express this. Rows of
+documents run together (``WindowBatch.joined``) run as plain rows: the documents attend to
+each other and positions run on along the row, as in SAELens's contexts.
 
 ``compile=True`` runs the same TransformerLens forward, with the same hook points, with each
 transformer block through ``torch.compile`` (inductor; regional compilation, as PyTorch's own
@@ -163,7 +165,7 @@ class _CompiledForward:
         model, device = self.model, self.model.cfg.device
         stop = stop_layer_for(list(hooks), model.cfg.n_layers)
         fwd_hooks: list[tuple[str, Any]] = []
-        if batch is not None and batch.segment is not None:
+        if batch is not None and batch.segment is not None and not batch.joined:
             # Always masked when packed, even if no row holds two windows: one graph, not two.
             score_hooks, restart = _packing_hooks(model, stop)
             self.apart = _window_mask(batch.segment).to(device)
@@ -240,7 +242,7 @@ def run_to_hooks(model: HookedTransformer, hooks: Sequence[str], input_ids: Int[
 
     stop = stop_layer_for(list(hooks), model.cfg.n_layers)
     fwd_hooks: list[tuple[str, Any]] = []
-    if batch is not None and batch.segment is not None and batch.n_windows > batch.input_ids.shape[0]:
+    if batch is not None and batch.segment is not None and not batch.joined and batch.n_windows > batch.input_ids.shape[0]:
         fwd_hooks += _segment_hooks(model, batch.segment, batch.cell_offsets(), stop)
     fwd_hooks += [(name, save) for name in hooks]
     with torch.inference_mode(), forward_context(model.cfg.device, forward_dtype), model.hooks(fwd_hooks=fwd_hooks):

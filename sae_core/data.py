@@ -17,6 +17,15 @@
   stratified draw of a shared random phase (evenly spaced windows cover everything, but adjacent
   windows never overlap differently), and independent uniform offsets (an epoch then misses
   ~37% of a long document while drawing other parts twice).
+* Documents run together (``windows_per_document="run_together"``): every token of every document
+  once an epoch, the documents in a seeded random order joined into rows of ``max_text_length``
+  tokens, BOS first in every row and between documents, as SAELens's ``ActivationsStore`` makes its
+  contexts (``concat_and_batch_sequences``: begin-batch and separator token BOS). Attention crosses
+  the documents of a row there, and here too (``WindowBatch.joined``: no mask between them,
+  positions run on along the row). Each piece of a document in a row is an item
+  (:class:`DocumentPiece`), so every cell still maps back to (document, position). The one
+  difference: where a separator would land in a row's last cell, SAELens writes a BOS there and
+  this pads it; no kept row sees that cell (causal attention; BOS rows are dropped by the policy).
 * :func:`make_dataloader` batches documents of similar length together (less padding); the batch
   list is a pure function of (documents, seed, epoch), and ``start_batch`` skips batches without
   tokenising them, which is how an interrupted extraction resumes.
@@ -64,9 +73,19 @@ class Window(NamedTuple):
     window_start: int  # offset of the window in the document's tokens (before any BOS)
     bos: bool = False  # a BOS was prepended at position 0 (it is not one of the document's tokens)
     row: int = -1  # row of a packed batch, as the batch sampler laid it out (-1: the collate packs)
+    joined: bool = False  # a piece of documents run together: its row attends across documents
 
 
-WINDOWS_PER_DOCUMENT = ("one", "proportional")
+WINDOWS_PER_DOCUMENT = ("one", "proportional", "run_together")
+
+
+class DocumentPiece(NamedTuple):
+    """Tokens ``[start, start + length)`` of document ``index``, a piece of a row of documents run
+    together (``windows_per_document="run_together"``), after a BOS when the dataset prepends one."""
+
+    index: int
+    start: int
+    length: int
 
 
 class WindowKey(NamedTuple):
@@ -125,8 +144,9 @@ class WindowedTextDataset(Dataset):
         return [min(len(t) + int(self.prepend_bos), self.max_text_length) if t else 0 for t in ids]
 
     def windows_of(self, n_tokens: int) -> int:
-        """Windows an epoch draws from a document of ``n_tokens`` tokens (see the module docstring)."""
-        if self.windows_per_document == "one":
+        """Windows an epoch draws from a document of ``n_tokens`` tokens (see the module docstring; documents
+        run together count one)."""
+        if self.windows_per_document in ("one", "run_together"):
             return 1
         return max(1, -(-n_tokens // (self.max_text_length - int(self.prepend_bos))))
 
@@ -144,9 +164,16 @@ class WindowedTextDataset(Dataset):
         kept = self._long_ids.get(index)
         return kept if kept is not None else self.tokenise([index])[0]
 
-    def __getitem__(self, index: int | PackedIndex | WindowKey) -> Window:
+    def __getitem__(self, index: int | PackedIndex | WindowKey | DocumentPiece) -> Window:
         if isinstance(index, PackedIndex):
             return self[index.index]._replace(row=index.row)
+        if isinstance(index, DocumentPiece):
+            ids = [int(t) for t in self.token_ids(index.index)[index.start:index.start + index.length]]
+            if len(ids) != index.length or index.length < 1:
+                raise IndexError(f"document {index.index} has no {index.length} tokens from {index.start}")
+            head = [self.tokenizer.bos_token_id] if self.prepend_bos else []
+            return Window(torch.tensor(head + ids, dtype=torch.long), index.index, index.start, self.prepend_bos,
+                          joined=True)
         if isinstance(index, WindowKey):
             ids = self.token_ids(index.index)
             parts = self.windows_of(len(ids))
@@ -230,6 +257,7 @@ class WindowBatch(NamedTuple):
     n_empty: int  # texts in this batch that tokenised to nothing (dropped)
     bos: torch.Tensor | None = None  # (windows,) bool: the window starts with a prepended BOS (None: no BOS)
     segment: torch.Tensor | None = None  # (rows, pos) int64 window of each cell, -1 on pad (None: row = window)
+    joined: bool = False  # the windows of a row are documents run together: they attend to each other
 
     @property
     def n_windows(self) -> int:
@@ -242,7 +270,7 @@ class WindowBatch(NamedTuple):
 
         return WindowBatch(self.input_ids.pin_memory(), self.attention_mask.pin_memory(),
                            self.doc_index.pin_memory(), self.window_start.pin_memory(), self.n_empty,
-                           pin(self.bos), pin(self.segment))
+                           pin(self.bos), pin(self.segment), self.joined)
 
     def cell_windows(self) -> torch.Tensor:
         """(rows, pos) window index of each cell; -1 on pad only when packed (rows keep their own index)."""
@@ -311,6 +339,30 @@ class RowPacker:
             heapq.heappush(self._room, (length - self.width, len(self.rows) - 1))
 
 
+def run_together(order: Sequence[int], tokens: dict[int, int], width: int, bos: bool,
+                 rows_per_batch: int) -> list[list[PackedIndex]]:
+    """Documents ``order`` (``tokens[d]`` tokens each) run together into rows of ``width`` cells, BOS
+    first in every row and before every document when ``bos``, cut into batches of ``rows_per_batch``
+    rows: each batch a list of :class:`DocumentPiece` items naming their row (the last row may be short)."""
+    head = int(bos)
+    if width < head + 1:
+        raise ValueError(f"rows of {width} cells hold no token after a BOS; raise max_text_length")
+    batches: list[list[PackedIndex]] = [[]]
+    row, room = 0, width
+    for doc in order:
+        start, left = 0, tokens[doc]
+        while left > 0:
+            if room < head + 1:  # a new row (SAELens writes a dangling separator here; this pads the cell)
+                row, room = row + 1, width
+                if row == rows_per_batch:
+                    batches.append([])
+                    row = 0
+            take = min(left, room - head)
+            batches[-1].append(PackedIndex(DocumentPiece(doc, start, take), row))
+            start, left, room = start + take, left - take, room - head - take
+    return [b for b in batches if b]
+
+
 @dataclass(frozen=True)
 class PadCollate:
     """``collate_fn`` padding with ``pad_token_id`` (a class, so DataLoader workers can pickle it)."""
@@ -336,9 +388,15 @@ def pad_collate(items: list[Window], pad_token_id: int, pack: bool = False) -> W
     With ``pack``, windows share rows and ``segment`` says which window each cell holds; window
     fields stay in item order. The rows are those the batch sampler chose (``Window.row``) when it
     chose them, else the windows are packed here into rows as wide as the longest one
-    (:class:`RowPacker`, longest first).
+    (:class:`RowPacker`, longest first). Pieces of documents run together (``Window.joined``) always
+    take the rows the sampler gave them, and the batch is ``joined``.
     """
     kept = [w for w in items if w.input_ids.numel() > 0]
+    joined = any(w.joined for w in kept)
+    if joined and not all(w.joined and w.row >= 0 for w in kept):
+        raise ValueError("pieces of documents run together come with their rows and are not mixed with windows; "
+                         "batch them with the training sampler (TokenBudgetBatchSampler)")
+    pack = pack or joined
     if pack and kept and all(w.row >= 0 for w in kept):
         by_row: dict[int, list[int]] = {}
         for i, w in enumerate(kept):
@@ -367,7 +425,7 @@ def pad_collate(items: list[Window], pad_token_id: int, pack: bool = False) -> W
                        torch.tensor([w.doc_index for w in kept], dtype=torch.long),
                        torch.tensor([w.window_start for w in kept], dtype=torch.long),
                        len(items) - len(kept), torch.tensor([w.bos for w in kept], dtype=torch.bool),
-                       segment if pack else None)
+                       segment if pack else None, joined)
 
 
 def windowed_dataset(texts: Any, tokenizer: Any, windows: WindowConfig, rank: int = 0, world_size: int = 1,

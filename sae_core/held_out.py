@@ -9,7 +9,10 @@ windows as training would draw them (one a document, or in proportion to its len
 mix of short and long documents is analysed in the proportions the SAE was trained on. One window a
 document (the analysis before this module) drew 30% of the default run's analysed rows from
 documents longer than a window, where training draws ~85% of its rows from them, so the latents of
-the long works had few examples in the browser and their densities were understated.
+the long works had few examples in the browser and their densities were understated. An SAE
+trained on documents run together (``windows_per_document="run_together"``) is analysed on
+windows of one document in proportion to length: a top example's context is then the whole text
+its latent saw, where a row of documents run together would hide the documents before it.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ def analysis_loader(tokenizer: Any, texts: Sequence[Any], run: RunConfig, sae_fo
 
     documents, origin = analysis_documents(run, texts, sae_folder)
     how = run.training.windows_per_document
+    how = "proportional" if how == "run_together" else how  # one document a row (module docstring)
     dataset = windowed_dataset(texts, tokenizer, run.windows, windows_per_document=how)
     sampler, items = drawn_windows(dataset, documents, run.loader, run.analysis.n_windows,
                                    (run.windows.seed, ANALYSIS_STREAM))

@@ -191,8 +191,9 @@ def make_dataloader(dataset: WindowedTextDataset | IterableWindowedTextDataset,
     common = dict(collate_fn=PadCollate(pad_id_of(dataset.tokenizer), cfg.pack_windows), num_workers=cfg.num_dataloader_workers,
                   pin_memory=cfg.pin_memory, persistent_workers=cfg.persistent_workers, **cfg.extra)
     if getattr(dataset, "windows_per_document", "one") != "one":
-        raise NotImplementedError("make_dataloader draws one window a document; proportional windows are drawn "
-                                  "by the training sampler (ModelActivationSource); use windows_per_document='one' here")
+        raise NotImplementedError(f"make_dataloader draws one window a document; windows_per_document="
+                                  f"{dataset.windows_per_document!r} is drawn by the training sampler "
+                                  "(ModelActivationSource); use windows_per_document='one' here")
     if isinstance(dataset, IterableWindowedTextDataset):
         if indices is not None or start_batch:
             raise ValueError("a streaming dataset takes no indices / start_batch; skip batches while iterating")

@@ -127,15 +127,19 @@ def test_same_context_quality_rows_match_medians_recomputed_from_the_seeds():
         pytest.skip(f"{path.name} not measured yet")
     result = json.loads(path.read_text())
     repeats = result["repeats"]
-    assert [r["seed"] for r in repeats["saelens"]] == [r["seed"] for r in repeats["ours_on_saelens_contexts"]]
+    sides = [side for side in ("ours_on_saelens_contexts", "ours_run_together") if side in repeats]
+    assert sides[0] == "ours_on_saelens_contexts"
     values = {  # read from the per-seed scores, not from the file's summary
         "saelens_format": lambda r: r["saelens_format"]["explained_variance"],
         "explained_variance": lambda r: r["explained_variance"], "ce_recovered": lambda r: r["ce_recovered"]}
     rows = run_all.same_contexts_rows(result)
-    for (name, value), row in zip(values.items(), rows, strict=True):
-        cells = [cell.strip() for cell in row.strip("|").split("|")]
-        ours = [value(r) for r in repeats["ours_on_saelens_contexts"]]
-        peer = [value(r) for r in repeats["saelens"]]
-        assert cells[1] == f"{statistics.median(ours):.3f} ({min(ours):.3f}-{max(ours):.3f})", name
-        assert cells[2] == f"{statistics.median(peer):.3f} ({min(peer):.3f}-{max(peer):.3f})", name
-        assert cells[5] == ("yes" if statistics.median(ours) >= min(peer) else "no"), name
+    assert len(rows) == 3 * len(sides)
+    for s, side in enumerate(sides):
+        assert [r["seed"] for r in repeats["saelens"]] == [r["seed"] for r in repeats[side]]
+        for (name, value), row in zip(values.items(), rows[3 * s:3 * s + 3], strict=True):
+            cells = [cell.strip() for cell in row.strip("|").split("|")]
+            ours = [value(r) for r in repeats[side]]
+            peer = [value(r) for r in repeats["saelens"]]
+            assert cells[1] == f"{statistics.median(ours):.3f} ({min(ours):.3f}-{max(ours):.3f})", name
+            assert cells[2] == f"{statistics.median(peer):.3f} ({min(peer):.3f}-{max(peer):.3f})", name
+            assert cells[5] == ("yes" if statistics.median(ours) >= min(peer) else "no"), name

@@ -102,8 +102,9 @@ def test_sampler_draws_windows_in_proportion_to_length(tokenizer):
     assert sorted(i for b in TokenBudgetBatchSampler(one, range(5), 256, 64).batches(2) for i in b) == list(range(5))
 
 
-def test_proportional_windows_are_rejected_where_one_window_is_drawn(tokenizer):
-    dataset = WindowedTextDataset(["a b c"], tokenizer, 8, windows_per_document="proportional")
+@pytest.mark.parametrize("how", ["proportional", "run_together"])
+def test_proportional_windows_are_rejected_where_one_window_is_drawn(tokenizer, how):
+    dataset = WindowedTextDataset(["a b c"], tokenizer, 8, windows_per_document=how)
     with pytest.raises(NotImplementedError, match="one window a document"):
         make_dataloader(dataset)
     with pytest.raises(ValueError, match="windows_per_document"):
@@ -318,3 +319,28 @@ def test_eval_windows_are_drawn_as_training_draws_them(tiny_model, tokenizer):
     assert one.n_windows == len(texts) and result.subsets["longer documents (> 31 tokens)"]["n_rows"] == 31
     short = sum(len(_ids(tokenizer, t)) for t in texts[1:])  # every token of the short ones; BOS rows dropped
     assert result.subsets["documents of one window (<= 31 tokens)"]["n_rows"] == short
+
+
+def test_eval_rows_run_together_as_training_runs_them(tiny_model, tokenizer):
+    """Training on documents run together: the evaluator scores the held-out documents run together
+    the same way (CE too: a row of documents is one context, as SAELens evaluates), every token of
+    the drawn documents once, the first ce_windows documents apart from the rest."""
+    from sae_core.config import TrainingConfig, build_flat
+    from sae_core.training import HeldOutEvaluator, to_inference_sae
+    from sae_core.training.state import build_training_sae
+
+    texts = [_long_text(n, seed=n) for n in (400, 3, 5, 7, 9, 11, 13, 40, 60)]
+    cfg = build_flat(TrainingConfig, "training", hook_points=("blocks.0.hook_resid_post",), d_sae=64,
+                     max_text_length=32, windows_per_document="run_together", batch_tokens=256,
+                     eval_windows=6, ce_windows=2)
+    evaluator = HeldOutEvaluator(tiny_model, texts, range(len(texts)), cfg)
+    drawn = {"ce": set(), "rest": set()}
+    for name, loader in (("ce", evaluator.loader), ("rest", evaluator.reconstruction_loader)):
+        for batch in loader:
+            assert batch.joined and batch.input_ids.shape[1] <= 32
+            drawn[name] |= set(batch.doc_index.tolist())
+    assert len(drawn["ce"]) == 2 and len(drawn["rest"]) == 4 and not drawn["ce"] & drawn["rest"]
+    sae = to_inference_sae(build_training_sae(cfg, 32, cfg.hook_points[0], 0))
+    result = evaluator(cfg.hook_points[0], sae)
+    assert result.n_rows == sum(len(_ids(tokenizer, texts[d])) for d in drawn["ce"] | drawn["rest"])
+    assert 0 < result.n_predictions < result.n_rows

@@ -38,24 +38,25 @@ def windows_by_document(loader) -> dict[int, int]:
     return counts
 
 
-@pytest.mark.parametrize("how", ["proportional", "one"])
+@pytest.mark.parametrize("how", ["proportional", "one", "run_together"])
 def test_analysis_windows_follow_training_windows_per_document(tiny_model, split_folder, how):
     """Every held-out window training would draw (counted from the tokenizer's own token counts), and
     only held-out documents: a long document gives ceil(tokens / room) windows when training draws
-    in proportion to length, one when training draws one a document."""
+    in proportion to length, one when training draws one a document; in proportion to length, one
+    document a row, when training runs documents together."""
     folder, texts, held_out = split_folder
     run = load_run_config("tiny_random", [f"training.windows_per_document={how}", "analysis.n_windows=100000"])
     loader, record = analysis_loader(tiny_model.tokenizer, texts, run, folder)
     room = run.windows.max_text_length - int(run.windows.prepend_bos)
     tokens = {d: len(tiny_model.tokenizer(texts[d], add_special_tokens=False)["input_ids"]) for d in held_out}
-    expected = {d: (math.ceil(n / room) if how == "proportional" else 1) for d, n in tokens.items()}
+    expected = {d: (math.ceil(n / room) if how != "one" else 1) for d, n in tokens.items()}
     assert max(tokens.values()) > 10 * room  # the long documents span many windows
     assert windows_by_document(loader) == expected
     assert record["windows"] == record["windows_available"] == sum(expected.values())
     assert record["documents"] == held_out and record["documents_drawn"] == held_out
     bos = int(run.windows.prepend_bos)
     assert record["window_tokens"] == sum((min(n, room) + bos) * expected[d] for d, n in tokens.items())
-    assert record["origin"].startswith(f"held out: the {len(held_out)} documents of") and record["windows_per_document"] == how
+    assert record["origin"].startswith(f"held out: the {len(held_out)} documents of") and record["windows_per_document"] == how.replace("run_together", "proportional")
 
 
 def test_analysis_takes_a_seeded_sample_of_the_windows(tiny_model, split_folder):

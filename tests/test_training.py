@@ -320,7 +320,8 @@ def _model_cfg(**overrides) -> TrainingConfig:
 
 def _model_source(model, texts, cfg):
     train_docs, _ = split_documents(len(texts), cfg.evaluation.held_out_documents, cfg.seed)
-    dataset = WindowedTextDataset(texts, model.tokenizer, cfg.windows.max_text_length, cfg.seed, cfg.windows.prepend_bos)
+    dataset = WindowedTextDataset(texts, model.tokenizer, cfg.windows.max_text_length, cfg.seed, cfg.windows.prepend_bos,
+                                  windows_per_document=cfg.windows_per_document)
     return model_source(model, dataset, cfg, train_docs), dataset, train_docs
 
 
@@ -388,7 +389,7 @@ def _weights(folder) -> dict[str, torch.Tensor]:
     return SAE.load_from_disk(str(folder)).state_dict()
 
 
-@pytest.mark.parametrize("forward", [{}, {"pack_windows": True}])  # packed + compiled: the kill -9 test below
+@pytest.mark.parametrize("forward", [{}, {"pack_windows": True}, {"windows_per_document": "run_together"}])  # packed + compiled: the kill -9 test below
 def test_resume_equals_uninterrupted(tiny_model, corpus_texts, tmp_path, monkeypatch, forward):
     texts = corpus_texts[:64]
     cfg = _model_cfg(total_training_tokens=128 * 10, lr_decay_fraction=0.3, **forward)

@@ -141,8 +141,9 @@ class EvaluationConfig:
     eval_windows: int = 256
     """Held-out windows scored for reconstruction and sparsity (explained variance, MSE, L0, dead): a
     seeded sample of the windows an epoch draws from the held-out documents, drawn as training draws
-    them (``TRAINING['windows_per_document']``), so long documents weigh as they do in training. One
-    forward to the hook each (cheap)."""
+    them (``TRAINING['windows_per_document']``), so long documents weigh as they do in training
+    (documents, run together into rows, when training runs them together). One forward to the hook
+    each (cheap)."""
     ce_windows: int = 64
     """The first of those (a random order) also scored for CE-loss recovered and KL: three or four full
     forward passes each (clean, spliced, zero- and mean-ablated)."""
@@ -190,9 +191,13 @@ class TrainingConfig:
     """Checkpoint at the first shuffle-block boundary after every so many tokens (None: end only)."""
     log_every_steps: int = 5
     """Steps between training-curve points (and progress-bar updates)."""
-    windows_per_document: Literal["one", "proportional"] = "one"
+    windows_per_document: Literal["one", "proportional", "run_together"] = "one"
     """Windows an epoch draws from a training document: ``one``, or ``proportional`` to its length
-    (``sae_core.data.WindowedTextDataset``), so the token budget spreads by length, not by document."""
+    (``sae_core.data.WindowedTextDataset``), so the token budget spreads by length, not by document;
+    or ``run_together``: every token once, the documents joined into rows of ``max_text_length`` with
+    BOS first and between documents, attending across them, as SAELens's ``ActivationsStore`` makes
+    its contexts (to train or evaluate as SAELens does). Evaluation draws held-out rows the same
+    way; the analysis keeps one document a row (a top example's context is then all the latent saw)."""
     whitening_path: str | None = None
     """Train on whitened activations (``sae_core.whitening.Whitener.load`` path); single hook only."""
     device: str = "cpu"

@@ -12,12 +12,13 @@ from sae_core.training.loop import (
     TrainedSAE,
     TrainingRun,
     checkpoint_dir_for,
+    init_distributed,
     model_source,
     train_from_activations,
     train_from_model,
     train_saes,
 )
-from sae_core.training.sources import hook_widths, init_distributed, rank_and_world
+from sae_core.training.sources import hook_widths, rank_and_world
 from sae_core.training.state import SAE_CLASSES, build_training_sae, to_inference_sae
 
 __all__ = ["SAE_CLASSES", "HeldOutEvaluator", "TrainedSAE", "TrainingRun", "build_training_sae", "checkpoint_dir_for",

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -427,3 +428,12 @@ def train_from_activations(open_chunks: Callable[[], Any], cfg: TrainingConfig, 
     widths = {hook: int(t.shape[-1]) for hook, t in first.items()}
     return train_saes(cfg, source, widths, output_root, evaluator=evaluator, whitener=whitener,
                       inputs_whitened=inputs_whitened, metadata=metadata, resume=resume, identity={"widths": widths})
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the ``torchrun`` process group when launched by it (gloo on CPU); returns (rank, world)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    return rank_and_world()

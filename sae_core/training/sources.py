@@ -1,39 +1,36 @@
 """Activation streams for SAE training: model forward passes or stored rows, shuffled into batches.
 
-A *source* yields chunks ``{hook: (rows, d)}`` of activations, each with its *position* (how far
-into the stream it ends), forever (cycling epochs), starting from any position:
+A *source* yields chunks ``{hook: (rows, d)}`` of activations, each with its *position* (how far into the stream it
+ends), forever (cycling epochs), starting from any position:
 
-* :class:`ModelActivationSource` runs the model over ``sae_core.data`` windows (batched by token
-  length up to a token budget, :class:`TokenBudgetBatchSampler`; padded by ``pad_collate``) and keeps the rows of the recorded
-  :class:`~sae_core.activations.TokenPolicy` (``batch_activations``: pad rows never, BOS / EOS /
-  special rows by policy), one forward pass for every hook, stopped after the last needed block.
-  Its position counts loader batches; epoch ``e`` re-draws the windows of long documents and
-  re-shuffles the document order (both pure functions of ``(seed, e)``), so a position pins the
-  data exactly and resuming skips batches without tokenising them. It runs the store's forward:
-  compiled (``ForwardConfig.compile``, eager fallback) and on packed rows
-  (``LoaderConfig.pack_windows``: each length group packed whole, windows masked apart, so the
-  rows are those of the unpacked stream, regrouped); the next window batches are tokenised and
-  collated meanwhile, by DataLoader workers or a prefetch thread
-  (:func:`~sae_core.loader.prefetched`), so the forward does not wait for them. Its
+* :class:`ModelActivationSource` runs the model over ``sae_core.data`` windows (batched by token length up to a token
+  budget, :class:`TokenBudgetBatchSampler`; padded by ``pad_collate``) and keeps the rows of the recorded
+  :class:`~sae_core.activations.TokenPolicy` (``batch_activations``: pad rows never, BOS / EOS / special rows by
+  policy), one forward pass for every hook, stopped after the last needed block. Its position counts loader batches;
+  epoch ``e`` re-draws the windows of long documents and re-shuffles the document order (both pure functions of
+  ``(seed, e)``), so a position pins the data exactly and resuming skips batches without tokenising them. It runs the
+  store's forward: compiled (``ForwardConfig.compile``, eager fallback) and on packed rows
+  (``LoaderConfig.pack_windows``: each length group packed whole, windows masked apart, so the rows are those of the
+  unpacked stream, regrouped); the next window batches are tokenised and collated meanwhile, by DataLoader workers or
+  a prefetch thread (:func:`~sae_core.loader.prefetched`), so the forward does not wait for them. Its
   :class:`StepProfile` records where the time goes (``profile.json`` of a run).
-* :class:`TensorChunkSource` wraps any re-iterable of ``(rows, d)`` tensors or ``{hook: tensor}``
-  dicts, e.g. the shards of a stored (possibly whitened) activation run:
-  ``TensorChunkSource(lambda: (s.acts for s in run.iter_shards()), run.hooks)``. Its position
-  counts chunks; resuming re-opens the iterable and skips the chunks already used.
+* :class:`TensorChunkSource` wraps any re-iterable of ``(rows, d)`` tensors or ``{hook: tensor}`` dicts, e.g. the
+  shards of a stored (possibly whitened) activation run: ``TensorChunkSource(lambda: (s.acts for s in
+  run.iter_shards()), run.hooks)``. Its position counts chunks; resuming re-opens the iterable and skips the chunks
+  already used.
 
-Under data parallelism each rank reads its own share: every ``world``-th document (model) or
-chunk (stored rows), offset by its rank.
+Under data parallelism each rank reads its own share: every ``world``-th document (model) or chunk (stored rows),
+offset by its rank.
 
-:class:`BlockShuffler` mixes tokens across windows: it collects ``batches_per_block x batch_rows``
-rows, permutes them with its own seeded generator and serves them as ``batches_per_block``
-batches; rows beyond the block wait (unshuffled) for the next one. Every block serves the same
-number of batches on every rank, so data-parallel ranks stay in step. Its whole state (the rows
-of the current block not yet served, the waiting rows, the generator and the source position) is
-saved in a checkpoint, so a resumed run sees exactly the batches an uninterrupted one would; at a
-block boundary that is only the waiting rows (less than one forward batch), which is why periodic
-checkpoints are taken there. Rejected: SAELens's mixing buffer (serves half the buffer and keeps
-half, so an exact resume has to store the whole buffer at any step; and ranks serve different
-batch counts); a reservoir drawing random rows one batch at a time (same checkpoint-size issue).
+:class:`BlockShuffler` mixes tokens across windows: it collects ``batches_per_block x batch_rows`` rows, permutes them
+with its own seeded generator and serves them as ``batches_per_block`` batches; rows beyond the block wait
+(unshuffled) for the next one. Every block serves the same number of batches on every rank, so data-parallel ranks
+stay in step. Its whole state (the rows of the current block not yet served, the waiting rows, the generator and the
+source position) is saved in a checkpoint, so a resumed run sees exactly the batches an uninterrupted one would; at a
+block boundary that is only the waiting rows (less than one forward batch), which is why periodic checkpoints are
+taken there. Rejected: SAELens's mixing buffer (serves half the buffer and keeps half, so an exact resume has to store
+the whole buffer at any step; and ranks serve different batch counts); a reservoir drawing random rows one batch at a
+time (same checkpoint-size issue).
 """
 
 from __future__ import annotations
@@ -41,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
@@ -64,6 +60,7 @@ from sae_core.data import (
     WindowedTextDataset,
     WindowKey,
     pad_id_of,
+    run_together,
 )
 from sae_core.loader import prefetched
 
@@ -92,22 +89,23 @@ def rank_and_world() -> tuple[int, int]:
 class TokenBudgetBatchSampler(torch.utils.data.Sampler):
     """Batches of windows of equal token length, as many as fit in ``batch_tokens`` tokens.
 
-    Every document's window length (``min(tokens, room)`` plus BOS) is read once, with one batched
-    tokeniser call per 1,024 documents, and kept: it does not depend on where the window falls.
-    Each epoch takes the documents in a seeded random order, cuts them into groups of
-    ``group_documents``, sorts each group by window length and packs it, longest first, into
-    batches of ``batch_tokens // width`` windows, whose order inside the group is then shuffled
-    (so a shuffle block mixes long and short windows). The batches are a pure function of
-    (documents, seed, epoch). Why: ``sae_core.data.LengthGroupedBatchSampler`` sorts by character
-    count and batches a fixed number of windows; on the default corpus (short documents) that
-    spent 23% of the forward pass on padding (2% here) and ran many forward passes of a few hundred tokens,
-    which use the CPU's matmuls poorly. Cost: each document is tokenised twice (~2 s per 14k).
-    With the dataset's ``windows_per_document="proportional"`` the items are each document's
-    windows (:class:`~sae_core.data.WindowKey`), permuted, grouped and batched the same way.
-    With ``pack`` each sorted group is packed whole into rows as wide as its longest window
-    (:class:`~sae_core.data.RowPacker`, as the extraction loader does) and cut into batches of
-    ``batch_tokens // width`` rows; items then come as :class:`~sae_core.data.PackedIndex` naming
-    their row in the batch, and padding falls to the last rows of a group (<1% on the fortunes).
+    Every document's window length (``min(tokens, room)`` plus BOS) is read once, with one batched tokeniser call
+    per 1,024 documents, and kept: it does not depend on where the window falls. Each epoch takes the documents in
+    a seeded random order, cuts them into groups of ``group_documents``, sorts each group by window length and
+    packs it, longest first, into batches of ``batch_tokens // width`` windows, whose order inside the group is
+    then shuffled (so a shuffle block mixes long and short windows). The batches are a pure function of
+    (documents, seed, epoch). Why: ``sae_core.data.LengthGroupedBatchSampler`` sorts by character count and
+    batches a fixed number of windows; on the default corpus (short documents) that spent 23% of the forward pass
+    on padding (2% here) and ran many forward passes of a few hundred tokens, which use the CPU's matmuls poorly.
+    Cost: each document is tokenised twice (~2 s per 14k). With the dataset's
+    ``windows_per_document="proportional"`` the items are each document's windows
+    (:class:`~sae_core.data.WindowKey`), permuted, grouped and batched the same way. With ``pack`` each sorted
+    group is packed whole into rows as wide as its longest window (:class:`~sae_core.data.RowPacker`, as the
+    extraction loader does) and cut into batches of ``batch_tokens // width`` rows; items then come as
+    :class:`~sae_core.data.PackedIndex` naming their row in the batch, and padding falls to the last rows of a
+    group (<1% on the fortunes). With ``windows_per_document="run_together"`` the permuted documents run together
+    into rows of ``max_text_length`` (:func:`~sae_core.data.run_together`), ``batch_tokens // max_text_length`` a
+    batch.
     """
 
     def __init__(self, dataset: WindowedTextDataset, documents: Sequence[int], batch_tokens: int,
@@ -117,7 +115,8 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
         lengths, windows = self._window_lengths(self.documents)
         self.lengths = dict(zip(self.documents, lengths, strict=True))
         # what an epoch draws: each document once, or (proportional) each of its windows
-        self.items: list[Any] = (self.documents if dataset.windows_per_document == "one" else
+        self.joined = dataset.windows_per_document == "run_together"
+        self.items: list[Any] = (self.documents if dataset.windows_per_document != "proportional" else
                                  [WindowKey(d, j) for d, n in zip(self.documents, windows, strict=True) for j in range(n)])
 
     def restricted(self, items: Sequence[Any], pack: bool | None = None) -> TokenBudgetBatchSampler:
@@ -144,6 +143,9 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
         """The batches (lists of document indices or :class:`~sae_core.data.WindowKey`) of epoch ``epoch``."""
         rng = np.random.default_rng((self.dataset.seed, epoch))
         order = [self.items[i] for i in rng.permutation(len(self.items))]
+        if self.joined:
+            width = self.dataset.max_text_length
+            return run_together(order, self.tokens, width, self.dataset.prepend_bos, max(1, self.batch_tokens // width))
         out: list[list[Any]] = []
         for start in range(0, len(order), self.group):
             ranked = sorted(order[start:start + self.group], key=lambda d: (-self._length(d), d))
@@ -180,9 +182,9 @@ class StepProfile:
     """Wall seconds a training run spends per part: ``forward``, ``data``, ``step`` (and, by
     difference with the run's wall time, ``other``: shuffling, checks, logging, checkpoints).
 
-    ``data`` is the time the forward waits for its next batch (tokenising, window drawing and
-    collation run ahead in a thread or DataLoader workers, so it should be ~0), or for the next
-    stored chunk. On a GPU the parts are not synchronised, so there they say where the host waits.
+    ``data`` is the time the forward waits for its next batch (tokenising, window drawing and collation run ahead
+    in a thread or DataLoader workers, so it should be ~0), or for the next stored chunk. On a GPU the parts are
+    not synchronised, so there they say where the host waits.
     """
 
     PARTS = ("forward", "data", "step")
@@ -217,14 +219,13 @@ class StepProfile:
 class ModelActivationSource:
     """Activations of ``hooks`` from forward passes over windows of ``documents`` (this rank's share).
 
-    ``batch_tokens`` bounds each forward pass (token cells, padding included);
-    ``group_documents`` documents are sorted by length together (:class:`TokenBudgetBatchSampler`);
-    ``loader`` gives the DataLoader's workers / pinning and ``pack_windows`` (short windows share
-    rows, masked apart: the same activations, almost no padding); ``compile`` runs the forward
-    through ``torch.compile`` (``ForwardConfig.compile``; eager fallback), as extraction does.
-    Window batches are made ahead of the forward: by ``num_dataloader_workers`` worker processes,
-    or, with none, by a prefetch thread (:func:`prefetched`). :attr:`profile` times the forward
-    and the waits for data.
+    ``batch_tokens`` bounds each forward pass (token cells, padding included); ``group_documents`` documents are
+    sorted by length together (:class:`TokenBudgetBatchSampler`); ``loader`` gives the DataLoader's workers /
+    pinning and ``pack_windows`` (short windows share rows, masked apart: the same activations, almost no
+    padding); ``compile`` runs the forward through ``torch.compile`` (``ForwardConfig.compile``; eager fallback),
+    as extraction does. Window batches are made ahead of the forward: by ``num_dataloader_workers`` worker
+    processes, or, with none, by a prefetch thread (:func:`prefetched`). :attr:`profile` times the forward and the
+    waits for data.
     """
 
     def __init__(self, model: HookedTransformer, dataset: WindowedTextDataset, hooks: Sequence[str],
@@ -440,11 +441,3 @@ def hook_widths(model: HookedTransformer, hooks: Sequence[str]) -> dict[str, int
                                       "shape (batch, pos, d) such as hook_resid_post or hook_attn_out")
     return {hook: int(act.shape[-1]) for hook, act in acts.items()}
 
-
-def init_distributed() -> tuple[int, int]:
-    """Join the ``torchrun`` process group when launched by it (gloo on CPU); returns (rank, world)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-    return rank_and_world()

@@ -16,8 +16,10 @@ SAELens's own rows, and our whole pipeline on documents run together as SAELens 
   runs ours) with ``windows_per_document="run_together"``: the training documents, in our seeded
   order, run together into 128-token contexts with BOS first and between documents, as SAELens's
   ``ActivationsStore`` makes them (the row layout is tested against its ``concat_and_batch_sequences``).
-  The same documents and format as SAELens; not the same order (each side shuffles with its own
-  generator); ``b_dec`` from the first batch of its own rows.
+  The same documents, format and order as SAELens: epoch 0 takes the documents in the permutation
+  ``datasets.Dataset.shuffle(seed)`` draws (``np.random.default_rng(seed)``; ours draws from
+  ``(seed, epoch)``, the same stream at epoch 0), so these are the rows of the side above, forwarded
+  by our pipeline; the record says, per seed, whether the two SAEs came out bitwise the same.
 * ``saelens``: ``LanguageModelSAETrainingRunner`` as in ``bench_lr_quality`` (from our initial SAE,
   ``b_dec`` at the mean of one batch of our windows; its dataset shuffled with the same seed).
 
@@ -42,6 +44,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from bench.bench_lr_quality import PRECISION, TOKENS, ce_scores, saelens_format_rows
 from bench.bench_training import HOOK, base_config, model_source, run_ours
@@ -115,7 +119,10 @@ def main() -> None:
             start = time.perf_counter()
             joined = with_overrides(cfg, "bench", windows_per_document="run_together")
             run, _, _ = run_ours(model, texts, documents, joined, Path(tmp) / f"joined{seed}")
-            repeats["ours_run_together"].append({"seed": seed, **score(run.saes[HOOK].sae, time.perf_counter() - start)})
+            weights = zip(ours.state_dict().values(), run.saes[HOOK].sae.state_dict().values(), strict=True)
+            repeats["ours_run_together"].append({"seed": seed, **score(run.saes[HOOK].sae, time.perf_counter() - start),
+                                                 "same_weights_as_ours_on_saelens_contexts": all(
+                                                     torch.equal(a, b) for a, b in weights)})
             trained, seconds = train_saelens(model, texts, documents, cfg, PRECISION, compiled=False)
             repeats["saelens"].append({"seed": seed, **score(to_inference_sae(trained), seconds)})
             print(f"seed {seed}: " + "; ".join(f"{side} {repeats[side][-1]}" for side in SIDES), flush=True)

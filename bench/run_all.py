@@ -423,8 +423,8 @@ def same_contexts_rows(result: dict[str, Any]) -> list[str]:
         "initial weights"),
         "ours_run_together": (
         "… our pipeline end to end with windows_per_document=\"run_together\" (the same documents run together into "
-        "contexts as SAELens's ActivationsStore makes them; each side's own document order, b_dec from a batch of "
-        "its own rows) vs SAELens, same settings")}
+        "the contexts SAELens's ActivationsStore makes, in the same order: the rows of the row above, forwarded by "
+        "our pipeline) vs SAELens, same settings")}
     rows = []
     for side, what in sides.items():
         if side not in result["repeats"]:

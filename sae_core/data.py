@@ -26,6 +26,9 @@
   (:class:`DocumentPiece`), so every cell still maps back to (document, position). The one
   difference: where a separator would land in a row's last cell, SAELens writes a BOS there and
   this pads it; no kept row sees that cell (causal attention; BOS rows are dropped by the policy).
+  Epoch 0's document order, ``np.random.default_rng((seed, 0)).permutation``, is the permutation
+  ``datasets.Dataset.shuffle(seed=seed)`` draws (numpy seeds ``(seed, 0)`` and ``seed`` alike), so
+  it runs the documents in the order SAELens's runner reads a dataset shuffled with that seed.
 * :func:`make_dataloader` batches documents of similar length together (less padding); the batch
   list is a pure function of (documents, seed, epoch), and ``start_batch`` skips batches without
   tokenising them, which is how an interrupted extraction resumes.

@@ -9,7 +9,7 @@ import torch
 from sae_lens.tokenization_and_batching import concat_and_batch_sequences
 
 from sae_core.activations import batch_activations
-from sae_core.config import TokenPolicy
+from sae_core.config import KEEP_ALL_BUT_PAD, TokenPolicy
 from sae_core.data import WindowedTextDataset, pad_collate, pad_id_of
 from sae_core.training.sources import ModelActivationSource, TokenBudgetBatchSampler
 
@@ -120,3 +120,35 @@ def test_compiled_joined_rows_equal_the_eager_ones(tiny_model, corpus_texts):
         for hook in HOOKS:
             torch.testing.assert_close(compiled.acts[hook], eager.acts[hook], rtol=1e-4, atol=1e-4)
     assert compiled_forward(tiny_model).compiled_calls > 0 and compiled_forward(tiny_model).disabled is None
+
+
+@pytest.mark.slow  # SmolLM2 forwards
+def test_smollm2_rows_run_together_are_saelens_activations_store_rows(smollm2, corpus_texts):
+    """On SmolLM2, the first batch our training stream forwards over documents run together holds the
+    contexts SAELens's own ``ActivationsStore`` makes from the same documents (its dataset shuffled with
+    the seed, as its runner is given them; ours in epoch 0's order, the same permutation) and the
+    activations its forward gives them."""
+    import datasets
+    from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
+    from sae_lens.training.activations_store import ActivationsStore
+
+    hook, context, rows, texts = "blocks.10.hook_resid_post", 128, 8, list(corpus_texts[:150])
+    dataset = WindowedTextDataset(texts, smollm2.tokenizer, context, seed=3, prepend_bos=True,
+                                  windows_per_document="run_together")
+    source = ModelActivationSource(smollm2, dataset, [hook], TokenPolicy(), "float32", batch_tokens=rows * context)
+    batch = next(iter(source.loader()))
+    assert batch.joined and batch.input_ids.shape[0] == rows
+    runner_cfg = LanguageModelSAERunnerConfig(
+        sae=TopKTrainingSAEConfig(d_in=576, d_sae=1024, k=8), model_name="smollm2", hook_name=hook,
+        dataset_path="unused", is_dataset_tokenized=False, streaming=False, context_size=context, prepend_bos=True,
+        store_batch_size_prompts=rows, n_batches_in_buffer=2, training_tokens=rows * context, device="cpu",
+        dtype="float32", logger=LoggingConfig(log_to_wandb=False), verbose=False)
+    store = ActivationsStore.from_config(smollm2, runner_cfg,
+                                         override_dataset=datasets.Dataset.from_dict({"text": texts}).shuffle(seed=3))
+    contexts = torch.cat([store.get_batch_tokens(1) for _ in range(rows)])
+    real = batch.attention_mask.bool()
+    assert torch.equal(batch.input_ids[real], contexts[:, :batch.input_ids.shape[1]][real])
+    theirs = store.get_activations(contexts).reshape(rows, context, -1)[:, :batch.input_ids.shape[1]]
+    ours = batch_activations(smollm2, batch, [hook], KEEP_ALL_BUT_PAD)
+    torch.testing.assert_close(ours.acts[hook], theirs[real], rtol=1e-4, atol=1e-4)

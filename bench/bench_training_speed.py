@@ -21,6 +21,10 @@ TopK k=32, d_sae 4608, batch 4096, context 128 with BOS, the fortunes' training 
   (the compile inside the timed run). Equal start: SAELens gets our initial
   SAE (``override_sae``, built by ``build_training_sae`` with our seed), its ``b_dec`` set to the
   mean of one batch of rows, that mean computed on SAELens's clock. Its dataset is shuffled.
+* ``ours_<precision>_run_together`` (``--run-together``): ``ours_<precision>`` on documents run
+  together (``TRAINING['windows_per_document'] = "run_together"``): the contexts SAELens's
+  ``ActivationsStore`` makes, in the order its runner reads them, so both sides forward the same rows.
+  Written to ``training_speed_<precisions>_run_together.json``.
 
 Repeat 0 is *cold*: each compiled row compiles for the first time in the process, inside its
 timed call (inductor's on-disk cache may be warm from earlier processes, for both sides alike;
@@ -195,6 +199,8 @@ def summarise(cold: dict[str, Any], warm: list[dict[str, Any]], precisions: list
     for p in precisions:
         for peer in (f"saelens_{p}", f"saelens_{p}_compiled"):
             out[f"ours_{p}_vs_{peer}_warm"] = ratio(f"ours_{p}", peer)
+            if f"ours_{p}_run_together" in warm[0]:
+                out[f"ours_{p}_run_together_vs_{peer}_warm"] = ratio(f"ours_{p}_run_together", peer)
             out[f"ours_{p}_vs_{peer}_cold_at_{tokens}"] = cold[f"ours_{p}"]["tokens_per_s"] / cold[peer]["tokens_per_s"]
             out[f"ours_{p}_vs_{peer}_projected_at_{FULL_TOKENS}"] = at(f"ours_{p}", FULL_TOKENS) / at(peer, FULL_TOKENS)
         shares = [r[f"ours_{p}"]["profile"]["share"] for r in warm]
@@ -207,6 +213,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=FULL_TOKENS, help="tokens per training run")
     parser.add_argument("--repeats", type=int, default=3, help="warm interleaved repeats of every row (after a cold one)")
     parser.add_argument("--precisions", default="bfloat16,float32", help="comma-separated")
+    parser.add_argument("--run-together", action="store_true",
+                        help="also ours on documents run together (the rows SAELens trains on)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from sae_core.corpora import fortunes_corpus
@@ -222,6 +230,9 @@ def main() -> None:
         for precision in precisions:
             cfg = ours_config(base, precision, args.tokens)
             rows[f"ours_{precision}"] = run_ours(model, texts, documents, cfg)
+            if args.run_together:
+                joined = with_overrides(cfg, "bench", windows_per_document="run_together")
+                rows[f"ours_{precision}_run_together"] = run_ours(model, texts, documents, joined)
             if precision == "bfloat16":
                 rows["serial_limit_bfloat16"] = serial_limit(model, texts, documents, cfg)
             for compiled in (False, True):
@@ -236,7 +247,7 @@ def main() -> None:
               "cold": repeats[0], "warm": repeats[1:],
               "summary": summarise(repeats[0], repeats[1:], precisions, args.tokens),
               "wall_seconds": time.perf_counter() - began}
-    path = write_result("training_speed_" + "_".join(precisions), record)
+    path = write_result("training_speed_" + "_".join(precisions) + ("_run_together" if args.run_together else ""), record)
     for key, value in record["summary"].items():
         print(key, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in value.items() if k != "values"}
               if isinstance(value, dict) and "median" in value else value)

@@ -30,7 +30,8 @@ BENCHES = ["bench_whitening", "bench_activations", "bench_training_speed", "trai
 # training_speed_measured and bench_three_hooks (equal start, MultiSAETrainingRunner, interleaved repeats).
 ARGUMENTS: dict[str, list[str] | list[list[str]]] = {  # the budgets the README table was measured at, so `make bench` reproduces every row as printed
     "bench_synthetic": ["--rows", "300000", "--repeats", "3"],
-    "bench_training_speed": ["--tokens", "65536", "--repeats", "3", "--precisions", "bfloat16,float32"],
+    "bench_training_speed": [["--tokens", "65536", "--repeats", "3", "--precisions", "bfloat16,float32"],
+                             ["--tokens", "65536", "--repeats", "3", "--precisions", "bfloat16", "--run-together"]],
     "training_speed_measured": [["--tokens", "1048576", "--repeats", "3", "--precisions", "bfloat16"],  # ~1.5 h
                                 ["--tokens", "1048576", "--repeats", "3", "--precisions", "float32"]],  # ~2.5 h
     "bench_three_hooks": ["--tokens", "65536", "--repeats", "3"],
@@ -203,6 +204,22 @@ def training_speed_rows(result: dict[str, Any]) -> list[str]:
                 rows.append(f"| … same, compile counted, projected to 1,048,576 tokens from the cold-minus-warm compile "
                             f"time (not measured) | – | – | {projected:.2f} | >= {limit}x at >= 1M tokens, measured | "
                             f"projected {_fmt(projected >= limit)}; not measured |")
+    return rows
+
+
+def run_together_speed_rows(result: dict[str, Any]) -> list[str]:
+    """Ours on documents run together (the rows SAELens trains on, in its order) vs SAELens, in the same run."""
+    rows, summary, tokens = [], result["summary"], f"{result['tokens_per_run']:,}"
+    for p in result["precisions"]:
+        rates = summary["rates_warm"]
+        ours = rates[f"ours_{p}_run_together"]["median"]
+        for peer, label in (("", "LanguageModelSAETrainingRunner as shipped"), ("_compiled", "the same with compile_llm / compile_sae")):
+            rows.append(f"| training {p} on documents run together (windows_per_document=run_together: the contexts "
+                        f"SAELens trains on, in its order), compiled, {tokens} tokens a run, equal start, warm, "
+                        f"{result['warm_repeats']} interleaved repeats, vs {label} (ours on packed windows in the same run: "
+                        f"{_spread(summary[f'ours_{p}_vs_saelens_{p}{peer}_warm'])}) | {ours:,.0f} | "
+                        f"{rates[f'saelens_{p}{peer}']['median']:,.0f} | "
+                        f"{_spread(summary[f'ours_{p}_run_together_vs_saelens_{p}{peer}_warm'])} | reported | – |")
     return rows
 
 
@@ -454,6 +471,7 @@ def table() -> str:
     machine, cpus = None, {}
     for names, rows in ((("bench_activations", "bench_activations_quick"), activation_rows),
                         (("training_speed_bfloat16_float32", "training_speed_bfloat16"), training_speed_rows),
+                        (("training_speed_bfloat16_run_together",), run_together_speed_rows),
                         (("training_speed_measured_bfloat16",), training_speed_measured_rows),
                         (("training_speed_measured_float32",), training_speed_measured_rows),
                         (("three_hooks", "three_hooks_quick"), three_hook_rows),

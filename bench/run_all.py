@@ -256,6 +256,16 @@ def three_hook_rows(result: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _ce_windows(result: dict[str, Any]) -> str:
+    """The held-out windows a quality bench scored for CE-loss recovered: ``HeldOutEvaluator`` draws them as the
+    result's config says (results written before ``bench_training.base_config`` pinned one window a document
+    record the constant file's "proportional", which the evaluator followed)."""
+    n = result["ce_documents"]
+    if result.get("config", {}).get("windows_per_document") == "proportional":
+        return f"{n} windows drawn in proportion to length from {n} held-out documents"
+    return f"{n} held-out documents, one window each"
+
+
 def lr_quality_rows(result: dict[str, Any]) -> list[str]:
     """Held-out quality of each side at its best learning rate, same start, over seeds, in both context formats;
     SAELens normalised as its docs suggest."""
@@ -284,7 +294,7 @@ def lr_quality_rows(result: dict[str, Any]) -> list[str]:
         for metric, label in (("explained_variance", "held-out EV, our windows (one document each)"),
                               ("saelens_format_explained_variance", "held-out EV, SAELens's contexts (documents run "
                                                                     "together)"),
-                              ("ce_recovered", f"CE-loss recovered on {result['ce_documents']} held-out documents")):
+                              ("ce_recovered", f"CE-loss recovered on {_ce_windows(result)}")):
             ours, peer = summary["ours"][metric], summary["saelens"][metric]
             rows.append(f"| {'' if rows else what + ', '}{'' if not rows else '… '}{label}, median (min-max) of {seeds} seeds | "
                         f"{spread(ours)} | {spread(peer)} | {ours['median'] - peer['median']:+.3f} | within noise or "
@@ -429,6 +439,11 @@ def browser_rows(result: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _same_weights(result: dict[str, Any]) -> str:
+    same = [r.get("same_weights_as_ours_on_saelens_contexts") for r in result["repeats"].get("ours_run_together", [])]
+    return f"; bitwise the SAEs of the row above on {sum(map(bool, same))} of {len(same)} seeds" if same else ""
+
+
 def same_contexts_rows(result: dict[str, Any]) -> list[str]:
     """Quality with the data format taken out: ours trained on SAELens's own contexts, and our pipeline on
     documents run together, each against SAELens (older results have the first side only)."""
@@ -441,7 +456,7 @@ def same_contexts_rows(result: dict[str, Any]) -> list[str]:
         "ours_run_together": (
         "… our pipeline end to end with windows_per_document=\"run_together\" (the same documents run together into "
         "the contexts SAELens's ActivationsStore makes, in the same order: the rows of the row above, forwarded by "
-        "our pipeline) vs SAELens, same settings")}
+        "our pipeline" + _same_weights(result) + ") vs SAELens, same settings")}
     rows = []
     for side, what in sides.items():
         if side not in result["repeats"]:
@@ -450,7 +465,7 @@ def same_contexts_rows(result: dict[str, Any]) -> list[str]:
         verdicts = verdicts.get(side, verdicts)  # older files: the first side only, not keyed by side
         for n, (metric, label) in enumerate((("saelens_format_explained_variance", "held-out EV, SAELens's contexts"),
                                              ("explained_variance", "held-out EV, our windows"),
-                                             ("ce_recovered", f"CE-loss recovered on {result['ce_documents']} held-out documents"))):
+                                             ("ce_recovered", f"CE-loss recovered on {_ce_windows(result)}"))):
             ours, peer = summary[side][metric], summary["saelens"][metric]
             rows.append(f"| {what + ', ' if n == 0 else '… '}{label}, median (min-max) of {seeds} seeds | "
                         f"{ours['median']:.3f} ({ours['min']:.3f}-{ours['max']:.3f}) | "

@@ -152,3 +152,20 @@ def test_smollm2_rows_run_together_are_saelens_activations_store_rows(smollm2, c
     theirs = store.get_activations(contexts).reshape(rows, context, -1)[:, :batch.input_ids.shape[1]]
     ours = batch_activations(smollm2, batch, [hook], KEEP_ALL_BUT_PAD)
     torch.testing.assert_close(ours.acts[hook], theirs[real], rtol=1e-4, atol=1e-4)
+
+
+def test_joined_batches_are_the_same_from_a_worker_process(tiny_model, corpus_texts):
+    from sae_core.config import LoaderConfig
+
+    dataset = WindowedTextDataset(_joined_texts(corpus_texts), tiny_model.tokenizer, WIDTH, prepend_bos=True,
+                                  windows_per_document="run_together")
+    batches = {}
+    for workers in (0, 1):
+        source = ModelActivationSource(tiny_model, dataset, HOOKS, TokenPolicy(), "float32", batch_tokens=256,
+                                       loader=LoaderConfig(num_dataloader_workers=workers))
+        batches[workers] = list(source.loader())
+    assert len(batches[0]) == len(batches[1]) > 10
+    for a, b in zip(batches[0], batches[1], strict=True):
+        assert a.joined and b.joined
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.segment, b.segment)
+        assert torch.equal(a.doc_index, b.doc_index) and torch.equal(a.window_start, b.window_start)

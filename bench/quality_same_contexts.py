@@ -1,7 +1,7 @@
 """SAE quality with the data format taken out: ours trained on SAELens's own contexts, against SAELens.
 
     python -m bench.quality_same_contexts --quick      # smoke run: 8,192 tokens, two seeds
-    python -m bench.quality_same_contexts              # 65,536 tokens, three seeds (~17 min here)
+    python -m bench.quality_same_contexts              # 65,536 tokens, three seeds (~16 min here)
 
 ``bench_lr_quality`` compares the two sides end to end, each on its own data format: ours trains on
 its windows (one document each), SAELens on its contexts (documents run together). Each side then

@@ -68,7 +68,7 @@ def summarise(repeats: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             for side, runs in repeats.items()}
     out: dict[str, Any] = {side: {m: spread([r[m] for r in runs]) for m in METRICS} for side, runs in flat.items()}
     out["within_noise_or_better"] = {side: {m: out[side][m]["median"] >= out["saelens"][m]["min"] for m in METRICS}
-                                     for side in OURS if side in out}
+                                     for side in OURS}
     return out
 
 

@@ -440,13 +440,13 @@ def browser_rows(result: dict[str, Any]) -> list[str]:
 
 
 def _same_weights(result: dict[str, Any]) -> str:
-    same = [r.get("same_weights_as_ours_on_saelens_contexts") for r in result["repeats"].get("ours_run_together", [])]
-    return f"; bitwise the SAEs of the row above on {sum(map(bool, same))} of {len(same)} seeds" if same else ""
+    same = [r["same_weights_as_ours_on_saelens_contexts"] for r in result["repeats"]["ours_run_together"]]
+    return f"; bitwise the SAEs of the row above on {sum(same)} of {len(same)} seeds"
 
 
 def same_contexts_rows(result: dict[str, Any]) -> list[str]:
     """Quality with the data format taken out: ours trained on SAELens's own contexts, and our pipeline on
-    documents run together, each against SAELens (older results have the first side only)."""
+    documents run together, each against SAELens."""
     summary, seeds = result["summary"], len(result["repeats"]["saelens"])
     sides = {"ours_on_saelens_contexts": (
         f"SAE quality with the data format taken out: ours trained on SAELens's contexts (the first "
@@ -459,10 +459,7 @@ def same_contexts_rows(result: dict[str, Any]) -> list[str]:
         "our pipeline" + _same_weights(result) + ") vs SAELens, same settings")}
     rows = []
     for side, what in sides.items():
-        if side not in result["repeats"]:
-            continue
-        verdicts = summary["within_noise_or_better"]
-        verdicts = verdicts.get(side, verdicts)  # older files: the first side only, not keyed by side
+        verdicts = summary["within_noise_or_better"][side]
         for n, (metric, label) in enumerate((("saelens_format_explained_variance", "held-out EV, SAELens's contexts"),
                                              ("explained_variance", "held-out EV, our windows"),
                                              ("ce_recovered", f"CE-loss recovered on {_ce_windows(result)}"))):

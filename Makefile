@@ -6,6 +6,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sae_core-installed
+SD_VENV ?= .venv-saedashboard
+SD_STAMP := $(SD_VENV)/.installed
 
 # Offline by default: no Hugging Face hub, no wandb.
 export HF_HUB_OFFLINE ?= 1
@@ -31,7 +33,14 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q --durations=15
 
-bench: $(STAMP)
+# SAEDashboard, the browser's peer, pins transformer-lens<3: its own virtualenv, beside ours.
+$(SD_STAMP): bench/requirements-saedashboard.txt constraints.txt
+	test -x $(SD_VENV)/bin/python || $(PYTHON) -m venv $(SD_VENV)
+	$(SD_VENV)/bin/pip install --quiet -c constraints.txt -r bench/requirements-saedashboard.txt
+	$(SD_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio
+	touch $(SD_STAMP)
+
+bench: $(STAMP) $(SD_STAMP)
 	$(PY) -m bench.run_all
 
 clean-outputs:

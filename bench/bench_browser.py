@@ -3,7 +3,8 @@ and the comparison with SAEDashboard (or, where it cannot run, a per-latent-batc
 
     python -m bench.bench_browser                          # every case (~20 min, ~18 GB scratch disk)
     python -m bench.bench_browser --cases build_n4608_t262144
-    python -m bench.bench_browser --cases saedashboard --sd-python /tmp/sd_venv/bin/python
+    python -m bench.bench_browser --cases saedashboard --sd-python .venv-saedashboard/bin/python
+    python -m bench.bench_browser --quick                  # smoke sizes (512 latents; 64 against SAEDashboard, once)
 
 Synthetic cases: a random CSR with ~32 uniformly drawn active latents per token (``bench_analysis``'s
 generator), Gaussian decoder rows (d_in 576, SmolLM2's d_model), a Gaussian ``W_U`` (576 x 49,152,
@@ -18,13 +19,14 @@ The SAEDashboard cases (``saedashboard``: 512 latents; ``saedashboard_n4608``: e
 case the >= 10x target is set on; 3 alternated pairs each) run on SmolLM2-135M, ``blocks.10.hook_resid_post``, an SAELens TopK SAE
 (random weights, k=32, d_sae 4,608), the same token windows of the default corpus and the same
 examples per latent on both sides, float32: ``SaeVisRunner`` (the engine of its Neuronpedia
-runner) in its own virtualenv (``--sd-python``; its pins, transformer-lens < 3, conflict with
+runner) in its own virtualenv (``--sd-python``, by default ``.venv-saedashboard``, which ``make bench``
+builds from ``bench/requirements-saedashboard.txt``; its pins, transformer-lens < 3, conflict with
 ours), against ours = forward + encode into a CSR + :func:`build_browser`; both clocks start with
 the model loaded and record wall and process CPU seconds (``bench/bench_browser_peer.py`` says
 what each includes). ``bench/saedashboard_child.py`` is the script run there. Where it cannot run,
 the reference is a per-latent-batch model re-run: one forward over all tokens per batch of 128
 latents, as SAEDashboard does, computing only their top examples.
-Results: ``bench/results/browser.json``.
+Results: ``bench/results/browser.json`` (``--quick``: ``browser_quick.json``).
 """
 
 from __future__ import annotations
@@ -46,12 +48,15 @@ from bench.common import RESULTS_DIR, write_result
 from sae_core.files import read_json
 
 REPO = Path(__file__).resolve().parent.parent
+SD_PYTHON = REPO / ".venv-saedashboard" / "bin" / "python"  # built by `make bench`
 VOCAB = 49_152
 RSS_LIMIT_MB = 2048
 PEER_CASES = {"saedashboard": (512, 3), "saedashboard_n4608": (4608, 3)}  # latents, alternated pairs
 TARGET_CASE = "saedashboard_n4608"  # the issue's comparison: every latent of the demo's SAE
 CASES = {"build_n4608_t262144": {"n": 4608, "n_tokens": 262_144, "similarity": True},
          "build_n65536_t1000000": {"n": 65_536, "n_tokens": 1_000_000, "similarity": False}}
+QUICK_CASES = {"build_n512_t16384": {"n": 512, "n_tokens": 16_384, "similarity": True}}
+QUICK_PEER_CASES = {"saedashboard_quick": (64, 1)}
 
 
 def prepare(scratch: Path, params: dict) -> dict:
@@ -123,36 +128,49 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="*", help="run only these cases (build_*, saedashboard)")
     parser.add_argument("--scratch", default=os.path.join(tempfile.gettempdir(), "sae_core_bench_browser"))
-    parser.add_argument("--sd-python", default="/tmp/sd_venv/bin/python",
+    parser.add_argument("--sd-python", default=str(SD_PYTHON),
                         help="python of a virtualenv with sae-dashboard installed")
     parser.add_argument("--repeats", type=int, default=3, help="at most this many alternated ours / SAEDashboard runs")
+    parser.add_argument("--quick", action="store_true", help="smoke sizes, written to browser_quick.json")
     parser.add_argument("--keep-scratch", action="store_true", help="keep the (large) co-occurrence memmaps")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_build(json.loads(args.child))))
         return
+    cases_of, peers_of = (QUICK_CASES, QUICK_PEER_CASES) if args.quick else (CASES, PEER_CASES)
+    chosen = [name for name in [*cases_of, *peers_of] if not args.cases or name in args.cases]
+    if any(name in peers_of for name in chosen) and not Path(args.sd_python).exists():
+        raise SystemExit(f"no SAEDashboard virtualenv at {args.sd_python}: `make bench` builds .venv-saedashboard from "
+                         "bench/requirements-saedashboard.txt, or pass --sd-python, or leave the saedashboard cases out "
+                         "(--cases)")
     scratch = Path(args.scratch)
     scratch.mkdir(parents=True, exist_ok=True)
-    previous = RESULTS_DIR / "browser.json"
+    name_of_result = "browser_quick" if args.quick else "browser"
+    previous = RESULTS_DIR / f"{name_of_result}.json"
     cases = read_json(previous)["cases"] if previous.exists() else {}
-    for name in [*CASES, *PEER_CASES]:
-        if args.cases and name not in args.cases:
-            continue
-        if name in PEER_CASES:
+    for name in chosen:
+        if name in peers_of:
             from bench.bench_browser_peer import peer_case
 
-            n_features, repeats = PEER_CASES[name]
+            n_features, repeats = peers_of[name]
             cases[name] = peer_case(scratch, args.sd_python, n_features, min(repeats, args.repeats))
         else:
-            cases[name] = build_case(name, CASES[name], scratch)
+            cases[name] = build_case(name, cases_of[name], scratch)
         print(name, json.dumps(cases[name]), flush=True)
-        write_result("browser", {"cases": cases, "targets": targets(cases)})
+        write_result(name_of_result, {"cases": cases, "targets": targets(cases), "quick": args.quick})
     if not args.keep_scratch:
         for path in scratch.glob("inputs_*/*.npy"):
             path.unlink()
     for check in targets(cases):
         print(json.dumps(check))
+    failed = {name: cases[name]["saedashboard"]["error"] for name in chosen
+              if name in peers_of and "error" in cases[name].get("saedashboard", {})}
+    if failed:  # the rows then compare with the re-run baseline: recorded, but not what `make bench` promises
+        name, error = next(iter(failed.items()))
+        raise SystemExit(f"SAEDashboard failed in {', '.join(failed)} ({error.strip().splitlines()[-1]}); the result "
+                         f"compares with the re-run baseline instead. Rebuild its virtualenv ({args.sd_python}) "
+                         "from bench/requirements-saedashboard.txt (`make bench` does) and run the case again")
 
 
 def targets(cases: dict) -> list[dict]:

@@ -3,21 +3,30 @@
     python -m bench.run_all                 # make bench: every benchmark at its full size
     python -m bench.run_all --quick         # smoke sizes (results go to *_quick.json)
     python -m bench.run_all --table-only    # only regenerate the README table
+    python -m bench.run_all --restart       # the full run from the start, not from where the last one stopped
 
 Each benchmark runs in its own process, one after another (they measure throughput: never run
-two at once). Ratios are measured within one run against SAELens on the same work.
+two at once). Ratios are measured within one run against SAELens on the same work. The full run
+is resumable (:mod:`bench.progress`): run it again after an interruption and it goes on from the
+invocation that was cut short; when it finishes, ``bench/results/make_bench.json`` records how long
+each invocation took.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from bench.common import write_result
+from bench.progress import BenchProgress
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -493,7 +502,7 @@ def table() -> str:
                         (("synthetic", "synthetic_quick"), synthetic_rows),
                         (("whitening",), whitening_rows),
                         (("analysis", "analysis_quick"), analysis_rows),
-                        (("browser",), browser_rows)):
+                        (("browser", "browser_quick"), browser_rows)):
         result = _load(*names)
         if result is None:
             lines.append(f"| {names[0]}: not run yet | | | | | |")
@@ -547,17 +556,52 @@ def write_table(readme: Path = ROOT / "README.md") -> None:
     atomic_write_text(readme, new)
 
 
+def run_benchmarks(names: list[str], progress: BenchProgress | None, quick: bool = False,
+                   execute: Callable[[Sequence[str]], None] | None = None) -> None:
+    """Every invocation of ``names`` in order; with ``progress``, skipping those it has finished and recording each."""
+    execute = execute or _execute
+    for name in names:
+        for command in invocations(name, quick):
+            if progress is not None and progress.done(command):
+                print("done before, skipped:", " ".join(command[1:]), flush=True)
+                continue
+            print("running", " ".join(command), flush=True)
+            if progress is None:
+                execute(command)
+            else:
+                progress.run(command, execute)
+
+
+def _execute(command: Sequence[str]) -> None:
+    done = subprocess.run(command, cwd=ROOT, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"`{' '.join(command[1:])}` failed (exit status {done.returncode}; its output is above). "
+                         "Fix it and run `make bench` again: the finished benchmarks are kept and skipped.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke sizes")
     parser.add_argument("--table-only", action="store_true", help="only rewrite the README table")
-    parser.add_argument("--only", nargs="*", choices=BENCHES, help="run only these benchmarks")
+    parser.add_argument("--only", nargs="*", choices=BENCHES, help="run only these benchmarks (not resumable)")
+    parser.add_argument("--restart", action="store_true",
+                        help="start the full run over, dropping an unfinished one's record (outputs/bench_progress.json)")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not args.table_only:
-        for name in args.only or BENCHES:
-            for command in invocations(name, args.quick):
-                print("running", " ".join(command), flush=True)
-                subprocess.run(command, cwd=ROOT, check=True)
+        names = args.only or BENCHES
+        if "bench_browser" in names:
+            from bench.bench_browser import SD_PYTHON
+
+            if not SD_PYTHON.exists():  # found out now, not hours into the run
+                raise SystemExit(f"bench_browser compares with SAEDashboard, run from {SD_PYTHON}: `make bench` builds it "
+                                 "(bench/requirements-saedashboard.txt), or leave bench_browser out (--only)")
+        full = not args.quick and not args.only  # only the full run (hours) is resumable
+        progress = BenchProgress.open(restart=args.restart) if full else None
+        run_benchmarks(names, progress, args.quick)
+        if progress is not None:
+            path = write_result("make_bench", progress.finish())
+            print(f"make bench finished: {path}", flush=True)
     write_table()
     print(table())
 

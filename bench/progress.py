@@ -1,0 +1,133 @@
+"""Resumable ``make bench``: the benchmark invocations a run has finished, so an interrupted run goes on.
+
+``make bench`` runs for 9-10 hours on 2 cores. Each benchmark invocation (one process, one result
+file) is recorded in ``outputs/bench_progress.json`` (written atomically) when it finishes: its command,
+wall seconds and the highest 1-minute load average seen while it ran. Run ``make bench`` again after an
+interruption and it skips what finished and reruns the invocation that was cut short; a run that
+finished starts over. The record is tied to the code the benchmarks run (a digest of ``bench/*.py``,
+``sae_core/``, ``pyproject.toml`` and the pins): after a change there, resuming is refused, since the
+result files would mix two versions of the code; ``--restart`` starts over.
+
+Benchmarks measure throughput and want the machine to themselves: an invocation during which the load
+average went above :data:`SHARED_LOAD` (its own work is about one per core) is named as measured on a
+shared machine, so it can be rerun (``--only``). When every invocation has finished, the run's summary
+(per-invocation seconds, total, interruptions) is written to ``bench/results/make_bench.json``.
+
+Written by hand: nothing in the libraries we use records progress across processes for a list of
+shell commands (``make`` would need one target file per invocation and cannot refuse a changed code base).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+PROGRESS = ROOT / "outputs" / "bench_progress.json"
+SHARED_LOAD = 3.0  # 1-minute load average above which an invocation did not have the 2 cores to itself
+CODE = ("bench/*.py", "sae_core/**/*.py", "pyproject.toml", "constraints.txt", "bench/requirements-saedashboard.txt")
+
+
+def code_digest(root: Path = ROOT) -> str:
+    """SHA-256 over the files the benchmarks run (paths and contents, in sorted order)."""
+    digest = hashlib.sha256()
+    for path in sorted({p for pattern in CODE for p in root.glob(pattern) if p.is_file()}):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+@contextmanager
+def load_watch(every: float = 15.0) -> Iterator[dict[str, float]]:
+    """Samples the 1-minute load average every ``every`` seconds while the context runs; ``["max"]``."""
+    seen = {"max": os.getloadavg()[0]}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(every):
+            seen["max"] = max(seen["max"], os.getloadavg()[0])
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        thread.join()
+        seen["max"] = max(seen["max"], os.getloadavg()[0])
+
+
+class BenchProgress:
+    """The finished invocations of one ``make bench`` run, kept in ``path``."""
+
+    def __init__(self, path: Path, record: dict[str, Any]) -> None:
+        self.path, self.record = path, record
+
+    @classmethod
+    def open(cls, path: Path = PROGRESS, digest: str | None = None, restart: bool = False) -> BenchProgress:
+        """The run in ``path`` to go on with, or a new one (none there, ``restart``, or the last one finished).
+
+        Refuses (``SystemExit`` naming the fix) a run recorded with other code than ``digest``.
+        """
+        digest = digest or code_digest()
+        if path.exists() and not restart:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if not saved.get("finished_at"):
+                if saved.get("digest") != digest:
+                    raise SystemExit(
+                        f"{path} holds an unfinished make bench run of other code (bench/, sae_core/ or the pins changed "
+                        f"since it started at {saved.get('started_at')}, {len(saved.get('runs', []))} invocations done): "
+                        "its results would mix two versions. Run `python -m bench.run_all --restart` to start over.")
+                saved["resumed"] = saved.get("resumed", 0) + 1
+                logger.info("resuming make bench from %s: %d invocations done", path, len(saved["runs"]))
+                return cls(path, saved)
+        return cls(path, {"digest": digest, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "resumed": 0,
+                          "runs": [], "finished_at": None})
+
+    @staticmethod
+    def key(command: Sequence[str]) -> list[str]:
+        """The command without its interpreter (a worktree's python and the main one run the same invocation)."""
+        return list(command[1:])
+
+    def done(self, command: Sequence[str]) -> bool:
+        return any(run["command"] == self.key(command) for run in self.record["runs"])
+
+    def run(self, command: Sequence[str], execute: Callable[[Sequence[str]], None]) -> dict[str, Any]:
+        """``execute(command)`` timed and load-watched, recorded (atomically) once it returns."""
+        started = time.perf_counter()
+        with load_watch() as load:
+            execute(command)
+        entry = {"command": self.key(command), "seconds": round(time.perf_counter() - started, 1),
+                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_max": round(load["max"], 2),
+                 "shared_machine": load["max"] > SHARED_LOAD}
+        if entry["shared_machine"]:
+            logger.warning("%s ran while the load average reached %.1f (> %.1f): the machine was shared; rerun it "
+                           "with --only for clean timings", " ".join(entry["command"]), load["max"], SHARED_LOAD)
+        self.record["runs"].append(entry)
+        self._save()
+        return entry
+
+    def finish(self) -> dict[str, Any]:
+        """Mark the run finished and return its summary (for ``bench/results/make_bench.json``)."""
+        self.record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self._save()
+        runs = self.record["runs"]
+        return {"started_at": self.record["started_at"], "finished_at": self.record["finished_at"],
+                "resumed": self.record["resumed"], "digest": self.record["digest"],
+                "benchmark_seconds": round(sum(run["seconds"] for run in runs), 1),
+                "shared_machine": [" ".join(run["command"]) for run in runs if run["shared_machine"]], "runs": runs}
+
+    def _save(self) -> None:
+        from sae_core.files import atomic_write_json
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.path, self.record)

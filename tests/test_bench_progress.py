@@ -1,0 +1,88 @@
+"""``make bench`` is resumable: an interrupted run reruns only what had not finished, never mixes code versions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import progress as progress_module
+from bench import run_all
+from bench.progress import BenchProgress, code_digest
+
+ALL = [command[1:] for name in run_all.BENCHES for command in run_all.invocations(name)]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _executor(calls: list[list[str]], fail_at: int | None = None):
+    def execute(command):
+        if fail_at is not None and len(calls) == fail_at:
+            calls.append(list(command[1:]))
+            raise Interrupted
+        calls.append(list(command[1:]))
+    return execute
+
+
+def test_an_interrupted_run_goes_on_from_the_invocation_cut_short(tmp_path: Path) -> None:
+    path, first, second = tmp_path / "progress.json", [], []
+    with pytest.raises(Interrupted):
+        run_all.run_benchmarks(run_all.BENCHES, BenchProgress.open(path, "code-1"), execute=_executor(first, 4))
+    saved = json.loads(path.read_text())  # written after every finished invocation, readable after the interruption
+    assert [run["command"] for run in saved["runs"]] == ALL[:4]
+    assert all(run["seconds"] >= 0 and "load_max" in run for run in saved["runs"])
+    progress = BenchProgress.open(path, "code-1")
+    run_all.run_benchmarks(run_all.BENCHES, progress, execute=_executor(second))
+    assert first == ALL[:5] and second == ALL[4:]  # the cut-short one runs again, the finished ones do not
+    summary = progress.finish()
+    assert [run["command"] for run in summary["runs"]] == ALL and summary["resumed"] == 1
+    assert summary["benchmark_seconds"] == pytest.approx(sum(run["seconds"] for run in summary["runs"]), abs=0.5)
+    again = BenchProgress.open(path, "code-1")  # a finished run is not resumed: the next one starts over
+    assert again.record["runs"] == [] and not again.done(["python", *ALL[0]])
+
+
+def test_resuming_with_other_code_is_refused_and_restart_starts_over(tmp_path: Path) -> None:
+    path = tmp_path / "progress.json"
+    with pytest.raises(Interrupted):
+        run_all.run_benchmarks(run_all.BENCHES, BenchProgress.open(path, "code-1"), execute=_executor([], 2))
+    with pytest.raises(SystemExit, match="other code.*--restart"):
+        BenchProgress.open(path, "code-2")
+    assert BenchProgress.open(path, "code-2", restart=True).record["runs"] == []
+
+
+def test_a_shared_machine_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(progress_module.os, "getloadavg", lambda: (progress_module.SHARED_LOAD + 1.5, 0.0, 0.0))
+    entry = BenchProgress.open(tmp_path / "p.json", "c").run(["python", "-m", "bench.x"], lambda command: None)
+    assert entry["shared_machine"] and entry["load_max"] == progress_module.SHARED_LOAD + 1.5
+    monkeypatch.setattr(progress_module.os, "getloadavg", lambda: (1.9, 0.0, 0.0))
+    assert not BenchProgress.open(tmp_path / "q.json", "c").run(["python", "-m", "bench.x"], lambda c: None)["shared_machine"]
+
+
+def test_the_code_digest_follows_the_benchmarked_code_only(tmp_path: Path) -> None:
+    for name, text in {"bench/a.py": "x = 1", "sae_core/sub/b.py": "y = 2", "README.md": "r",
+                       "bench/results/r.json": "{}", "constraints.txt": "torch==2"}.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    before = code_digest(tmp_path)
+    (tmp_path / "README.md").write_text("changed")
+    (tmp_path / "bench/results/r.json").write_text('{"new": 1}')
+    assert code_digest(tmp_path) == before  # docs and results are outputs, not inputs
+    (tmp_path / "sae_core/sub/b.py").write_text("y = 3")
+    assert code_digest(tmp_path) != before
+
+
+def test_make_bench_without_the_saedashboard_venv_stops_before_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from bench import bench_browser
+
+    monkeypatch.setattr(bench_browser, "SD_PYTHON", tmp_path / "absent" / "python")
+    ran: list = []
+    monkeypatch.setattr(run_all, "run_benchmarks", lambda *a, **k: ran.append(a))
+    monkeypatch.setattr(sys, "argv", ["run_all", "--only", "bench_whitening", "bench_browser"])
+    with pytest.raises(SystemExit, match="SAEDashboard.*make bench"):
+        run_all.main()
+    assert ran == []  # found out before hours of other benchmarks, not after

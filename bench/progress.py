@@ -120,8 +120,10 @@ class BenchProgress:
         """Mark the run finished and return its summary (for ``bench/results/make_bench.json``)."""
         self.record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         self._save()
+        from bench.common import git_commit
+
         runs = self.record["runs"]
-        return {"started_at": self.record["started_at"], "finished_at": self.record["finished_at"],
+        return {"commit": git_commit(), "started_at": self.record["started_at"], "finished_at": self.record["finished_at"],
                 "resumed": self.record["resumed"], "digest": self.record["digest"],
                 "benchmark_seconds": round(sum(run["seconds"] for run in runs), 1),
                 "shared_machine": [" ".join(run["command"]) for run in runs if run["shared_machine"]], "runs": runs}

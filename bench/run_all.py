@@ -519,7 +519,20 @@ def table() -> str:
                      f"{machine['load_average'][0]:.1f}. Raw results: `bench/results/*.json`.")
         if len(cpus) > 1:  # sessions run on machines of the same size but not the same CPU: ratios compare within a row only
             lines.append("CPUs: " + "; ".join(f"{cpu}: {', '.join(files)}" for cpu, files in cpus.items()) + ".")
+    lines.append(make_bench_line(_load("make_bench")))
     return "\n".join(lines)
+
+
+def make_bench_line(result: dict[str, Any] | None) -> str:
+    """How long the last complete ``make bench`` took (``bench/results/make_bench.json``), or that none has finished."""
+    if result is None:
+        return "`make bench` end to end: not finished yet (the parts' times are in the text above)."
+    seconds = result["benchmark_seconds"]
+    shared = result["shared_machine"]
+    return (f"`make bench` end to end (commit {result.get('commit') or '?'}): "
+            f"{len(result['runs'])} invocations, {seconds // 3600:.0f} h {seconds % 3600 / 60:.0f} min of benchmarks, "
+            f"{result['started_at']} to {result['finished_at']}, resumed {result['resumed']} times; "
+            + (f"on a shared machine (load average > 3): {', '.join(shared)}." if shared else "none on a shared machine."))
 
 
 QUALITY_START, QUALITY_END = "<!-- quality:start -->", "<!-- quality:end -->"
@@ -560,16 +573,16 @@ def run_benchmarks(names: list[str], progress: BenchProgress | None, quick: bool
                    execute: Callable[[Sequence[str]], None] | None = None) -> None:
     """Every invocation of ``names`` in order; with ``progress``, skipping those it has finished and recording each."""
     execute = execute or _execute
-    for name in names:
-        for command in invocations(name, quick):
-            if progress is not None and progress.done(command):
-                print("done before, skipped:", " ".join(command[1:]), flush=True)
-                continue
-            print("running", " ".join(command), flush=True)
-            if progress is None:
-                execute(command)
-            else:
-                progress.run(command, execute)
+    commands = [command for name in names for command in invocations(name, quick)]
+    for number, command in enumerate(commands, 1):
+        if progress is not None and progress.done(command):
+            print(f"[{number}/{len(commands)}] done before, skipped:", " ".join(command[1:]), flush=True)
+            continue
+        print(f"[{number}/{len(commands)}] running", " ".join(command), flush=True)
+        if progress is None:
+            execute(command)
+        else:
+            progress.run(command, execute)
 
 
 def _execute(command: Sequence[str]) -> None:

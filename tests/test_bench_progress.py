@@ -86,3 +86,15 @@ def test_make_bench_without_the_saedashboard_venv_stops_before_running(tmp_path:
     with pytest.raises(SystemExit, match="SAEDashboard.*make bench"):
         run_all.main()
     assert ran == []  # found out before hours of other benchmarks, not after
+
+
+def test_the_table_says_how_long_make_bench_took(tmp_path: Path) -> None:
+    progress = BenchProgress.open(tmp_path / "p.json", "c")
+    for seconds, command in ((3000.0, ["python", "-m", "bench.a"]), (4500.0, ["python", "-m", "bench.b", "--x"])):
+        progress.run(command, lambda c: None)
+        progress.record["runs"][-1]["seconds"] = seconds  # as if each had run that long
+    summary = progress.finish()
+    line = run_all.make_bench_line(summary)
+    assert summary["benchmark_seconds"] == 7500.0 and "2 invocations, 2 h 5 min of benchmarks" in line
+    assert "none on a shared machine" in line
+    assert "not finished" in run_all.make_bench_line(None)

@@ -1,17 +1,23 @@
 """Resumable ``make bench``: the benchmark invocations a run has finished, so an interrupted run goes on.
 
-``make bench`` runs for 9-10 hours on 2 cores. Each benchmark invocation (one process, one result
-file) is recorded in ``outputs/bench_progress.json`` (written atomically) when it finishes: its command,
-wall seconds and the highest 1-minute load average seen while it ran. Run ``make bench`` again after an
-interruption and it skips what finished and reruns the invocation that was cut short; a run that
-finished starts over. The record is tied to the code the benchmarks run (a digest of ``bench/*.py``,
-``sae_core/``, ``pyproject.toml`` and the pins): after a change there, resuming is refused, since the
-result files would mix two versions of the code; ``--restart`` starts over.
+``make bench`` runs for 9-10 hours on 2 cores, longer than one sitting. Each benchmark invocation (one
+process, one result file) is recorded in ``bench/results/bench_progress.json`` (written atomically) when
+it finishes: its place in the list, command, wall seconds, the highest 1-minute load average seen while
+it ran, and the CPU it ran on. Run ``make bench`` again after an interruption and it skips what
+finished and reruns the invocation that was cut short; a run that finished starts over. The record
+sits beside the result files it vouches for, so committing both lets a run go on in another checkout
+(a fresh clone, a machine that was restarted). No invocation runs for more than about an hour: the
+long runs are split into their repeats (``bench.run_all.ARGUMENTS``), so little is lost to a cut.
+
+The record is tied to the code the benchmarks run (a digest of ``bench/*.py``, ``sae_core/``,
+``pyproject.toml`` and the pins): after a change there, resuming is refused, since the result files
+would mix two versions of the code; ``--restart`` starts over.
 
 Benchmarks measure throughput and want the machine to themselves: an invocation during which the load
 average went above :data:`SHARED_LOAD` (its own work is about one per core) is named as measured on a
-shared machine, so it can be rerun (``--only``). When every invocation has finished, the run's summary
-(per-invocation seconds, total, interruptions) is written to ``bench/results/make_bench.json``.
+shared machine, in the log and in the run's summary. When every invocation has finished, the summary
+(per-invocation seconds, total, interruptions) is written to ``bench/results/make_bench.json``, and
+only then is the run marked finished.
 
 Written by hand: nothing in the libraries we use records progress across processes for a list of
 shell commands (``make`` would need one target file per invocation and cannot refuse a changed code base).
@@ -33,7 +39,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
-PROGRESS = ROOT / "outputs" / "bench_progress.json"
+PROGRESS = ROOT / "bench" / "results" / "bench_progress.json"
 SHARED_LOAD = 3.0  # 1-minute load average above which an invocation did not have the 2 cores to itself
 CODE = ("bench/*.py", "sae_core/**/*.py", "pyproject.toml", "constraints.txt", "bench/requirements-saedashboard.txt")
 
@@ -80,7 +86,11 @@ class BenchProgress:
         """
         digest = digest or code_digest()
         if path.exists() and not restart:
-            saved = json.loads(path.read_text(encoding="utf-8"))
+            try:
+                saved = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as error:
+                raise SystemExit(f"{path} is not a readable make bench record ({error}); run "
+                                 "`python -m bench.run_all --restart` to start over") from None
             if not saved.get("finished_at"):
                 if saved.get("digest") != digest:
                     raise SystemExit(
@@ -98,38 +108,50 @@ class BenchProgress:
         """The command without its interpreter (a worktree's python and the main one run the same invocation)."""
         return list(command[1:])
 
-    def done(self, command: Sequence[str]) -> bool:
-        return any(run["command"] == self.key(command) for run in self.record["runs"])
+    def done(self, number: int, command: Sequence[str]) -> bool:
+        """Whether invocation ``number`` (1-based place in the run's list) with ``command`` has finished."""
+        return any(run.get("number") == number and run["command"] == self.key(command) for run in self.record["runs"])
 
-    def run(self, command: Sequence[str], execute: Callable[[Sequence[str]], None]) -> dict[str, Any]:
+    def run(self, number: int, command: Sequence[str], execute: Callable[[Sequence[str]], None]) -> dict[str, Any]:
         """``execute(command)`` timed and load-watched, recorded (atomically) once it returns."""
         started = time.perf_counter()
         with load_watch() as load:
             execute(command)
-        entry = {"command": self.key(command), "seconds": round(time.perf_counter() - started, 1),
+        entry = {"number": number, "command": self.key(command), "seconds": round(time.perf_counter() - started, 1),
                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_max": round(load["max"], 2),
-                 "shared_machine": load["max"] > SHARED_LOAD}
+                 "shared_machine": load["max"] > SHARED_LOAD, "cpu": _cpu_model()}
         if entry["shared_machine"]:
-            logger.warning("%s ran while the load average reached %.1f (> %.1f): the machine was shared; rerun it "
-                           "with --only for clean timings", " ".join(entry["command"]), load["max"], SHARED_LOAD)
+            logger.warning("%s ran while the load average reached %.1f (> %.1f): the machine was shared, and the run's "
+                           "summary will say so; for clean timings, `python -m bench.run_all --restart` on an idle "
+                           "machine", " ".join(entry["command"]), load["max"], SHARED_LOAD)
         self.record["runs"].append(entry)
         self._save()
         return entry
 
-    def finish(self) -> dict[str, Any]:
-        """Mark the run finished and return its summary (for ``bench/results/make_bench.json``)."""
-        self.record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        self._save()
+    def summary(self) -> dict[str, Any]:
+        """The run's summary for ``bench/results/make_bench.json`` (write it, then :meth:`finish`)."""
         from bench.common import git_commit
 
         runs = self.record["runs"]
-        return {"commit": git_commit(), "started_at": self.record["started_at"], "finished_at": self.record["finished_at"],
-                "resumed": self.record["resumed"], "digest": self.record["digest"],
-                "benchmark_seconds": round(sum(run["seconds"] for run in runs), 1),
+        return {"commit": git_commit(), "started_at": self.record["started_at"],
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "resumed": self.record["resumed"],
+                "digest": self.record["digest"], "benchmark_seconds": round(sum(run["seconds"] for run in runs), 1),
+                "cpus": sorted({run.get("cpu") or "not recorded" for run in runs}),
                 "shared_machine": [" ".join(run["command"]) for run in runs if run["shared_machine"]], "runs": runs}
+
+    def finish(self) -> None:
+        """Mark the run finished (after its summary is written: a cut in between leaves it resumable)."""
+        self.record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self._save()
 
     def _save(self) -> None:
         from sae_core.files import atomic_write_json
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.path, self.record)
+
+
+def _cpu_model() -> str | None:
+    from bench.common import machine_info
+
+    return machine_info().get("cpu_model")

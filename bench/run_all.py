@@ -30,23 +30,30 @@ from bench.progress import BenchProgress
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-BENCHES = ["bench_whitening", "bench_activations", "bench_training_speed", "training_speed_measured",
+BENCHES = ["bench_whitening", "bench_activations", "store_long_run", "bench_training_speed", "training_speed_measured",
            "bench_three_hooks", "bench_lr_quality", "quality_same_contexts",
            "bench_sweep",
            "bench_synthetic", "bench_analysis", "bench_browser", "quality_sweep"]
 # bench_training is not run here and has no rows: its comparisons (SAELens's b_dec at zero, ours at the mean; one
 # run each; three separate SAELens runs for three hooks) are measured fairly by bench_training_speed,
 # training_speed_measured and bench_three_hooks (equal start, MultiSAETrainingRunner, interleaved repeats).
+_ONE_THEN_TWO_MORE = [[], ["--add-to-existing"], ["--add-to-existing"]]  # three repeats, one invocation each
 ARGUMENTS: dict[str, list[str] | list[list[str]]] = {  # the budgets the README table was measured at, so `make bench` reproduces every row as printed
+    # The long runs go one repeat an invocation (each under an hour), so a cut loses little (bench.progress):
+    # the store's 1M-token compile-counted repeats (~25 min each) and the 1M-token training repeats.
+    "bench_activations": ["--long-repeats", "1"],
+    "store_long_run": [["--add-repeats", "1"], ["--add-repeats", "1"]],
     "bench_synthetic": ["--rows", "300000", "--repeats", "3"],
     "bench_training_speed": [["--tokens", "65536", "--repeats", "3", "--precisions", "bfloat16,float32"],
                              ["--tokens", "65536", "--repeats", "3", "--precisions", "bfloat16", "--run-together"]],
-    "training_speed_measured": [["--tokens", "1048576", "--repeats", "3", "--precisions", "bfloat16"],  # ~1.5 h
-                                ["--tokens", "1048576", "--repeats", "3", "--precisions", "float32"]],  # ~2.5 h
+    "training_speed_measured": [["--tokens", "1048576", "--repeats", "1", "--precisions", precision, *more]  # ~30 / ~50 min
+                                for precision in ("bfloat16", "float32") for more in _ONE_THEN_TWO_MORE],
     "bench_three_hooks": ["--tokens", "65536", "--repeats", "3"],
 }
-QUICK_ARGUMENTS = {"bench_training_speed": ["--tokens", "8192", "--repeats", "1", "--precisions", "bfloat16"],
-                   "training_speed_measured": ["--tokens", "8192", "--repeats", "1", "--precisions", "bfloat16"]}
+QUICK_ARGUMENTS: dict[str, list[str] | None] = {
+    "bench_training_speed": ["--tokens", "8192", "--repeats", "1", "--precisions", "bfloat16"],
+    "training_speed_measured": ["--tokens", "8192", "--repeats", "1", "--precisions", "bfloat16"],
+    "store_long_run": None}  # adds to the full store result: no smoke size (bench_activations --quick has its long run)
 # quality_sweep: its built-in variants at their own budgets (ARGUMENTS: none); --quick: one variant, 16k tokens
 # A list of argument lists runs the benchmark once for each, in order (one process each).
 
@@ -54,6 +61,8 @@ QUICK_ARGUMENTS = {"bench_training_speed": ["--tokens", "8192", "--repeats", "1"
 def invocations(name: str, quick: bool = False) -> list[list[str]]:
     """The command lines ``make bench`` (or ``--quick``) runs for benchmark ``name``, in order."""
     arguments = QUICK_ARGUMENTS.get(name, ["--quick"]) if quick else ARGUMENTS.get(name, [])
+    if arguments is None:
+        return []
     runs = arguments if arguments and isinstance(arguments[0], list) else [arguments]
     return [[sys.executable, "-m", f"bench.{name}", *run] for run in runs]
 
@@ -502,7 +511,7 @@ def table() -> str:
                         (("synthetic", "synthetic_quick"), synthetic_rows),
                         (("whitening",), whitening_rows),
                         (("analysis", "analysis_quick"), analysis_rows),
-                        (("browser", "browser_quick"), browser_rows)):
+                        (("browser",), browser_rows)):
         result = _load(*names)
         if result is None:
             lines.append(f"| {names[0]}: not run yet | | | | | |")
@@ -519,14 +528,23 @@ def table() -> str:
                      f"{machine['load_average'][0]:.1f}. Raw results: `bench/results/*.json`.")
         if len(cpus) > 1:  # sessions run on machines of the same size but not the same CPU: ratios compare within a row only
             lines.append("CPUs: " + "; ".join(f"{cpu}: {', '.join(files)}" for cpu, files in cpus.items()) + ".")
-    lines.append(make_bench_line(_load("make_bench")))
+    lines.append(make_bench_line(_load("make_bench"), _load("bench_progress")))
     return "\n".join(lines)
 
 
-def make_bench_line(result: dict[str, Any] | None) -> str:
-    """How long the last complete ``make bench`` took (``bench/results/make_bench.json``), or that none has finished."""
-    if result is None:
-        return "`make bench` end to end: not finished yet (the parts' times are in the text above)."
+def make_bench_line(result: dict[str, Any] | None, progress: dict[str, Any] | None = None) -> str:
+    """How long the last complete ``make bench`` took (``bench/results/make_bench.json``), or how far the one under way
+    has got (``bench/results/bench_progress.json``), or that none has finished."""
+    if result is None or (progress and not progress.get("finished_at") and progress["started_at"] > result["started_at"]):
+        if progress and not progress.get("finished_at") and progress.get("runs"):
+            runs, total = progress["runs"], len([c for name in BENCHES for c in invocations(name)])
+            seconds = sum(run["seconds"] for run in runs)
+            return (f"`make bench` under way since {progress['started_at']}: {len(runs)} of {total} invocations done "
+                    f"({seconds // 3600:.0f} h {seconds % 3600 / 60:.0f} min of benchmarks, resumed {progress['resumed']} "
+                    "times); rows from result files it has not rewritten yet are from earlier runs (their dates are in "
+                    "`bench/results/*.json`).")
+        if result is None:
+            return "`make bench` end to end: not finished yet (the parts' times are in the text above)."
     seconds = result["benchmark_seconds"]
     shared = result["shared_machine"]
     return (f"`make bench` end to end (commit {result.get('commit') or '?'}): "
@@ -575,14 +593,14 @@ def run_benchmarks(names: list[str], progress: BenchProgress | None, quick: bool
     execute = execute or _execute
     commands = [command for name in names for command in invocations(name, quick)]
     for number, command in enumerate(commands, 1):
-        if progress is not None and progress.done(command):
+        if progress is not None and progress.done(number, command):
             print(f"[{number}/{len(commands)}] done before, skipped:", " ".join(command[1:]), flush=True)
             continue
         print(f"[{number}/{len(commands)}] running", " ".join(command), flush=True)
         if progress is None:
             execute(command)
         else:
-            progress.run(command, execute)
+            progress.run(number, command, execute)
 
 
 def _execute(command: Sequence[str]) -> None:
@@ -598,7 +616,7 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true", help="only rewrite the README table")
     parser.add_argument("--only", nargs="*", choices=BENCHES, help="run only these benchmarks (not resumable)")
     parser.add_argument("--restart", action="store_true",
-                        help="start the full run over, dropping an unfinished one's record (outputs/bench_progress.json)")
+                        help="start the full run over, dropping an unfinished one's record (bench/results/bench_progress.json)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not args.table_only:
@@ -613,7 +631,8 @@ def main() -> None:
         progress = BenchProgress.open(restart=args.restart) if full else None
         run_benchmarks(names, progress, args.quick)
         if progress is not None:
-            path = write_result("make_bench", progress.finish())
+            path = write_result("make_bench", progress.summary())
+            progress.finish()
             print(f"make bench finished: {path}", flush=True)
     write_table()
     print(table())

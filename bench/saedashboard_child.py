@@ -1,6 +1,6 @@
 """Run SAEDashboard's ``SaeVisRunner`` on given tokens / SAE / features; run in SAEDashboard's own venv.
 
-    /tmp/sd_venv/bin/python bench/saedashboard_child.py SPEC.json     # written by bench.bench_browser_peer
+    .venv-saedashboard/bin/python bench/saedashboard_child.py SPEC.json     # written by bench.bench_browser_peer
 
 Imports nothing from sae_core (its pins differ). The model is SmolLM2 from the float32 HF folder,
 converted with TransformerLens 2's own Llama converter (TransformerLens 2 has no SmolLM2 entry),

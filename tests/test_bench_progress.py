@@ -27,21 +27,57 @@ def _executor(calls: list[list[str]], fail_at: int | None = None):
     return execute
 
 
-def test_an_interrupted_run_goes_on_from_the_invocation_cut_short(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cut_at", [3, 4])  # 3: between the store's two identical --add-repeats invocations
+def test_an_interrupted_run_goes_on_from_the_invocation_cut_short(tmp_path: Path, cut_at: int) -> None:
     path, first, second = tmp_path / "progress.json", [], []
     with pytest.raises(Interrupted):
-        run_all.run_benchmarks(run_all.BENCHES, BenchProgress.open(path, "code-1"), execute=_executor(first, 4))
+        run_all.run_benchmarks(run_all.BENCHES, BenchProgress.open(path, "code-1"), execute=_executor(first, cut_at))
     saved = json.loads(path.read_text())  # written after every finished invocation, readable after the interruption
-    assert [run["command"] for run in saved["runs"]] == ALL[:4]
-    assert all(run["seconds"] >= 0 and "load_max" in run for run in saved["runs"])
+    assert [run["command"] for run in saved["runs"]] == ALL[:cut_at]
+    assert [run["number"] for run in saved["runs"]] == list(range(1, cut_at + 1))
+    assert all(run["seconds"] >= 0 and "load_max" in run and "cpu" in run for run in saved["runs"])
     progress = BenchProgress.open(path, "code-1")
     run_all.run_benchmarks(run_all.BENCHES, progress, execute=_executor(second))
-    assert first == ALL[:5] and second == ALL[4:]  # the cut-short one runs again, the finished ones do not
-    summary = progress.finish()
+    assert first == ALL[:cut_at + 1] and second == ALL[cut_at:]  # the cut-short one runs again, the finished ones do not
+    summary = progress.summary()
+    progress.finish()
     assert [run["command"] for run in summary["runs"]] == ALL and summary["resumed"] == 1
     assert summary["benchmark_seconds"] == pytest.approx(sum(run["seconds"] for run in summary["runs"]), abs=0.5)
     again = BenchProgress.open(path, "code-1")  # a finished run is not resumed: the next one starts over
-    assert again.record["runs"] == [] and not again.done(["python", *ALL[0]])
+    assert again.record["runs"] == [] and not again.done(1, ["python", *ALL[0]])
+
+
+def test_a_cut_before_the_summary_is_written_leaves_the_run_resumable(tmp_path: Path) -> None:
+    path, calls = tmp_path / "progress.json", []
+    progress = BenchProgress.open(path, "code-1")
+    run_all.run_benchmarks(run_all.BENCHES, progress, execute=_executor(calls))
+    progress.summary()  # make_bench.json would be written from this; the process dies before finish()
+    resumed = BenchProgress.open(path, "code-1")
+    assert len(resumed.record["runs"]) == len(ALL) and resumed.record["resumed"] == 1
+    run_all.run_benchmarks(run_all.BENCHES, resumed, execute=_executor(again := []))
+    assert again == []  # nothing reruns: only the summary is written again
+
+
+def test_a_corrupt_record_is_refused_naming_restart(tmp_path: Path) -> None:
+    path = tmp_path / "progress.json"
+    path.write_text('{"digest": "code-1", "runs": [')
+    with pytest.raises(SystemExit, match="not a readable make bench record.*--restart"):
+        BenchProgress.open(path, "code-1")
+    assert BenchProgress.open(path, "code-1", restart=True).record["runs"] == []
+
+
+def test_the_long_runs_go_one_repeat_an_invocation_each_after_the_one_that_writes_the_file() -> None:
+    for name, flag, writer in (("training_speed_measured", "--add-to-existing", "bench.training_speed_measured"),
+                               ("store_long_run", "--add-repeats", "bench.bench_activations")):
+        commands = [command for bench in run_all.BENCHES for command in run_all.invocations(bench)]
+        for place, command in enumerate(commands):
+            if flag in command:  # adds to a result file: an earlier invocation wrote it, with the same settings
+                writes = [c for c in commands[:place] if c[2] == writer and flag not in c]
+                assert writes, command
+                if name == "training_speed_measured":
+                    same = [c for c in writes if c[c.index("--precisions") + 1] == command[command.index("--precisions") + 1]]
+                    assert same and same[-1][same[-1].index("--repeats") + 1] == "1"
+    assert run_all.invocations("store_long_run", quick=True) == []  # no smoke size: it adds to the full result
 
 
 def test_resuming_with_other_code_is_refused_and_restart_starts_over(tmp_path: Path) -> None:
@@ -55,10 +91,10 @@ def test_resuming_with_other_code_is_refused_and_restart_starts_over(tmp_path: P
 
 def test_a_shared_machine_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(progress_module.os, "getloadavg", lambda: (progress_module.SHARED_LOAD + 1.5, 0.0, 0.0))
-    entry = BenchProgress.open(tmp_path / "p.json", "c").run(["python", "-m", "bench.x"], lambda command: None)
+    entry = BenchProgress.open(tmp_path / "p.json", "c").run(1, ["python", "-m", "bench.x"], lambda command: None)
     assert entry["shared_machine"] and entry["load_max"] == progress_module.SHARED_LOAD + 1.5
     monkeypatch.setattr(progress_module.os, "getloadavg", lambda: (1.9, 0.0, 0.0))
-    assert not BenchProgress.open(tmp_path / "q.json", "c").run(["python", "-m", "bench.x"], lambda c: None)["shared_machine"]
+    assert not BenchProgress.open(tmp_path / "q.json", "c").run(1, ["python", "-m", "bench.x"], lambda c: None)["shared_machine"]
 
 
 def test_the_code_digest_follows_the_benchmarked_code_only(tmp_path: Path) -> None:
@@ -90,11 +126,19 @@ def test_make_bench_without_the_saedashboard_venv_stops_before_running(tmp_path:
 
 def test_the_table_says_how_long_make_bench_took(tmp_path: Path) -> None:
     progress = BenchProgress.open(tmp_path / "p.json", "c")
-    for seconds, command in ((3000.0, ["python", "-m", "bench.a"]), (4500.0, ["python", "-m", "bench.b", "--x"])):
-        progress.run(command, lambda c: None)
+    for number, (seconds, command) in enumerate(((3000.0, ["python", "-m", "bench.a"]),
+                                                 (4500.0, ["python", "-m", "bench.b", "--x"])), 1):
+        progress.run(number, command, lambda c: None)
         progress.record["runs"][-1]["seconds"] = seconds  # as if each had run that long
-    summary = progress.finish()
-    line = run_all.make_bench_line(summary)
+    under_way = run_all.make_bench_line(None, progress.record)
+    assert "2 of" in under_way and "2 h 5 min" in under_way and "under way" in under_way
+    summary = progress.summary()
+    progress.finish()
+    line = run_all.make_bench_line(summary, progress.record)
     assert summary["benchmark_seconds"] == 7500.0 and "2 invocations, 2 h 5 min of benchmarks" in line
     assert "none on a shared machine" in line
+    later = BenchProgress.open(tmp_path / "p.json", "c")  # the next run, under way: the table says so
+    later.record["started_at"] = "9999"  # started after the finished one
+    later.run(1, ["python", "-m", "bench.a"], lambda c: None)
+    assert "1 of" in run_all.make_bench_line(summary, later.record)
     assert "not finished" in run_all.make_bench_line(None)

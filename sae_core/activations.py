@@ -55,13 +55,14 @@ from sae_core.config import KEEP_ALL_BUT_PAD, TokenPolicy
 from sae_core.data import WindowBatch
 from sae_core.hooks import stop_layer_for, validate_hook
 from sae_core.model_loading import resolve_dtype
+from sae_core.precision import AUTO, auto_dtype
 
 logger = logging.getLogger(__name__)
 
 
 def forward_context(device: torch.device | str, forward_dtype: str | torch.dtype) -> contextlib.AbstractContextManager:
     """Autocast for low-precision forwards (weights stay in their dtype), else a no-op."""
-    dtype = resolve_dtype(forward_dtype)
+    dtype = resolve_dtype(auto_dtype(device) if forward_dtype == AUTO else forward_dtype)
     if dtype in (torch.bfloat16, torch.float16):
         return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
     return contextlib.nullcontext()
@@ -228,7 +229,8 @@ def run_to_hooks(model: HookedTransformer, hooks: Sequence[str], input_ids: Int[
     if compile:
         blocker = _compile_blocker(model)
         if blocker is None:
-            dtype_name = str(resolve_dtype(forward_dtype)).removeprefix("torch.")
+            chosen = auto_dtype(model.cfg.device) if forward_dtype == AUTO else forward_dtype
+            dtype_name = str(resolve_dtype(chosen)).removeprefix("torch.")
             out = compiled_forward(model)(hooks, input_ids, dtype_name, batch)
             if out is not None:
                 return out

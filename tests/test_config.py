@@ -22,6 +22,7 @@ from sae_core.config import (
 from sae_core.config.base import describe, field_types
 from sae_core.config.run import SECTIONS
 from sae_core.models import known_models, load_model_constants, load_run_config
+from sae_core.precision import auto_dtype
 from sae_core.whitening import ExtractionConfig
 
 TINY = Path(load_model_constants("tiny_random").__file__).read_text()
@@ -99,7 +100,8 @@ def test_default_model_changes_only_what_it_states():
     """The default model's fixes: one BOS policy everywhere, the measured learning rate."""
     run = load_run_config("smollm2_135m_instruct")
     assert run.windows.prepend_bos is True and run.optimizer.lr == 4e-3
-    assert run.forward.dtype == "bfloat16" and run.sae.d_sae == 4608
+    # FORWARD["dtype"] = "auto": resolved at load to this machine's choice (tests/test_precision.py checks it)
+    assert run.forward.dtype == auto_dtype("cpu") and run.sae.d_sae == 4608
     assert (run.training.total_training_tokens, run.training.buffer_passes, run.training.train_batch_size_tokens,
             run.training.shuffle_buffer_tokens, run.optimizer.lr_scheduler) == (600_000, 2, 1024, 262_144, "cosineannealing")
 

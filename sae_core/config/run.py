@@ -218,12 +218,13 @@ class RunConfig:
                 raise ConfigError(f"{module.__name__}.{const} should be a dict of {field_name} knobs")
         for text in overrides:
             _apply_override(raw, text)
+        load = dict(module.MODEL_LOAD_CONFIG)
+        device = _device_name(load.get("device") or "cpu", module.__name__)
+        _resolve_precisions(raw, device)
         kinds = {field_name: kind for field_name, kind in SECTIONS.values()}
         built = {name: build(kinds[name], values, const_of(name))
                  for name, values in raw.items() if name not in ("store", "training")}
         shared = {name: built[name] for name in ("windows", "loader", "forward")}
-        load = dict(module.MODEL_LOAD_CONFIG)
-        device = _device_name(load.get("device") or "cpu", module.__name__)
         built["store"] = build(StoreConfig, {**raw["store"], **shared}, "STORE")
         built["training"] = build(TrainingConfig, {
             "hook_points": tuple(module.HOOK_POINTS), "device": device, **raw["training"], **shared,
@@ -260,6 +261,18 @@ def _device_name(device: Any, source: str) -> str:
     except (RuntimeError, TypeError) as error:
         raise ConfigError(f"{source}: MODEL_LOAD_CONFIG['device'] = {device!r} is not a torch device ({error}); "
                           "use 'cpu', 'cuda', 'cuda:1', 'mps', ...") from error
+
+
+def _resolve_precisions(raw: dict[str, dict[str, Any]], device: str) -> None:
+    """``"auto"`` precisions (``FORWARD['dtype']``, ``OPTIMIZER['sae_dtype']``) become the device's dtype
+    before any section is built, so every stage, record and resume check holds a dtype."""
+    from sae_core.precision import resolve_precision
+
+    for section, knob, const in (("forward", "dtype", "FORWARD"), ("optimizer", "sae_dtype", "OPTIMIZER")):
+        default = next(f.default for f in dataclasses.fields(dict(SECTIONS.values())[section]) if f.name == knob)
+        value = raw[section].get(knob, default)
+        if isinstance(value, str):
+            raw[section][knob] = resolve_precision(value, device, f"{const}[{knob!r}]")
 
 
 def const_of(field_name: str) -> str:

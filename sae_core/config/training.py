@@ -19,7 +19,13 @@ from sae_core.config.base import (
     raise_problems,
     with_overrides,
 )
-from sae_core.config.sections import Dtype, ForwardConfig, LoaderConfig, TokenPolicy, WindowConfig
+from sae_core.config.sections import (
+    ForwardConfig,
+    LoaderConfig,
+    Precision,
+    TokenPolicy,
+    WindowConfig,
+)
 
 Architecture = Literal["topk", "batchtopk", "jumprelu", "standard", "matryoshka_batchtopk"]
 ARCHITECTURES: tuple[str, ...] = ("topk", "batchtopk", "jumprelu", "standard", "matryoshka_batchtopk")
@@ -111,8 +117,10 @@ class OptimizerConfig:
     """Fraction of the steps over which the L1 / L0 coefficient ramps up from 0."""
     max_grad_norm: float | None = 1.0
     """Clip the gradient norm (per SAE) to this; None: no clipping."""
-    sae_dtype: Dtype = "bfloat16"
-    """Precision of the SAE step's matmuls (autocast); weights and Adam stay float32."""
+    sae_dtype: Precision = "auto"
+    """Precision of the SAE step's matmuls (autocast); weights and Adam stay float32. ``"auto"``
+    (resolved by the training config against its device): bfloat16 where the device multiplies it
+    natively, else float32."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -232,8 +240,24 @@ class TrainingConfig:
         if self.whitening_path is not None and len(self.hook_points) != 1:
             problems.append("whitening_path whitens one hook point; train one hook per run when whitening")
         raise_problems("TrainingConfig", problems)
+        self._resolve_precisions()
         for index, entry in enumerate(self.sweep):  # a bad sweep entry fails here, at load
             self._sweep_config(index, entry)
+
+    def _resolve_precisions(self) -> None:
+        """``"auto"`` forward and SAE-step precisions become dtypes for this run's device (and are recorded so)."""
+        from sae_core.precision import resolve_precision
+
+        try:
+            forward = resolve_precision(self.forward.dtype, self.device, "FORWARD['dtype']")
+            sae_dtype = resolve_precision(self.optimizer.sae_dtype, self.device, "OPTIMIZER['sae_dtype']")
+        except RuntimeError as error:
+            raise ConfigError(f"TrainingConfig: device {self.device!r} is not a torch device ({error}); "
+                              "use 'cpu', 'cuda', 'cuda:1', 'mps', ...") from error
+        if forward != self.forward.dtype:
+            object.__setattr__(self, "forward", dataclasses.replace(self.forward, dtype=forward))
+        if sae_dtype != self.optimizer.sae_dtype:
+            object.__setattr__(self, "optimizer", dataclasses.replace(self.optimizer, sae_dtype=sae_dtype))
 
     def units(self) -> list[SweepUnit]:
         """The SAEs this run trains: per hook point, one per sweep entry (or one, named by the hook)."""

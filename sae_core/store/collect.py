@@ -54,6 +54,7 @@ from sae_core.files import (
 from sae_core.hooks import resolve_hook
 from sae_core.loader import document_progress, make_dataloader
 from sae_core.model_loading import model_summary, resolve_dtype
+from sae_core.precision import resolve_forward
 from sae_core.store.shards import ACTIVATIONS_DIR, META_FILENAME, ShardWriter
 from sae_core.texts import limit_texts, load_texts
 
@@ -191,7 +192,7 @@ def save(model: HookedTransformer, layer_signature: str | int | Sequence[str | i
     Under ``torchrun`` (an initialised process group) each rank collects documents
     ``rank::world_size`` into rank-tagged shards and rank 0 merges the metadata.
     """
-    cfg = with_overrides(config or StoreConfig(), "save", **overrides)
+    cfg = resolve_forward(with_overrides(config or StoreConfig(), "save", **overrides), model.cfg.device)
     hooks = resolve_hooks(model, layer_signature)
     texts, data_description = _texts_of(dataset, cfg)
     rank, world_size = _distributed()

@@ -38,6 +38,7 @@ from sae_core.data import WindowBatch, pad_id_of, windowed_dataset
 from sae_core.files import file_sha256, read_json
 from sae_core.loader import document_progress, make_dataloader
 from sae_core.model_loading import resolve_dtype
+from sae_core.precision import resolve_forward
 from sae_core.store import ShardBuffer, ShardWriter
 from sae_core.texts import limit_texts
 from sae_core.whitening.statistics import (
@@ -178,6 +179,7 @@ class ActivationExtractor:
             self.model = load_model(config.model)
         else:
             self.model = config.model
+        self.config = config = resolve_forward(config, self.model.cfg.device)
         self.hook = resolve_hook(self.model, config.hook_point or config.layer_index)
         tokenizer = config.tokenizer if config.tokenizer is not None else self.model.tokenizer
         if isinstance(tokenizer, str):

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import write_result
-from bench.progress import BenchProgress
+from bench.progress import BenchProgress, code_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -539,10 +539,13 @@ def make_bench_line(result: dict[str, Any] | None, progress: dict[str, Any] | No
         if progress and not progress.get("finished_at") and progress.get("runs"):
             runs, total = progress["runs"], len([c for name in BENCHES for c in invocations(name)])
             seconds = sum(run["seconds"] for run in runs)
+            stale = ("" if progress.get("digest") == code_digest() else
+                     " The code has changed since it began, so `make bench` will not go on with it: "
+                     "`python -m bench.run_all --restart` starts over.")
             return (f"`make bench` under way since {progress['started_at']}: {len(runs)} of {total} invocations done "
                     f"({seconds // 3600:.0f} h {seconds % 3600 / 60:.0f} min of benchmarks, resumed {progress['resumed']} "
                     "times); rows from result files it has not rewritten yet are from earlier runs (their dates are in "
-                    "`bench/results/*.json`).")
+                    "`bench/results/*.json`)." + stale)
         if result is None:
             return "`make bench` end to end: not finished yet (the parts' times are in the text above)."
     seconds = result["benchmark_seconds"]

@@ -124,7 +124,7 @@ def test_make_bench_without_the_saedashboard_venv_stops_before_running(tmp_path:
     assert ran == []  # found out before hours of other benchmarks, not after
 
 
-def test_the_table_says_how_long_make_bench_took(tmp_path: Path) -> None:
+def test_the_table_says_how_long_make_bench_took(tmp_path: Path, monkeypatch) -> None:
     progress = BenchProgress.open(tmp_path / "p.json", "c")
     for number, (seconds, command) in enumerate(((3000.0, ["python", "-m", "bench.a"]),
                                                  (4500.0, ["python", "-m", "bench.b", "--x"])), 1):
@@ -132,6 +132,10 @@ def test_the_table_says_how_long_make_bench_took(tmp_path: Path) -> None:
         progress.record["runs"][-1]["seconds"] = seconds  # as if each had run that long
     under_way = run_all.make_bench_line(None, progress.record)
     assert "2 of" in under_way and "2 h 5 min" in under_way and "under way" in under_way
+    assert "--restart" in under_way  # recorded with digest "c": not this code, so it cannot go on
+    with monkeypatch.context() as patch:
+        patch.setattr(run_all, "code_digest", lambda: "c")
+        assert "--restart" not in run_all.make_bench_line(None, progress.record)
     summary = progress.summary()
     progress.finish()
     line = run_all.make_bench_line(summary, progress.record)

@@ -30,7 +30,7 @@ from bench.progress import BenchProgress, code_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-BENCHES = ["bench_whitening", "bench_activations", "store_long_run", "bench_training_speed", "training_speed_measured",
+BENCHES = ["bench_precision", "bench_whitening", "bench_activations", "store_long_run", "bench_training_speed", "training_speed_measured",
            "bench_three_hooks", "bench_lr_quality", "quality_same_contexts",
            "bench_sweep",
            "bench_synthetic", "bench_analysis", "bench_browser", "quality_sweep"]

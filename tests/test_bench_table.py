@@ -157,3 +157,16 @@ def test_same_context_quality_rows_match_medians_recomputed_from_the_seeds():
             assert cells[1] == f"{statistics.median(ours):.3f} ({min(ours):.3f}-{max(ours):.3f})", name
             assert cells[2] == f"{statistics.median(peer):.3f} ({min(peer):.3f}-{max(peer):.3f})", name
             assert cells[5] == ("yes" if statistics.median(ours) >= min(peer) else "no"), name
+
+
+def test_precision_entries_show_auto_picking_the_faster_forward():
+    """Each kind of CPU measured: ``"auto"`` chose bfloat16 exactly where its forward outran float32."""
+    result = run_all._load("precision")
+    if result is None:
+        pytest.skip("bench/results/precision.json not measured yet (python -m bench.bench_precision)")
+    for kind, entry in result["kinds"].items():
+        measured = entry["forward_tokens_per_s"]
+        ratios = [b / f for b, f in zip(measured["bfloat16"]["values"], measured["float32"]["values"], strict=True)]
+        assert measured["bfloat16_over_float32"]["median"] == pytest.approx(statistics.median(ratios), rel=1e-3)
+        assert entry["auto_chooses"] == ("bfloat16" if "native half: bfloat16" in kind else "float32")
+        assert (entry["auto_chooses"] == "bfloat16") == (statistics.median(ratios) > 1), kind

@@ -468,7 +468,7 @@ def test_statistics_of_two_halves_agree_within_sampling_error(smollm2):
     dataset = WindowedTextDataset(fortunes_corpus()[:1000], smollm2.tokenizer, 128, seed=0, prepend_bos=True)
     loader = make_dataloader(dataset, LoaderConfig(batch_size=32, group_by_length=False))
     rows, docs = [], []
-    for batch in iter_activation_batches(smollm2, loader, [hook], TokenPolicy(), "bfloat16"):
+    for batch in iter_activation_batches(smollm2, loader, [hook], TokenPolicy(), "auto"):
         rows.append(batch.acts[hook])
         docs.append(batch.doc_index)
         if sum(len(r) for r in rows) >= 20_000:

@@ -535,19 +535,19 @@ def table() -> str:
 def make_bench_line(result: dict[str, Any] | None, progress: dict[str, Any] | None = None) -> str:
     """How long the last complete ``make bench`` took (``bench/results/make_bench.json``), or how far the one under way
     has got (``bench/results/bench_progress.json``), or that none has finished."""
-    if result is None or (progress and not progress.get("finished_at") and progress["started_at"] > result["started_at"]):
-        if progress and not progress.get("finished_at") and progress.get("runs"):
-            runs, total = progress["runs"], len([c for name in BENCHES for c in invocations(name)])
-            seconds = sum(run["seconds"] for run in runs)
-            stale = ("" if progress.get("digest") == code_digest() else
-                     " The code has changed since it began, so `make bench` will not go on with it: "
-                     "`python -m bench.run_all --restart` starts over.")
-            return (f"`make bench` under way since {progress['started_at']}: {len(runs)} of {total} invocations done "
-                    f"({seconds // 3600:.0f} h {seconds % 3600 / 60:.0f} min of benchmarks, resumed {progress['resumed']} "
-                    "times); rows from result files it has not rewritten yet are from earlier runs (their dates are in "
-                    "`bench/results/*.json`)." + stale)
-        if result is None:
-            return "`make bench` end to end: not finished yet (the parts' times are in the text above)."
+    if (progress and progress.get("runs") and not progress.get("finished_at")
+            and (result is None or progress["started_at"] > result["started_at"])):
+        runs, total = progress["runs"], len([c for name in BENCHES for c in invocations(name)])
+        seconds = sum(run["seconds"] for run in runs)
+        stale = ("" if progress.get("digest") == code_digest() else
+                 " The code has changed since it began, so `make bench` will not go on with it: "
+                 "`python -m bench.run_all --restart` starts over.")
+        return (f"`make bench` under way since {progress['started_at']}: {len(runs)} of {total} invocations done "
+                f"({seconds // 3600:.0f} h {seconds % 3600 / 60:.0f} min of benchmarks, resumed {progress['resumed']} "
+                "times); rows from result files it has not rewritten yet are from earlier runs (their dates are in "
+                "`bench/results/*.json`)." + stale)
+    if result is None:
+        return "`make bench` end to end: not finished yet (the parts' times are in the text above)."
     seconds = result["benchmark_seconds"]
     shared = result["shared_machine"]
     return (f"`make bench` end to end (commit {result.get('commit') or '?'}): "

@@ -630,6 +630,12 @@ def main() -> None:
             if not SD_PYTHON.exists():  # found out now, not hours into the run
                 raise SystemExit(f"bench_browser compares with SAEDashboard, run from {SD_PYTHON}: `make bench` builds it "
                                  "(bench/requirements-saedashboard.txt), or leave bench_browser out (--only)")
+        from sae_core.precision import auto_dtype
+
+        if auto_dtype("cpu") != "bfloat16":  # the table's bfloat16 rows would measure a slow path on both sides
+            logging.warning("this CPU has no native bfloat16 matmuls (bench/results/precision.json): the bfloat16 "
+                            "rows will time a slow path on both sides (~8x slower than float32), not comparable with "
+                            "rows measured on a CPU that has them; the footer names each result file's CPU")
         full = not args.quick and not args.only  # only the full run (hours) is resumable
         progress = BenchProgress.open(restart=args.restart) if full else None
         run_benchmarks(names, progress, args.quick)

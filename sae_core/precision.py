@@ -1,9 +1,9 @@
 """``"auto"`` precision: half precision where the device multiplies it natively, else float32.
 
-Autocast to bfloat16 halves the work only on hardware with bfloat16 matmul units. On an x86 CPU
-with AVX512-BF16 or AMX, oneDNN's bfloat16 matmuls ran ~2x float32 here (386-416 against
-187-191 GFLOP/s, 4096 x 576 @ 576 x 1536); on an AVX2-only CPU of the same size they ran at
-~20 GFLOP/s against ~175 in float32, so a bfloat16 forward is ~9x *slower* there. ``"auto"``
+Autocast to bfloat16 pays only on hardware with bfloat16 matmul units. On an x86 CPU with
+AVX512-BF16 or AMX, oneDNN's bfloat16 matmuls ran ~2x float32 (386-416 against 187-191 GFLOP/s,
+4096 x 576 @ 576 x 1536); on an AVX2-only CPU of the same size they ran at 17 against 152 GFLOP/s,
+and SmolLM2's forward at 0.13x its float32 rate, ~8x *slower* (``bench/results/precision.json``). ``"auto"``
 (``FORWARD['dtype']``, ``OPTIMIZER['sae_dtype']``) picks per device, once, at the edge
 (:class:`sae_core.config.RunConfig`, :class:`sae_core.config.TrainingConfig`, the store's ``save``),
 and records the dtype it chose, never ``"auto"``; an explicit half precision on a CPU without it is
@@ -84,11 +84,11 @@ def resolve_precision(value: str, device: torch.device | str, knob: str) -> str:
             logger.info("%s = 'auto': %s on %s (native half precisions here: %s)", knob, chosen, device_name,
                         ", ".join(native_half_dtypes(device)) or f"none, {_cpu_name()}")
         return chosen
-    if (value in HALF and torch.device(device).type == "cpu" and value not in native_half_dtypes(device)
-            and key not in _WARNED):
+    if (key not in _WARNED and value in HALF and torch.device(device).type == "cpu"
+            and value not in native_half_dtypes(device)):
         _WARNED.add(key)
         logger.warning("%s = %r on a CPU without native %s matmuls (%s): it runs several times slower than "
-                       "float32 here (~9x for bfloat16 on AVX2). Set %s to 'auto' (or 'float32').",
+                       "float32 here (~8x for bfloat16 on AVX2). Set %s to 'auto' (or 'float32').",
                        knob, value, value, _cpu_name(), knob)
     return value
 

@@ -204,7 +204,7 @@ class ForwardConfig:
     dtype: Precision = "float32"
     """Precision of the forward pass: float32, or bfloat16 / float16 under autocast (the weights keep
     ``MODEL_LOAD_CONFIG['dtype']``); ``"auto"``: bfloat16 where the device has native bfloat16 matmuls
-    (a GPU, a CPU with AVX512-BF16 or AMX), else float32 (bfloat16 runs ~9x slower than float32 on an
+    (a GPU, a CPU with AVX512-BF16 or AMX), else float32 (bfloat16 runs ~8x slower than float32 on an
     AVX2-only CPU). The run records the dtype it resolved to."""
     compile: bool = False
     """Run the forward through ``torch.compile`` (same hook points and activations up to float

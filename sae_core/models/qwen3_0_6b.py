@@ -30,7 +30,7 @@ SAE_ID_TEMPLATE = None
 # The offline corpus; swap in {"source": "hf", "name": "...", "split": "train"} (the column: WINDOWS["text_field"]).
 DATASET = {}
 # "auto": bf16 autocast where the device has native bf16 matmuls (GPUs, CPUs with AVX512-BF16 or AMX),
-# float32 elsewhere (bf16 runs ~9x slower than float32 on an AVX2-only CPU); the run records the choice.
+# float32 elsewhere (bf16 runs ~8x slower than float32 on an AVX2-only CPU); the run records the choice.
 FORWARD = {"dtype": "auto"}
 # Token-budget batches of packed windows: short documents share rows, nearly no padding.
 LOADER = {"batch_tokens": 4096, "pack_windows": True}

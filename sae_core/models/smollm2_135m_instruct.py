@@ -23,7 +23,7 @@ HOOK_POINTS = ["blocks.10.hook_resid_post"]
 # docs (sae_core.corpora; ~2.5M tokens, ~80% of them in documents over 2,000 tokens).
 DATASET = {"source": "mixed"}
 # "auto": bf16 autocast where the device has native bf16 matmuls (GPUs; CPUs with AVX512-BF16 or AMX, where it
-# runs ~2.4x faster than float32), float32 elsewhere (on an AVX2-only CPU bf16 runs ~9x slower); the run records
+# runs ~2.4x faster than float32), float32 elsewhere (on an AVX2-only CPU bf16 runs ~8x slower); the run records
 # the choice, weights stay float32. "compile": True is another ~1.2x (fp32) / ~1.5x (bf16) after a one-off
 # compile of ~30 s: worth it from ~0.2M (bf16) / ~0.6M (fp32) tokens on.
 FORWARD = {"dtype": "auto"}

@@ -46,7 +46,6 @@ from sae_core.checks import differences
 from sae_core.config import TrainingConfig
 from sae_core.files import atomic_path, atomic_write_json, file_sha256, read_json
 from sae_core.model_loading import resolve_dtype
-from sae_core.precision import resolve_precision
 from sae_core.training.sources import BlockShuffler, rank_and_world
 from sae_core.training.sparse_topk import topk_training_step
 
@@ -170,7 +169,7 @@ class SAEState:
 
     def _forward(self, x: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Loss, reconstruction, firing mask (d_sae,) and number of active (row, latent) pairs."""
-        dtype = resolve_dtype(resolve_precision(self.cfg.optimizer.sae_dtype, self.cfg.device, "OPTIMIZER['sae_dtype']"))
+        dtype = resolve_dtype(self.cfg.optimizer.sae_dtype)
         if self.sparse:
             out = topk_training_step(self.sae, x, self.dead_mask(), dtype)
             active = out.acts > 0

@@ -77,6 +77,13 @@ def machine_info() -> dict[str, Any]:
             "load_average": list(os.getloadavg()), "python": platform.python_version(), "versions": versions}
 
 
+def cpu_kind(machine: dict[str, Any] | None) -> str:
+    """The CPU of a ``machine_info()`` record with the flags its matmuls can use: "AMD EPYC (avx2, avx512f, avx512_bf16)"."""
+    if not machine or not machine.get("cpu_model"):
+        return "CPU model not recorded"
+    return f"{machine['cpu_model']} ({', '.join(machine.get('cpu_flags', []))})"
+
+
 class Rate(NamedTuple):
     """Units per second over ``repeats`` timed calls: the median and every value."""
 

@@ -3,7 +3,8 @@
 ``make bench`` runs for 9-10 hours on 2 cores, longer than one sitting. Each benchmark invocation (one
 process, one result file) is recorded in ``bench/results/bench_progress.json`` (written atomically) when
 it finishes: its place in the list, command, wall seconds, the highest 1-minute load average seen while
-it ran, and the CPU it ran on. Run ``make bench`` again after an interruption and it skips what
+it ran, and the CPU it ran on (with the matmul flags that decide
+whether it has native bfloat16). Run ``make bench`` again after an interruption and it skips what
 finished and reruns the invocation that was cut short; a run that finished starts over. The record
 sits beside the result files it vouches for, so committing both lets a run go on in another checkout
 (a fresh clone, a machine that was restarted). No invocation runs for more than about an hour: the
@@ -151,7 +152,7 @@ class BenchProgress:
         atomic_write_json(self.path, self.record)
 
 
-def _cpu_model() -> str | None:
-    from bench.common import machine_info
+def _cpu_model() -> str:
+    from bench.common import cpu_kind, machine_info
 
-    return machine_info().get("cpu_model")
+    return cpu_kind(machine_info())

@@ -4,12 +4,16 @@
     python -m bench.run_all --quick         # smoke sizes (results go to *_quick.json)
     python -m bench.run_all --table-only    # only regenerate the README table
     python -m bench.run_all --restart       # the full run from the start, not from where the last one stopped
+    python -m bench.run_all --bfloat16-here # on a CPU without native bfloat16, its bfloat16 invocations too
 
 Each benchmark runs in its own process, one after another (they measure throughput: never run
 two at once). Ratios are measured within one run against SAELens on the same work. The full run
 is resumable (:mod:`bench.progress`): run it again after an interruption and it goes on from the
 invocation that was cut short; when it finishes, ``bench/results/make_bench.json`` records how long
-each invocation took.
+each invocation took. On a CPU without native bfloat16 matmuls (no AVX512-BF16 or AMX) the full run
+does the invocations that time float32 or no model and leaves the bfloat16 ones (:func:`times_bfloat16`)
+to a CPU that has them: timed here they would measure an emulated path ~8x slower than float32 on
+both sides. ``make bench`` on such a CPU goes on with the same record.
 """
 
 from __future__ import annotations
@@ -25,15 +29,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import write_result
+from bench.common import cpu_kind, write_result
 from bench.progress import BenchProgress, code_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-BENCHES = ["bench_precision", "bench_whitening", "bench_activations", "store_long_run", "bench_training_speed", "training_speed_measured",
-           "bench_three_hooks", "bench_lr_quality", "quality_same_contexts",
-           "bench_sweep",
-           "bench_synthetic", "bench_analysis", "bench_browser", "quality_sweep"]
+BENCHES = ["bench_precision", "bench_whitening", "bench_synthetic", "bench_analysis", "bench_browser",
+           "bench_activations", "store_long_run", "bench_training_speed", "training_speed_measured",
+           "bench_three_hooks", "bench_lr_quality", "quality_same_contexts", "bench_sweep", "quality_sweep"]
+# The benchmarks that time no model precision come first (on any CPU they are the same work).
+TIMES_BFLOAT16 = {"bench_activations", "store_long_run", "bench_training_speed", "bench_three_hooks", "bench_lr_quality",
+                  "quality_same_contexts", "bench_sweep", "quality_sweep"}
+"""Benchmarks that time or train in bfloat16 whatever their arguments (quality_sweep: the default run's "auto",
+bfloat16 on the CPU the table was measured on); training_speed_measured does so when its arguments ask for it."""
 # bench_training is not run here and has no rows: its comparisons (SAELens's b_dec at zero, ours at the mean; one
 # run each; three separate SAELens runs for three hooks) are measured fairly by bench_training_speed,
 # training_speed_measured and bench_three_hooks (equal start, MultiSAETrainingRunner, interleaved repeats).
@@ -65,6 +73,11 @@ def invocations(name: str, quick: bool = False) -> list[list[str]]:
         return []
     runs = arguments if arguments and isinstance(arguments[0], list) else [arguments]
     return [[sys.executable, "-m", f"bench.{name}", *run] for run in runs]
+
+
+def times_bfloat16(command: Sequence[str]) -> bool:
+    """Whether an invocation (``[python, "-m", "bench.name", *arguments]``) times or trains in bfloat16."""
+    return command[2].removeprefix("bench.") in TIMES_BFLOAT16 or any("bfloat16" in part for part in command[3:])
 
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -490,12 +503,6 @@ def same_contexts_rows(result: dict[str, Any]) -> list[str]:
     return rows
 
 
-def _cpu(machine: dict[str, Any] | None) -> str:
-    if not machine or not machine.get("cpu_model"):
-        return "CPU model not recorded"
-    return f"{machine['cpu_model']} ({', '.join(machine.get('cpu_flags', []))})"
-
-
 def table() -> str:
     lines = ["| benchmark | ours | peer (SAELens) | ratio | target | met |", "|---|---|---|---|---|---|"]
     machine, cpus = None, {}
@@ -517,7 +524,7 @@ def table() -> str:
             lines.append(f"| {names[0]}: not run yet | | | | | |")
             continue
         machine = machine or result.get("machine")
-        cpus.setdefault(_cpu(result.get("machine")), []).append(names[0])
+        cpus.setdefault(cpu_kind(result.get("machine")), []).append(names[0])
         quick = " (quick sizes)" if result.get("quick") else ""
         lines += [line.replace(" |", f"{quick} |", 1) if quick else line for line in rows(result)]
     if machine:
@@ -537,14 +544,18 @@ def make_bench_line(result: dict[str, Any] | None, progress: dict[str, Any] | No
     has got (``bench/results/bench_progress.json``), or that none has finished."""
     if (progress and progress.get("runs") and not progress.get("finished_at")
             and (result is None or progress["started_at"] > result["started_at"])):
-        runs, total = progress["runs"], len([c for name in BENCHES for c in invocations(name)])
-        seconds = sum(run["seconds"] for run in runs)
+        runs, commands = progress["runs"], [c for name in BENCHES for c in invocations(name)]
+        total, seconds = len(commands), sum(run["seconds"] for run in runs)
+        finished = {run["number"] for run in runs}
+        waiting = sum(times_bfloat16(c) for number, c in enumerate(commands, 1) if number not in finished)
+        bfloat16 = (f"; {waiting} of those to go time bfloat16, which a CPU without native bfloat16 leaves to one with it "
+                    "(AVX512-BF16 or AMX)") if waiting else ""
         stale = ("" if progress.get("digest") == code_digest() else
                  " The code has changed since it began, so `make bench` will not go on with it: "
                  "`python -m bench.run_all --restart` starts over.")
         return (f"`make bench` under way since {progress['started_at']}: {len(runs)} of {total} invocations done "
                 f"({seconds // 3600:.0f} h {seconds % 3600 / 60:.0f} min of benchmarks, resumed {progress['resumed']} "
-                "times); rows from result files it has not rewritten yet are from earlier runs (their dates are in "
+                f"times{bfloat16}); rows from result files it has not rewritten yet are from earlier runs (their dates are in "
                 "`bench/results/*.json`)." + stale)
     if result is None:
         return "`make bench` end to end: not finished yet (the parts' times are in the text above)."
@@ -591,19 +602,31 @@ def write_table(readme: Path = ROOT / "README.md") -> None:
 
 
 def run_benchmarks(names: list[str], progress: BenchProgress | None, quick: bool = False,
-                   execute: Callable[[Sequence[str]], None] | None = None) -> None:
-    """Every invocation of ``names`` in order; with ``progress``, skipping those it has finished and recording each."""
+                   execute: Callable[[Sequence[str]], None] | None = None,
+                   leave: Callable[[Sequence[str]], bool] | None = None) -> list[list[str]]:
+    """Every invocation of ``names`` in order; with ``progress``, skipping those it has finished and recording each.
+
+    Invocations for which ``leave(command)`` holds are not run (a CPU without native bfloat16 leaves the bfloat16
+    ones to a CPU that has it); they are returned. An invocation that adds to another's result file times the same
+    precision as that one, so the two are left or run together.
+    """
     execute = execute or _execute
     commands = [command for name in names for command in invocations(name, quick)]
+    left = []
     for number, command in enumerate(commands, 1):
         if progress is not None and progress.done(number, command):
             print(f"[{number}/{len(commands)}] done before, skipped:", " ".join(command[1:]), flush=True)
+            continue
+        if leave is not None and leave(command):
+            print(f"[{number}/{len(commands)}] left for a CPU with native bfloat16:", " ".join(command[1:]), flush=True)
+            left.append(command)
             continue
         print(f"[{number}/{len(commands)}] running", " ".join(command), flush=True)
         if progress is None:
             execute(command)
         else:
             progress.run(number, command, execute)
+    return left
 
 
 def _execute(command: Sequence[str]) -> None:
@@ -620,6 +643,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=BENCHES, help="run only these benchmarks (not resumable)")
     parser.add_argument("--restart", action="store_true",
                         help="start the full run over, dropping an unfinished one's record (bench/results/bench_progress.json)")
+    parser.add_argument("--bfloat16-here", action="store_true",
+                        help="on a CPU without native bfloat16, run the bfloat16 invocations too (a slow path on both sides)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not args.table_only:
@@ -632,14 +657,24 @@ def main() -> None:
                                  "(bench/requirements-saedashboard.txt), or leave bench_browser out (--only)")
         from sae_core.precision import auto_dtype
 
-        if auto_dtype("cpu") != "bfloat16":  # the table's bfloat16 rows would measure a slow path on both sides
-            logging.warning("this CPU has no native bfloat16 matmuls (bench/results/precision.json): the bfloat16 "
-                            "rows will time a slow path on both sides (~8x slower than float32), not comparable with "
-                            "rows measured on a CPU that has them; the footer names each result file's CPU")
         full = not args.quick and not args.only  # only the full run (hours) is resumable
+        leave = None
+        if auto_dtype("cpu") != "bfloat16":  # bfloat16 rows here would time a slow path on both sides (~8x float32)
+            if full and not args.bfloat16_here:
+                leave = times_bfloat16
+                logging.warning("this CPU has no native bfloat16 matmuls (bench/results/precision.json): make bench runs "
+                                "the invocations that time float32 or no model, and leaves the bfloat16 ones to a CPU "
+                                "with AVX512-BF16 or AMX (run `make bench` there: the record goes on), or --bfloat16-here")
+            else:
+                logging.warning("this CPU has no native bfloat16 matmuls (bench/results/precision.json): the bfloat16 "
+                                "rows will time a slow path on both sides, not comparable with rows measured on a CPU "
+                                "that has them; the footer names each result file's CPU")
         progress = BenchProgress.open(restart=args.restart) if full else None
-        run_benchmarks(names, progress, args.quick)
-        if progress is not None:
+        left = run_benchmarks(names, progress, args.quick, leave=leave)
+        if left:
+            logging.warning("make bench is not finished: %d invocations time bfloat16 and were left for a CPU with native "
+                            "bfloat16 (AVX512-BF16 or AMX); `make bench` there goes on from here", len(left))
+        elif progress is not None:
             path = write_result("make_bench", progress.summary())
             progress.finish()
             print(f"make bench finished: {path}", flush=True)

@@ -27,7 +27,10 @@ def _executor(calls: list[list[str]], fail_at: int | None = None):
     return execute
 
 
-@pytest.mark.parametrize("cut_at", [3, 4])  # 3: between the store's two identical --add-repeats invocations
+FIRST_STORE_ADD = next(place for place, command in enumerate(ALL) if "--add-repeats" in command)
+
+
+@pytest.mark.parametrize("cut_at", [FIRST_STORE_ADD, FIRST_STORE_ADD + 1])  # the second: between the store's two identical --add-repeats
 def test_an_interrupted_run_goes_on_from_the_invocation_cut_short(tmp_path: Path, cut_at: int) -> None:
     path, first, second = tmp_path / "progress.json", [], []
     with pytest.raises(Interrupted):
@@ -146,3 +149,36 @@ def test_the_table_says_how_long_make_bench_took(tmp_path: Path, monkeypatch) ->
     later.run(1, ["python", "-m", "bench.a"], lambda c: None)
     assert "1 of" in run_all.make_bench_line(summary, later.record)
     assert "not finished" in run_all.make_bench_line(None)
+
+
+def test_a_cpu_without_native_bfloat16_leaves_the_bfloat16_invocations_to_one_that_has_it(tmp_path: Path) -> None:
+    path, here, there = tmp_path / "progress.json", [], []
+    everything = [["python", *command] for command in ALL]
+    bfloat16 = [command[1:] for command in everything if run_all.times_bfloat16(command)]
+    left = run_all.run_benchmarks(run_all.BENCHES, BenchProgress.open(path, "code-1"), execute=_executor(here),
+                                  leave=run_all.times_bfloat16)
+    assert here == [command for command in ALL if command not in bfloat16] and [c[1:] for c in left] == bfloat16
+    assert ["-m", "bench.training_speed_measured", "--tokens", "1048576", "--repeats", "1", "--precisions", "float32"] in here
+    assert not any("bfloat16" in part for command in here for part in command)
+    progress = BenchProgress.open(path, "code-1")  # not finished: the CPU with bfloat16 goes on with the same record
+    assert progress.record["resumed"] == 1 and len(progress.record["runs"]) == len(here)
+    line = run_all.make_bench_line(None, progress.record)
+    assert f"{len(here)} of {len(ALL)} invocations done" in line and f"{len(bfloat16)} of those to go time bfloat16" in line
+    assert run_all.run_benchmarks(run_all.BENCHES, progress, execute=_executor(there)) == []
+    assert there == bfloat16  # exactly the ones left, in the run's order, each once
+    assert sorted(run["number"] for run in progress.summary()["runs"]) == list(range(1, len(ALL) + 1))
+    for place, command in enumerate(ALL):  # a repeat that adds to a result file is left with the one that wrote it
+        if "--add-to-existing" in command or "--add-repeats" in command:
+            writer = "bench.training_speed_measured" if "--add-to-existing" in command else "bench.bench_activations"
+            writes = [c for c in ALL[:place] if c[1] == writer and "--add-to-existing" not in c]
+            assert (command in bfloat16) == (writes[-1] in bfloat16), command
+
+
+def test_the_benchmarks_said_to_time_no_bfloat16_do_not_mention_it() -> None:
+    root = Path(run_all.__file__).parent
+    for name in run_all.BENCHES:  # their sources: a benchmark that starts timing bfloat16 must join TIMES_BFLOAT16
+        source = (root / f"{name}.py").read_text() + (root / "bench_browser_peer.py").read_text() * (name == "bench_browser")
+        if name in run_all.TIMES_BFLOAT16:
+            assert "bfloat16" in source or "lr_sweep" in source, name  # quality_sweep: the default run's "auto"
+        elif name not in ("bench_precision", "training_speed_measured"):  # these two: per their arguments
+            assert "bfloat16" not in source, name

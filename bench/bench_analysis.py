@@ -23,6 +23,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -166,8 +167,21 @@ def run_in_child(name: str, params: dict, scratch: Path) -> dict:
     command = [sys.executable, "-m", "bench.bench_analysis", "--child", json.dumps(params), "--scratch", str(scratch)]
     done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=REPO)
     if done.returncode != 0:
-        return {**record, "error": done.stderr[-2000:]}
+        return {**record, **child_failure(params, done.returncode, done.stderr)}
     return {**record, **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def child_failure(params: dict, returncode: int, stderr: str) -> dict:
+    """What a failed case records: its exit status, the signal that killed it, and its output's tail or why there is none."""
+    failure = {"returncode": returncode, "error": stderr[-2000:].strip()}
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        failure["signal"] = name
+        failure["error"] = failure["error"] or f"killed by {name} with no output"
+        if name == "SIGSEGV" and params["kind"] == "similarity_dense" and params["n"] ** 2 >= 2**31:
+            failure["note"] = ("numpy sends A @ A.T to BLAS syrk, which crashes above 2**31 outputs with some OpenBLAS "
+                               "kernels (numpy/numpy#19685; here the Haswell kernel of numpy's OpenBLAS)")
+    return failure
 
 
 def check_targets(cases: dict) -> list[dict]:

@@ -407,6 +407,9 @@ def _case(entry: dict[str, Any] | None) -> str:
         return "not run"
     if entry.get("skipped"):
         return f"not run (~{entry.get('estimated_seconds', 0):,.0f} s est.)"
+    if "seconds" not in entry:  # the case's process failed: say how (bench.bench_analysis.child_failure)
+        return f"failed ({entry.get('signal') or 'exit status ' + str(entry.get('returncode', '?'))}" + (
+            f": {entry['note']})" if entry.get("note") else ")")
     return f"{entry['seconds']:,.1f} s, {entry['peak_rss_mb']:,.0f} MB"
 
 
@@ -418,7 +421,7 @@ def analysis_rows(result: dict[str, Any]) -> list[str]:
         ours, ref = cases.get(ours_name), cases.get(ref_name) if ref_name else None
         if ours is None:
             continue
-        ratio = ours["seconds"] / ref["seconds"] if ref and ref.get("seconds") else None
+        ratio = ours["seconds"] / ref["seconds"] if ours.get("seconds") and ref and ref.get("seconds") else None
         checks = [targets[n] for n in names if n in targets]
         met = all(t["met"] for t in checks) if checks and all(t["met"] is not None for t in checks) else None
         peer = f"{ref_label}: {_case(ref)}" if ref_name else "–"

@@ -169,3 +169,26 @@ def test_precision_entries_show_auto_picking_the_faster_forward():
         assert measured["bfloat16_over_float32"]["median"] == pytest.approx(statistics.median(ratios), rel=1e-3)
         assert entry["auto_chooses"] == ("bfloat16" if "native half: bfloat16" in kind else "float32")
         assert (entry["auto_chooses"] == "bfloat16") == (statistics.median(ratios) > 1), kind
+
+
+def test_an_analysis_case_whose_process_died_is_named_in_its_row_with_the_signal() -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from bench.bench_analysis import child_failure
+
+    died = subprocess.run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"],
+                          capture_output=True, text=True, check=False)
+    dense = {"kind": "similarity_dense", "n": 65536}
+    failure = child_failure(dense, died.returncode, died.stderr)
+    assert died.returncode == -signal.SIGSEGV and failure["signal"] == "SIGSEGV" and failure["error"]
+    assert "numpy/numpy#19685" in failure["note"]  # the dense product past 2**31 outputs: the known syrk crash
+    assert "note" not in child_failure({**dense, "n": 16384}, died.returncode, died.stderr)
+    exited = child_failure(dense, 1, "Traceback ...\nMemoryError\n")
+    assert exited == {"returncode": 1, "error": "Traceback ...\nMemoryError"}
+    cases = {"similarity_blocked_n65536": {"seconds": 44.6, "peak_rss_mb": 458.0},
+             "similarity_dense_n65536": {"kind": "similarity_dense", **failure}}
+    row = next(r for r in run_all.analysis_rows({"cases": cases}) if "65,536 latents" in r)
+    assert "44.6 s, 458 MB" in row and "failed (SIGSEGV: numpy sends A @ A.T to BLAS syrk" in row
+    assert row.split(" | ")[3] == "–"  # no ratio against a reference that did not finish

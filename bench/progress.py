@@ -12,7 +12,9 @@ long runs are split into their repeats (``bench.run_all.ARGUMENTS``), so little 
 
 The record is tied to the code the benchmarks run (a digest of ``bench/*.py``, ``sae_core/``,
 ``pyproject.toml`` and the pins): after a change there, resuming is refused, since the result files
-would mix two versions of the code; ``--restart`` starts over.
+would mix two versions of the code; ``--restart`` starts over. One change is let through, and recorded:
+a fix to the module of a benchmark that has not run yet, imported by no other benchmarked file, so no
+finished invocation ran a line of it (:func:`amend`, ``python -m bench.run_all --amend REV --reason ...``).
 
 Benchmarks measure throughput and want the machine to themselves: an invocation during which the load
 average went above :data:`SHARED_LOAD` (its own work is about one per core) is named as measured on a
@@ -30,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -51,6 +54,66 @@ def code_digest(root: Path = ROOT) -> str:
     for path in sorted({p for pattern in CODE for p in root.glob(pattern) if p.is_file()}):
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
+
+
+def code_files(root: Path = ROOT) -> dict[str, str]:
+    """SHA-256 of each file :func:`code_digest` covers, by its path relative to ``root``."""
+    paths = {p for pattern in CODE for p in root.glob(pattern) if p.is_file()}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(paths)}
+
+
+def _loaded_by(root: Path, modules: set[str]) -> set[str]:
+    """The ``bench`` modules that running ``modules`` loads: them and what they import from ``bench``, transitively."""
+    loaded, todo = set(), list(modules)
+    while todo:
+        name = todo.pop()
+        if name in loaded or not (root / "bench" / f"{name}.py").is_file():
+            continue
+        loaded.add(name)
+        for direct, plain, listed in re.findall(r"^\s*(?:from bench\.(\w+) import|import bench\.(\w+)|from bench import (.+)$)",
+                                                (root / "bench" / f"{name}.py").read_text(encoding="utf-8"), re.M):
+            todo += [direct or plain] if direct or plain else [part.split()[0] for part in listed.strip("()").split(",") if part.strip()]
+    return loaded
+
+
+def amend(path: Path, base: Path, reason: str, planned: Sequence[Sequence[str]], root: Path = ROOT) -> dict[str, Any]:
+    """Carry the unfinished run in ``path`` over a change no finished invocation ran; the amendment is recorded.
+
+    ``base`` holds the code the run was recorded with (its :func:`code_digest` is the record's); ``planned`` is the
+    run's list of commands (without the interpreter). Every benchmarked file that differs between ``base`` and
+    ``root`` must be a ``bench/`` module that no finished invocation's process loaded (its module and what that
+    imports from ``bench``, in ``base``), and every finished invocation must still be planned as it ran. Anything
+    else (``sae_core/``, the pins, a module a finished benchmark ran) is refused (``SystemExit`` naming ``--restart``).
+    """
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if record.get("finished_at"):
+        raise SystemExit(f"{path} holds a finished make bench run: nothing to amend (the next run starts over)")
+    if code_digest(base) != record["digest"]:
+        raise SystemExit(f"{base} does not hold the code the run in {path} was recorded with (its digest differs): "
+                         "name the revision the record was last written at")
+    old, new = code_files(base), code_files(root)
+    changed = sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name))
+    if not changed:
+        raise SystemExit("no benchmarked file differs from the record's code: nothing to amend")
+    loaded = _loaded_by(base, {run["command"][1].removeprefix("bench.") for run in record["runs"]})
+    for file in changed:
+        match = re.fullmatch(r"bench/(\w+)\.py", file)
+        if not match or match[1] in loaded:
+            why = f"a finished invocation ran bench.{match[1]}" if match else "finished invocations ran it"
+            raise SystemExit(f"{file} changed and {why}: the results would mix two versions of the code. "
+                             "Run `python -m bench.run_all --restart` to start over.")
+    moved = [run["number"] for run in record["runs"]
+             if run["number"] > len(planned) or list(planned[run["number"] - 1]) != run["command"]]
+    if moved:
+        raise SystemExit(f"finished invocations {moved} are no longer planned as they ran: "
+                         "run `python -m bench.run_all --restart` to start over")
+    entry = {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "from_digest": record["digest"], "to_digest": code_digest(root),
+             "files": changed, "after_invocations": len(record["runs"]), "reason": reason}
+    record.setdefault("amendments", []).append(entry)
+    record["digest"] = entry["to_digest"]
+    BenchProgress(path, record)._save()
+    logger.info("amended the make bench record in %s: %s (%s)", path, ", ".join(changed), reason)
+    return entry
 
 
 @contextmanager
@@ -138,7 +201,8 @@ class BenchProgress:
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "resumed": self.record["resumed"],
                 "digest": self.record["digest"], "benchmark_seconds": round(sum(run["seconds"] for run in runs), 1),
                 "cpus": sorted({run.get("cpu") or "not recorded" for run in runs}),
-                "shared_machine": [" ".join(run["command"]) for run in runs if run["shared_machine"]], "runs": runs}
+                "shared_machine": [" ".join(run["command"]) for run in runs if run["shared_machine"]], "runs": runs,
+                "amendments": self.record.get("amendments", [])}
 
     def finish(self) -> None:
         """Mark the run finished (after its summary is written: a cut in between leaves it resumable)."""

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from bench.common import RESULTS_DIR, write_result
-from bench.lr_sweep import _rows, held_out_scores
+from bench.lr_sweep import held_out_scores, stream_rows
 
 PREVIOUS_DEFAULT = ["training.total_training_tokens=300000", "training.buffer_passes=1",
                     "training.train_batch_size_tokens=4096", "optimizer.lr_scheduler=constant"]
@@ -118,9 +118,9 @@ def main() -> None:
         split = DocumentSplit.of(texts, run.evaluation.held_out_documents, run.windows.seed)
         began = time.perf_counter()
         windows = windowed_dataset(texts, model.tokenizer, cfg.windows, windows_per_document=cfg.windows_per_document)
-        train = _rows(model_source(model, windows, cfg, split.train), hook, budget)
-        held_out = _rows(model_source(model, windowed_dataset(texts, model.tokenizer, cfg.windows), cfg,
-                                      split.held_out), hook, None)
+        train = stream_rows(model_source(model, windows, cfg, split.train), hook, budget)
+        held_out = stream_rows(model_source(model, windowed_dataset(texts, model.tokenizer, cfg.windows), cfg,
+                                            split.held_out), hook, None)
         stream = {"train": train, "held_out": held_out, "seconds": time.perf_counter() - began}
         torch.save(stream, cache)
     train, held_out = stream["train"], stream["held_out"]

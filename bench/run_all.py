@@ -5,6 +5,7 @@
     python -m bench.run_all --table-only    # only regenerate the README table
     python -m bench.run_all --restart       # the full run from the start, not from where the last one stopped
     python -m bench.run_all --bfloat16-here # on a CPU without native bfloat16, its bfloat16 invocations too
+    python -m bench.run_all --amend REV --reason TEXT  # go on after fixing a benchmark the run has not reached
 
 Each benchmark runs in its own process, one after another (they measure throughput: never run
 two at once). Ratios are measured within one run against SAELens on the same work. The full run
@@ -19,18 +20,21 @@ both sides. ``make bench`` on such a CPU goes on with the same record.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import re
 import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from bench.common import cpu_kind, write_result
-from bench.progress import BenchProgress, code_digest
+from bench.progress import PROGRESS, BenchProgress, amend, code_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -567,7 +571,9 @@ def make_bench_line(result: dict[str, Any] | None, progress: dict[str, Any] | No
     return (f"`make bench` end to end (commit {result.get('commit') or '?'}): "
             f"{len(result['runs'])} invocations, {seconds // 3600:.0f} h {seconds % 3600 / 60:.0f} min of benchmarks, "
             f"{result['started_at']} to {result['finished_at']}, resumed {result['resumed']} times; "
-            + (f"on a shared machine (load average > 3): {', '.join(shared)}." if shared else "none on a shared machine."))
+            + (f"on a shared machine (load average > 3): {', '.join(shared)}." if shared else "none on a shared machine.")
+            + "".join(f" Amended at {entry['at']} after {entry['after_invocations']} invocations, before any ran the changed "
+                      f"{', '.join(entry['files'])}: {entry['reason']}." for entry in result.get("amendments", [])))
 
 
 QUALITY_START, QUALITY_END = "<!-- quality:start -->", "<!-- quality:end -->"
@@ -639,6 +645,19 @@ def _execute(command: Sequence[str]) -> None:
                          "Fix it and run `make bench` again: the finished benchmarks are kept and skipped.")
 
 
+def amend_record(revision: str, reason: str) -> None:
+    """``--amend``: the code at ``revision`` (``git archive``) is the record's; :func:`bench.progress.amend` checks the change."""
+    archive = subprocess.run(["git", "archive", revision, "bench", "sae_core", "pyproject.toml", "constraints.txt"],
+                             cwd=ROOT, capture_output=True, check=False)
+    if archive.returncode:
+        raise SystemExit(f"git archive {revision} failed ({archive.stderr.decode().strip()}): name a commit of this repository")
+    with tempfile.TemporaryDirectory() as base:
+        tarfile.open(fileobj=io.BytesIO(archive.stdout)).extractall(base, filter="data")
+        planned = [BenchProgress.key(command) for name in BENCHES for command in invocations(name)]
+        entry = amend(PROGRESS, Path(base), reason, planned)
+    print(f"make bench record amended: {', '.join(entry['files'])} ({reason}); `make bench` goes on", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke sizes")
@@ -646,10 +665,16 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=BENCHES, help="run only these benchmarks (not resumable)")
     parser.add_argument("--restart", action="store_true",
                         help="start the full run over, dropping an unfinished one's record (bench/results/bench_progress.json)")
+    parser.add_argument("--amend", metavar="REV", help="carry the unfinished run recorded at git revision REV over a change "
+                        "to benchmarks it has not run yet (refused otherwise; recorded with --reason)")
+    parser.add_argument("--reason", help="with --amend: what changed and why")
     parser.add_argument("--bfloat16-here", action="store_true",
                         help="on a CPU without native bfloat16, run the bfloat16 invocations too (a slow path on both sides)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.amend:
+        amend_record(args.amend, args.reason or parser.error("--amend needs --reason: what changed and why"))
+        return
     if not args.table_only:
         names = args.only or BENCHES
         if "bench_browser" in names:

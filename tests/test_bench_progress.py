@@ -182,3 +182,62 @@ def test_the_benchmarks_said_to_time_no_bfloat16_do_not_mention_it() -> None:
             assert "bfloat16" in source or "lr_sweep" in source, name  # quality_sweep: the default run's "auto"
         elif name not in ("bench_precision", "training_speed_measured"):  # these two: per their arguments
             assert "bfloat16" not in source, name
+
+
+BASE = {"bench/common.py": "X = 1\n", "bench/bench_a.py": "from bench.common import X\n",
+        "bench/bench_b.py": "from bench import common as c\n", "bench/bench_c.py": "Y = 2\n", "sae_core/m.py": "Z = 3\n"}
+PLANNED = [["-m", "bench.bench_a"], ["-m", "bench.bench_b"], ["-m", "bench.bench_c"]]
+
+
+def _tree(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def _record_after_a(tmp_path: Path) -> tuple[Path, Path]:
+    base = _tree(tmp_path / "base", BASE)
+    path = tmp_path / "progress.json"
+    BenchProgress.open(path, code_digest(base)).run(1, ["python", *PLANNED[0]], lambda command: None)
+    return base, path
+
+
+def test_a_fix_to_a_benchmark_no_finished_invocation_ran_is_let_through_and_recorded(tmp_path: Path) -> None:
+    base, path = _record_after_a(tmp_path)
+    root = _tree(tmp_path / "root", {**BASE, "bench/bench_b.py": "from bench import common as c  # fixed\n"})
+    entry = progress_module.amend(path, base, "fix b", PLANNED, root=root)
+    assert entry["files"] == ["bench/bench_b.py"] and entry["from_digest"] == code_digest(base) != entry["to_digest"]
+    resumed = BenchProgress.open(path, code_digest(root))  # goes on with the fixed code, the finished run kept
+    assert resumed.done(1, ["python", *PLANNED[0]]) and not resumed.done(2, ["python", *PLANNED[1]])
+    summary = resumed.summary()
+    assert summary["amendments"] == [entry]
+    assert "after 1 invocations, before any ran the changed bench/bench_b.py: fix b" in run_all.make_bench_line(summary)
+
+
+@pytest.mark.parametrize("changed", ["bench/bench_a.py", "bench/common.py", "sae_core/m.py"])  # ran, imported by it, core
+def test_a_change_a_finished_invocation_ran_is_refused(tmp_path: Path, changed: str) -> None:
+    base, path = _record_after_a(tmp_path)
+    root = _tree(tmp_path / "root", {**BASE, changed: BASE[changed] + "# changed\n"})
+    before = path.read_text()
+    with pytest.raises(SystemExit, match="--restart"):
+        progress_module.amend(path, base, "r", PLANNED, root=root)
+    assert path.read_text() == before
+    with pytest.raises(SystemExit, match="other code"):
+        BenchProgress.open(path, code_digest(root))
+
+
+def test_an_amend_from_other_code_or_with_a_finished_invocation_replanned_is_refused(tmp_path: Path) -> None:
+    base, path = _record_after_a(tmp_path)
+    root = _tree(tmp_path / "root", {**BASE, "bench/bench_c.py": "Y = 3\n"})
+    with pytest.raises(SystemExit, match="digest differs"):
+        progress_module.amend(path, root, "r", PLANNED, root=root)
+    with pytest.raises(SystemExit, match=r"\[1\] are no longer planned"):
+        progress_module.amend(path, base, "r", [[*PLANNED[0], "--new"], *PLANNED[1:]], root=root)
+
+
+def test_every_benchmark_module_imports() -> None:  # a module make bench reaches last must not fail hours in
+    import importlib
+
+    for name in run_all.BENCHES:
+        assert callable(importlib.import_module(f"bench.{name}").main), name

@@ -35,8 +35,8 @@ STORE = {"sample_limit": 2000, "random_sample": True}
 SAE = {"d_sae": 4608}
 # Long documents give a window per 127 tokens an epoch, so the budget spreads by length. 600k SAE rows
 # from 300k forwarded tokens (each shuffle buffer served twice: the forward costs ~5x an SAE step here)
-# in batches of 1024, cosine schedule: held-out explained variance 0.758 -> 0.794 for ~+40 s; a 262k-row
-# buffer instead of 64k mixes more documents into each pass: 0.798 (bench/results/quality_sweep.json;
+# in batches of 1024, cosine schedule: held-out explained variance 0.758 -> 0.788 for ~+20 s; a 262k-row
+# buffer instead of 64k mixes more documents into each pass: 0.793 (bench/results/quality_sweep.json;
 # README "What moved the default SAE's quality"). Its cost: a block of 262k float32 rows (~0.6 GB) served
 # from 131k forwarded tokens, the first step only once those are forwarded (a bar shows the fill), and
 # checkpoints only at block ends (every 262k SAE rows).

@@ -12,9 +12,10 @@ long runs are split into their repeats (``bench.run_all.ARGUMENTS``), so little 
 
 The record is tied to the code the benchmarks run (a digest of ``bench/*.py``, ``sae_core/``,
 ``pyproject.toml`` and the pins): after a change there, resuming is refused, since the result files
-would mix two versions of the code; ``--restart`` starts over. One change is let through, and recorded:
-a fix to the module of a benchmark that has not run yet, imported by no other benchmarked file, so no
-finished invocation ran a line of it (:func:`amend`, ``python -m bench.run_all --amend REV --reason ...``).
+would mix two versions of the code; ``--restart`` starts over. One kind of change is let through, and
+recorded in the run's summary: to ``bench/`` modules that no finished invocation's process loaded (a
+benchmark not reached yet, the driver itself), so none of the results ran a line of it (:func:`amend`,
+``python -m bench.run_all --amend REV --reason ...``).
 
 Benchmarks measure throughput and want the machine to themselves: an invocation during which the load
 average went above :data:`SHARED_LOAD` (its own work is about one per core) is named as measured on a

@@ -546,6 +546,10 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def _times(count: int) -> str:
+    return "once" if count == 1 else f"{count} times"
+
+
 def make_bench_line(result: dict[str, Any] | None, progress: dict[str, Any] | None = None) -> str:
     """How long the last complete ``make bench`` took (``bench/results/make_bench.json``), or how far the one under way
     has got (``bench/results/bench_progress.json``), or that none has finished."""
@@ -561,16 +565,16 @@ def make_bench_line(result: dict[str, Any] | None, progress: dict[str, Any] | No
                  " The code has changed since it began, so `make bench` will not go on with it: "
                  "`python -m bench.run_all --restart` starts over.")
         return (f"`make bench` under way since {progress['started_at']}: {len(runs)} of {total} invocations done "
-                f"({seconds // 3600:.0f} h {seconds % 3600 / 60:.0f} min of benchmarks, resumed {progress['resumed']} "
-                f"times{bfloat16}); rows from result files it has not rewritten yet are from earlier runs (their dates are in "
-                "`bench/results/*.json`)." + stale)
+                f"({seconds // 3600:.0f} h {seconds % 3600 / 60:.0f} min of benchmarks, resumed "
+                f"{_times(progress['resumed'])}{bfloat16}); rows from result files it has not rewritten yet are from "
+                "earlier runs (their dates are in `bench/results/*.json`)." + stale)
     if result is None:
         return "`make bench` end to end: not finished yet (the parts' times are in the text above)."
     seconds = result["benchmark_seconds"]
     shared = result["shared_machine"]
     return (f"`make bench` end to end (commit {result.get('commit') or '?'}): "
             f"{len(result['runs'])} invocations, {seconds // 3600:.0f} h {seconds % 3600 / 60:.0f} min of benchmarks, "
-            f"{result['started_at']} to {result['finished_at']}, resumed {result['resumed']} times; "
+            f"{result['started_at']} to {result['finished_at']}, resumed {_times(result['resumed'])}; "
             + (f"on a shared machine (load average > 3): {', '.join(shared)}." if shared else "none on a shared machine.")
             + "".join(f" Amended at {entry['at']} after {entry['after_invocations']} invocations, before any ran the changed "
                       f"{', '.join(entry['files'])}: {entry['reason']}." for entry in result.get("amendments", [])))
@@ -586,7 +590,8 @@ def quality_table() -> str:
         return "quality_sweep: not run yet"
     lines = [f"{result['model']}, `{result['hook']}`, corpus `{result['corpus']}`: {result['train_rows']:,} stream rows, "
              f"scored on {result['held_out_rows']:,} held-out rows (same rows for every variant). SAE seconds: "
-             "training alone on the cached rows, some runs beside other jobs (indicative only).", "",
+             f"training alone on the cached rows, on {cpu_kind(result.get('machine'))}, load average at the start "
+             f"{result['machine']['load_average'][0]:.1f} (indicative: compare within the table).", "",
              "| variant | changes from the previous default (b4096, lr 4e-3, constant + 20% decay) or the shipped one (the default_* rows) | SAE rows | forwarded "
              "tokens | steps | held-out EV | never fired on held-out | dead in training | SAE seconds |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -144,6 +144,7 @@ def test_the_table_says_how_long_make_bench_took(tmp_path: Path, monkeypatch) ->
     line = run_all.make_bench_line(summary, progress.record)
     assert summary["benchmark_seconds"] == 7500.0 and "2 invocations, 2 h 5 min of benchmarks" in line
     assert "none on a shared machine" in line
+    assert "resumed 0 times" in line and "resumed once" in run_all.make_bench_line({**summary, "resumed": 1})
     later = BenchProgress.open(tmp_path / "p.json", "c")  # the next run, under way: the table says so
     later.record["started_at"] = "9999"  # started after the finished one
     later.run(1, ["python", "-m", "bench.a"], lambda c: None)

@@ -49,18 +49,22 @@ SHARED_LOAD = 3.0  # 1-minute load average above which an invocation did not hav
 CODE = ("bench/*.py", "sae_core/**/*.py", "pyproject.toml", "constraints.txt", "bench/requirements-saedashboard.txt")
 
 
+def _code_paths(root: Path) -> list[Path]:
+    """The files the benchmarks run (:data:`CODE`), in sorted order."""
+    return sorted({p for pattern in CODE for p in root.glob(pattern) if p.is_file()})
+
+
 def code_digest(root: Path = ROOT) -> str:
     """SHA-256 over the files the benchmarks run (paths and contents, in sorted order)."""
     digest = hashlib.sha256()
-    for path in sorted({p for pattern in CODE for p in root.glob(pattern) if p.is_file()}):
+    for path in _code_paths(root):
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
 def code_files(root: Path = ROOT) -> dict[str, str]:
     """SHA-256 of each file :func:`code_digest` covers, by its path relative to ``root``."""
-    paths = {p for pattern in CODE for p in root.glob(pattern) if p.is_file()}
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(paths)}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in _code_paths(root)}
 
 
 def _loaded_by(root: Path, modules: set[str]) -> set[str]:

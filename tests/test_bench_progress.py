@@ -237,6 +237,11 @@ def test_an_amend_from_other_code_or_with_a_finished_invocation_replanned_is_ref
         progress_module.amend(path, base, "r", [[*PLANNED[0], "--new"], *PLANNED[1:]], root=root)
 
 
+def test_amend_names_a_revision_git_cannot_archive() -> None:
+    with pytest.raises(SystemExit, match="git archive no-such-revision failed.*name a commit"):
+        run_all.amend_record("no-such-revision", "r")
+
+
 def test_every_benchmark_module_imports() -> None:  # a module make bench reaches last must not fail hours in
     import importlib
 

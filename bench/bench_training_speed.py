@@ -76,7 +76,9 @@ def run_ours(model: Any, texts: list[str], documents: list[int], cfg: Any) -> di
     # tokens_per_s: the whole call, as SAELens's row counts runner set-up and run; loop: the steps only
     return {"tokens_per_s": run.tokens / seconds, "loop_tokens_per_s": run.tokens_per_second,
             "call_seconds": seconds, "profile": run.profile,
-            "compiled_calls": compiled.compiled_calls, "compile_fallback": compiled.disabled}
+            "compiled_calls": compiled.compiled_calls, "compile_fallback": compiled.disabled,
+            "static_shape": compiled.static_shape, "padded_cells": compiled.padded_cells,
+            "dynamic_shape_graph_used": any(not static for _, static in compiled.blocks)}
 
 
 def serial_limit(model: Any, texts: list[str], documents: list[int], cfg: Any) -> dict[str, float]:

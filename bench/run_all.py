@@ -262,6 +262,9 @@ def training_speed_measured_rows(result: dict[str, Any]) -> list[str]:
     """Compile counted, measured: every run a fresh process with an empty inductor cache."""
     rows, summary, tokens = [], result["summary"], f"{result['tokens_per_run']:,}"
     when = _added_batches(result.get("measured", []))  # repeats added later (--add-to-existing)
+    if result.get("label"):  # --label: measured apart from the make bench run
+        commits = sorted({m.get("commit") or "?" for m in result.get("measured", [])})
+        when += f", `{result['label']}` (commit {', '.join(commits)}, after the `make bench` run)"
     for p in result["precisions"]:
         rates = summary[f"rates_{p}"]
         for peer, label, limit in (("saelens", "LanguageModelSAETrainingRunner as shipped", 1.8),
@@ -510,6 +513,9 @@ def same_contexts_rows(result: dict[str, Any]) -> list[str]:
     return rows
 
 
+OPTIONAL_RESULTS = {"training_speed_measured_bfloat16_static_shapes"}  # --label measurements: rows only when run
+
+
 def table() -> str:
     lines = ["| benchmark | ours | peer (SAELens) | ratio | target | met |", "|---|---|---|---|---|---|"]
     machine, cpus = None, {}
@@ -517,6 +523,7 @@ def table() -> str:
                         (("training_speed_bfloat16_float32", "training_speed_bfloat16"), training_speed_rows),
                         (("training_speed_bfloat16_run_together",), run_together_speed_rows),
                         (("training_speed_measured_bfloat16",), training_speed_measured_rows),
+                        (("training_speed_measured_bfloat16_static_shapes",), training_speed_measured_rows),
                         (("training_speed_measured_float32",), training_speed_measured_rows),
                         (("three_hooks", "three_hooks_quick"), three_hook_rows),
                         (("lr_quality", "lr_quality_quick"), lr_quality_rows),
@@ -527,6 +534,8 @@ def table() -> str:
                         (("analysis", "analysis_quick"), analysis_rows),
                         (("browser",), browser_rows)):
         result = _load(*names)
+        if result is None and names[0] in OPTIONAL_RESULTS:
+            continue
         if result is None:
             lines.append(f"| {names[0]}: not run yet | | | | | |")
             continue

@@ -11,7 +11,8 @@ its timed call, as a user's first run does. Rows are interleaved within a repeat
 SAELens compiled); a ratio is taken per repeat and reported as median with min-max (one repeat:
 the single value). The timed call is the training call alone on both sides (model loading and
 corpus reading before it, in the same process, untimed on both sides).
-Results: ``bench/results/training_speed_measured_<precisions>.json`` (``..._<tokens>.json`` below 1M tokens).
+Results: ``bench/results/training_speed_measured_<precisions>.json`` (``..._<tokens>.json`` below 1M tokens;
+``..._<label>.json`` with ``--label``: a measurement after the ``make bench`` run, shown as rows of its own).
 
 ``--add-to-existing`` runs ``--repeats`` more interleaved repeats and adds them to that file (same
 tokens and precisions, refused otherwise), for a session too short for all repeats in one go: each
@@ -97,17 +98,21 @@ def main() -> None:
     parser.add_argument("--precisions", default="bfloat16", help="comma-separated")
     parser.add_argument("--add-to-existing", action="store_true",
                         help="add the repeats to the existing result file (see the module docstring)")
+    parser.add_argument("--label", help="write training_speed_measured_<precisions>_<label>.json, a measurement "
+                        "apart from the make bench record's file (the README table shows it as rows of its own)")
     parser.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # one run, in a child process
     args = parser.parse_args()
     if args.repeats < 1 or args.tokens < 4096:
         parser.error("--repeats must be >= 1 and --tokens >= 4096")
+    if args.label is not None and not args.label.replace("_", "").isalnum():
+        parser.error(f"--label must be letters, digits and underscores, got {args.label!r}")
     logging.basicConfig(level=logging.WARNING)
     if args.row:
         print(json.dumps(one_row(args.row, args.precisions, args.tokens), default=str))
         return
     precisions, began = args.precisions.split(","), time.perf_counter()
     suffix = "" if args.tokens >= FULL_TOKENS else f"_{args.tokens}"  # a smoke run never replaces the full result
-    name = "training_speed_measured_" + "_".join(precisions) + suffix
+    name = "training_speed_measured_" + "_".join(precisions) + suffix + (f"_{args.label}" if args.label else "")
     runs, measured = existing_repeats(RESULTS_DIR / f"{name}.json", args.tokens, precisions) \
         if args.add_to_existing else ([], [])  # checked before the first run: a mismatch costs nothing
     for repeat in range(args.repeats):
@@ -121,7 +126,7 @@ def main() -> None:
     measured.append({"written_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "repeats": args.repeats,
                      "command": " ".join(sys.argv), "commit": git_commit(), "wall_seconds": time.perf_counter() - began})
     summary = summarise(runs, precisions)
-    record = {"tokens_per_run": args.tokens, "repeats": len(runs), "precisions": precisions,
+    record = {"tokens_per_run": args.tokens, "repeats": len(runs), "precisions": precisions, "label": args.label,
               "command": "; ".join(m["command"] for m in measured), "measured": measured, "runs": runs,
               "summary": summary, "wall_seconds": sum(m.get("wall_seconds") or 0 for m in measured)}
     path = write_result(name, record)

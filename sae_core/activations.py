@@ -25,8 +25,10 @@ masking, softmax, autocast casts), which on CPU makes the forward ~1.2x faster i
 ~1.5-1.8x in bfloat16. Blocks with the same hooks share one graph, so the one-off compile is that of
 a block or two (~25 s per process on 2 cores, inductor caches it on disk), not of the whole
 forward (~100-150 s). Dynamo guards every block's hooks, so a graph traced for one hook set, one
-packing or one precision is never reused for another. Shapes are dynamic, so varying batch sizes
-and widths do not recompile. Activations equal the eager ones up to float rounding (tested). It
+packing or one precision is never reused for another. The first batch's (rows, width) gets a static-shape graph
+(less to compile and faster than a dynamic-shape one); smaller batches are padded up to it (right padding
+under the causal mask leaves the real cells unchanged) within :data:`PADDING_BUDGET`, and other shapes
+share one dynamic-shape graph. Activations equal the eager ones up to float rounding (tested). It
 falls back to the eager forward, with a log message, when other hooks are registered on the model
 (a compiled graph would not see later changes to them), under ``torch.inference_mode`` (dynamo
 cannot guard inference tensors here), for models split over several devices, and when compiling
@@ -41,18 +43,18 @@ index and position in the document, so any activation maps back to the text it c
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from sae_core.config import KEEP_ALL_BUT_PAD, TokenPolicy
-from sae_core.data import WindowBatch
+from sae_core.data import WindowBatch, pad_id_of
 from sae_core.hooks import stop_layer_for, validate_hook
 from sae_core.model_loading import resolve_dtype
 from sae_core.precision import AUTO, auto_dtype
@@ -115,7 +117,8 @@ def _segment_hooks(model: HookedTransformer, segment: Int[Tensor, "batch pos"],
 class _CompiledForward:
     """A model's forward to a set of hook points with its blocks ``torch.compile``d (see the module docstring).
 
-    Regional compilation: each transformer block runs through ``torch.compile`` (dynamic shapes)
+    Regional compilation: each transformer block runs through ``torch.compile`` (a static-shape
+    graph for the first batch's shape, a dynamic-shape one for others: :meth:`_static_for`)
     while the embedding and the loop over blocks stay eager. The blocks of a model share one code
     object and dynamo inlines their parameters as inputs, so blocks with the same hooks share one
     compiled graph: a 30-layer model compiles about as fast as a 2-layer one (SmolLM2 to block 10,
@@ -133,8 +136,10 @@ class _CompiledForward:
         self.pos_index: Tensor | None = None
         self.disabled: str | None = None  # why the eager forward is used from now on
         self.compiled_calls = 0
-        self.compiler: Any = functools.partial(torch.compile, dynamic=True)  # applied to each block's call
-        self.blocks: dict[int, Any] = {}  # block index -> its compiled call, made on first use
+        self.compiler: Any = lambda call, dynamic: torch.compile(call, dynamic=dynamic)  # for each block's call
+        self.blocks: dict[tuple[int, bool], Any] = {}  # (block index, static) -> its compiled call, made on first use
+        self.static_shape: tuple[int, int] | None = None  # (rows, width) of the static-shape graph
+        self.padded_cells = 0  # pad cells added so far to run smaller batches on the static-shape graph
 
     def _capture(self, tensor: Tensor, hook: Any) -> None:
         self.slots[hook.name] = tensor
@@ -145,16 +150,31 @@ class _CompiledForward:
     def _positions(self, pos_embed: Tensor, hook: Any) -> Tensor:
         return self.model.pos_embed.W_pos[self.pos_index].to(pos_embed.dtype)
 
+    def _static_for(self, hooks: Sequence[str], input_ids: Tensor) -> tuple[int, int] | None:
+        """The shape this call is padded up to for the static-shape graph; None: the dynamic one serves it."""
+        rows, width = input_ids.shape
+        if self.model.cfg.attention_dir != "causal" or any(name.endswith(_NOT_CELL_MAJOR) for name in hooks):
+            return None  # right padding changes a bidirectional forward; these hooks' outputs are not (rows, pos, ...)
+        if self.static_shape is None:
+            self.static_shape = (rows, width)
+        most_rows, most_width = self.static_shape
+        waste = self.padded_cells + most_rows * most_width - rows * width
+        if rows > most_rows or width > most_width or waste > PADDING_BUDGET * most_rows * most_width:
+            return None
+        self.padded_cells = waste
+        return self.static_shape
+
     @contextlib.contextmanager
-    def _compiled_blocks(self, stop: int | None) -> Iterator[None]:
+    def _compiled_blocks(self, stop: int | None, static: bool) -> Iterator[None]:
         """The first ``stop`` blocks (all: None) run compiled inside the context, eagerly again after it."""
         blocks = list(self.model.blocks)[:stop]
         before = [block._compiled_call_impl for block in blocks]
         try:
             for index, block in enumerate(blocks):
-                if index not in self.blocks:
-                    self.blocks[index] = self.compiler(block._call_impl)
-                block._compiled_call_impl = self.blocks[index]
+                if (index, static) not in self.blocks:
+                    call = _static_shape_call(block) if static else _dynamic_shape_call(block)
+                    self.blocks[index, static] = self.compiler(call, not static)
+                block._compiled_call_impl = self.blocks[index, static]
             yield
         finally:
             for block, previous in zip(blocks, before, strict=True):
@@ -165,14 +185,23 @@ class _CompiledForward:
         """The hooks' outputs, or None when compiling failed (the caller then runs eagerly)."""
         model, device = self.model, self.model.cfg.device
         stop = stop_layer_for(list(hooks), model.cfg.n_layers)
+        rows, width = input_ids.shape
+        shape = self._static_for(hooks, input_ids)
+        padded = shape is not None and shape != (rows, width)
+        if padded:  # right padding under the causal mask: the real cells' activations are unchanged
+            pad = pad_id_of(model.tokenizer) if model.tokenizer is not None else 0
+            input_ids = _pad_cells(input_ids, shape, pad)
         fwd_hooks: list[tuple[str, Any]] = []
         if batch is not None and batch.segment is not None and not batch.joined:
             # Always masked when packed, even if no row holds two windows: one graph, not two.
             score_hooks, restart = _packing_hooks(model, stop)
-            self.apart = _window_mask(batch.segment).to(device)
+            segment, offsets = batch.segment, batch.cell_offsets()
+            if padded:  # the new cells are pad cells (window -1), each new row starting at offset 0
+                segment, offsets = _pad_cells(segment, shape, -1), _pad_cells(offsets, shape, 0)
+            self.apart = _window_mask(segment).to(device)
             fwd_hooks += [(name, self._mask) for name in score_hooks]
             if restart:
-                self.pos_index = batch.cell_offsets().to(device)
+                self.pos_index = offsets.to(device)
                 fwd_hooks.append(("hook_pos_embed", self._positions))
         fwd_hooks += [(name, self._capture) for name in hooks]
         try:
@@ -181,16 +210,43 @@ class _CompiledForward:
             with (torch.no_grad(), forward_context(device, forward_dtype), model.hooks(fwd_hooks=fwd_hooks),
                   torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True,
                                               skip_nnmodule_hook_guards=False),
-                  self._compiled_blocks(stop)):
+                  self._compiled_blocks(stop, shape is not None)):
                 model(input_ids.to(device), stop_at_layer=stop, return_type=None)
             self.compiled_calls += 1
-            return {name: self.slots[name] for name in hooks}
+            return {name: self.slots[name][:rows, :width] for name in hooks}
         except Exception as error:  # noqa: BLE001 - the eager forward re-raises any error that is not the compiler's
             self.disabled = f"{type(error).__name__}: {error}".splitlines()[0][:300]
             logger.warning("torch.compile failed (%s); using the eager forward from now on", self.disabled)
             return None
         finally:
             self.slots, self.apart, self.pos_index = {}, None, None
+
+
+PADDING_BUDGET = 32
+"""Smaller batches are padded up to the static shape until the pad cells added come to this many
+static-shape batches (about what compiling the dynamic-shape graph costs on CPU); then the
+dynamic-shape graph serves them."""
+_NOT_CELL_MAJOR = ("hook_attn_scores", "hook_pattern")  # (batch, head, query, key): run on the dynamic graph
+
+
+def _pad_cells(cells: Tensor, shape: tuple[int, int], value: int) -> Tensor:
+    """``cells`` (rows, pos) padded with ``value`` on the right and below to ``shape``."""
+    return F.pad(cells, (0, shape[1] - cells.shape[1], 0, shape[0] - cells.shape[0]), value=value)
+
+
+# Two definitions on purpose: dynamo keeps compiled code per code object, so a static-shape graph and a
+# dynamic-shape one of the same block never serve each other's calls. The blocks of a model (and of
+# models of one shape) share each code object and so each graph.
+def _static_shape_call(block: torch.nn.Module) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return block._call_impl(*args, **kwargs)
+    return call
+
+
+def _dynamic_shape_call(block: torch.nn.Module) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return block._call_impl(*args, **kwargs)
+    return call
 
 
 _COMPILED_ATTRIBUTE = "_sae_core_compiled_forward"  # on the model: lives and dies with it

@@ -23,9 +23,9 @@ def test_readme_tables_are_regenerated_from_the_result_files():
     assert _section(readme, run_all.QUALITY_START, run_all.QUALITY_END) == run_all.quality_table()
 
 
-@pytest.mark.parametrize("precision", ["bfloat16", "float32"])
-def test_measured_speed_rows_match_ratios_recomputed_from_the_raw_runs(precision):
-    path = run_all.RESULTS / f"training_speed_measured_{precision}.json"
+@pytest.mark.parametrize("precision,label", [("bfloat16", ""), ("float32", ""), ("bfloat16", "_static_shapes")])
+def test_measured_speed_rows_match_ratios_recomputed_from_the_raw_runs(precision, label):
+    path = run_all.RESULTS / f"training_speed_measured_{precision}{label}.json"
     if not path.exists():
         pytest.skip(f"{path.name} not measured yet")
     result = json.loads(path.read_text())
@@ -192,3 +192,31 @@ def test_an_analysis_case_whose_process_died_is_named_in_its_row_with_the_signal
     row = next(r for r in run_all.analysis_rows({"cases": cases}) if "65,536 latents" in r)
     assert "44.6 s, 458 MB" in row and "failed (SIGSEGV: numpy sends A @ A.T to BLAS syrk" in row
     assert row.split(" | ")[3] == "–"  # no ratio against a reference that did not finish
+
+
+def test_a_labelled_measurement_gets_rows_of_its_own_naming_label_and_commit(tmp_path, monkeypatch):
+    """``--label``: its own file, rows that say it was measured apart from the make bench run; absent, no row."""
+    from bench import training_speed_measured as measured
+
+    monkeypatch.setattr(measured, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(measured, "write_result", lambda name, record: _write(tmp_path, name, record))
+    monkeypatch.setattr(measured, "run_in_fresh_process", lambda row, p, tokens: {"tokens_per_s": {"ours": 30.0}.get(row, 10.0)})
+    monkeypatch.setattr(measured, "git_commit", lambda: "abc1234")
+    monkeypatch.setattr("sys.argv", ["x", "--tokens", "1048576", "--label", "static_shapes"])
+    measured.main()
+    result = json.loads((tmp_path / "training_speed_measured_bfloat16_static_shapes.json").read_text())
+    assert not (tmp_path / "training_speed_measured_bfloat16.json").exists()  # the make bench file is left alone
+    rows = run_all.training_speed_measured_rows(result)
+    assert len(rows) == 2 and all("`static_shapes` (commit abc1234, after the `make bench` run)" in r for r in rows)
+    assert "| 30 | 10 | 3.00 (3.00-3.00) | >= 1.8x | yes |" in rows[0]
+    monkeypatch.setattr("sys.argv", ["x", "--label", "static shapes"])
+    with pytest.raises(SystemExit):
+        measured.main()
+    monkeypatch.setattr(run_all, "_load", lambda *names: None)
+    assert "static_shapes" not in run_all.table()  # not measured: no "not run yet" row for it
+
+
+def _write(directory, name, record):
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps(record))
+    return path

@@ -165,7 +165,7 @@ def test_a_failing_compiler_falls_back_to_the_eager_forward(tiny_model, caplog):
         attempts.append(args)
         raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
 
-    compiled_forward(model).compiler = lambda call: broken
+    compiled_forward(model).compiler = lambda call, dynamic: broken
     with caplog.at_level(logging.WARNING, logger="sae_core.activations"):
         first = run_to_hooks(model, HOOKS, packed.input_ids, batch=packed, compile=True)
         second = run_to_hooks(model, HOOKS, plain.input_ids, batch=plain, compile=True)
@@ -209,3 +209,58 @@ def test_compile_and_pack_windows_must_be_bools():
         with_overrides(StoreConfig(), "save", compile="yes")
     with pytest.raises(TypeError, match="save.loader.pack_windows should be bool, got 1"):
         with_overrides(StoreConfig(), "save", pack_windows=1)
+
+
+def _dynamic_shape_blocks(compiled):
+    """Blocks for which the dynamic-shape graph was asked for (made on first use)."""
+    return sorted(index for index, static in compiled.blocks if not static)
+
+
+def _assert_eager(model, batch, hooks=HOOKS, compiled_out=None):
+    got = compiled_out or run_to_hooks(model, hooks, batch.input_ids, batch=batch, compile=True)
+    want = run_to_hooks(model, hooks, batch.input_ids, batch=batch)
+    for hook in hooks:
+        assert got[hook].shape == want[hook].shape
+        torch.testing.assert_close(got[hook], want[hook], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["rotary", "standard"])
+def test_smaller_batches_are_padded_onto_the_static_shape_graph(tiny_model, positions):
+    """The first batch's shape gets the static-shape graph; smaller batches, plain or packed, run on it
+    padded (no new graph) and give the eager activations of their own cells (learned positions
+    restart in the padded rows too); a wider batch gets the dynamic-shape graph."""
+    model = _fresh_model(tiny_model.tokenizer, positions=positions)
+    compiled = compiled_forward(model)
+    plain, packed = _batches(model, TEXTS, max_len=16)
+    _assert_eager(model, plain)
+    assert compiled.static_shape == tuple(plain.input_ids.shape) and compiled.padded_cells == 0
+    small_plain, small_packed = _batches(model, TEXTS[2:7], max_len=12)
+    for batch in (packed, small_plain, small_packed):
+        _assert_eager(model, batch)
+    assert _dynamic_shape_blocks(compiled) == []  # the static-shape graph served them all, padded
+    cells = plain.input_ids.numel()
+    assert packed.input_ids.shape[0] < plain.input_ids.shape[0]
+    assert compiled.padded_cells == sum(cells - b.input_ids.numel() for b in (packed, small_plain, small_packed))
+    wide_plain, wide_packed = _batches(model, TEXTS, max_len=24)
+    for batch in (wide_plain, wide_packed):
+        _assert_eager(model, batch)
+    assert _dynamic_shape_blocks(compiled) == [0, 1] and compiled.disabled is None
+    assert _no_hooks_left(model)
+
+
+def test_padding_stops_at_its_budget_and_attention_hooks_are_never_padded(tiny_model, monkeypatch):
+    import sae_core.activations as activations
+
+    model = _fresh_model(tiny_model.tokenizer)
+    compiled = compiled_forward(model)
+    plain, _ = _batches(model, TEXTS, max_len=16)
+    small, _ = _batches(model, TEXTS[:3], max_len=8)
+    _assert_eager(model, plain)
+    monkeypatch.setattr(activations, "PADDING_BUDGET", 0.1)  # a tenth of one static-shape batch's cells
+    _assert_eager(model, small)  # more pad cells than the budget: the dynamic-shape graph
+    assert compiled.padded_cells == 0 and _dynamic_shape_blocks(compiled) == [0, 1]
+    pattern = ["blocks.1.attn.hook_pattern"]  # (batch, head, query, key): padding would change its shape
+    got = run_to_hooks(model, pattern, plain.input_ids, compile=True)
+    want = run_to_hooks(model, pattern, plain.input_ids)
+    torch.testing.assert_close(got[pattern[0]], want[pattern[0]], rtol=0, atol=1e-5)
+    assert compiled.compiled_calls == 3 and compiled.disabled is None and compiled.padded_cells == 0

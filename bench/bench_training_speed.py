@@ -77,7 +77,7 @@ def run_ours(model: Any, texts: list[str], documents: list[int], cfg: Any) -> di
     return {"tokens_per_s": run.tokens / seconds, "loop_tokens_per_s": run.tokens_per_second,
             "call_seconds": seconds, "profile": run.profile,
             "compiled_calls": compiled.compiled_calls, "compile_fallback": compiled.disabled,
-            "static_shape": compiled.static_shape, "padded_cells": compiled.padded_cells,
+            "static_shape_calls": compiled.static_calls, "padded_cells": compiled.padded_cells,
             "dynamic_shape_graph_used": any(not static for _, static in compiled.blocks)}
 
 

@@ -25,10 +25,12 @@ masking, softmax, autocast casts), which on CPU makes the forward ~1.2x faster i
 ~1.5-1.8x in bfloat16. Blocks with the same hooks share one graph, so the one-off compile is that of
 a block or two (~25 s per process on 2 cores, inductor caches it on disk), not of the whole
 forward (~100-150 s). Dynamo guards every block's hooks, so a graph traced for one hook set, one
-packing or one precision is never reused for another. The first batch's (rows, width) gets a static-shape graph
-(less to compile and faster than a dynamic-shape one); smaller batches are padded up to it (right padding
-under the causal mask leaves the real cells unchanged) within :data:`PADDING_BUDGET`, and other shapes
-share one dynamic-shape graph. Activations equal the eager ones up to float rounding (tested). It
+packing or one precision is never reused for another. ``static_shape``, the (rows, width) a packed
+token-budget loader fills (:func:`sae_core.loader.packed_shape`), gets a static-shape graph (less to
+compile and faster than a dynamic-shape one); smaller batches are padded up to it (right padding under
+the causal mask leaves the real cells unchanged) and other shapes share one dynamic-shape graph. Which
+graph runs a batch depends on its shape and the config only, so a resumed run repeats the choice.
+Activations equal the eager ones up to float rounding (tested). It
 falls back to the eager forward, with a log message, when other hooks are registered on the model
 (a compiled graph would not see later changes to them), under ``torch.inference_mode`` (dynamo
 cannot guard inference tensors here), for models split over several devices, and when compiling
@@ -118,7 +120,7 @@ class _CompiledForward:
     """A model's forward to a set of hook points with its blocks ``torch.compile``d (see the module docstring).
 
     Regional compilation: each transformer block runs through ``torch.compile`` (a static-shape
-    graph for the first batch's shape, a dynamic-shape one for others: :meth:`_static_for`)
+    graph for the caller's ``static_shape``, a dynamic-shape one for others: :meth:`_static_for`)
     while the embedding and the loop over blocks stay eager. The blocks of a model share one code
     object and dynamo inlines their parameters as inputs, so blocks with the same hooks share one
     compiled graph: a 30-layer model compiles about as fast as a 2-layer one (SmolLM2 to block 10,
@@ -138,8 +140,7 @@ class _CompiledForward:
         self.compiled_calls = 0
         self.compiler: Any = lambda call, dynamic: torch.compile(call, dynamic=dynamic)  # for each block's call
         self.blocks: dict[tuple[int, bool], Any] = {}  # (block index, static) -> its compiled call, made on first use
-        self.static_shape: tuple[int, int] | None = None  # (rows, width) of the static-shape graph
-        self.padded_cells = 0  # pad cells added so far to run smaller batches on the static-shape graph
+        self.static_calls, self.padded_cells = 0, 0  # calls on a static-shape graph; pad cells they added
 
     def _capture(self, tensor: Tensor, hook: Any) -> None:
         self.slots[hook.name] = tensor
@@ -150,19 +151,16 @@ class _CompiledForward:
     def _positions(self, pos_embed: Tensor, hook: Any) -> Tensor:
         return self.model.pos_embed.W_pos[self.pos_index].to(pos_embed.dtype)
 
-    def _static_for(self, hooks: Sequence[str], input_ids: Tensor) -> tuple[int, int] | None:
-        """The shape this call is padded up to for the static-shape graph; None: the dynamic one serves it."""
+    def _static_for(self, hooks: Sequence[str], input_ids: Tensor, shape: tuple[int, int] | None) -> tuple[int, int] | None:
+        """``shape`` if this call is padded up to it for the static-shape graph; None: the dynamic one serves it."""
         rows, width = input_ids.shape
+        if shape is None or rows > shape[0] or width > shape[1]:
+            return None
         if self.model.cfg.attention_dir != "causal" or any(name.endswith(_NOT_CELL_MAJOR) for name in hooks):
             return None  # right padding changes a bidirectional forward; these hooks' outputs are not (rows, pos, ...)
-        if self.static_shape is None:
-            self.static_shape = (rows, width)
-        most_rows, most_width = self.static_shape
-        waste = self.padded_cells + most_rows * most_width - rows * width
-        if rows > most_rows or width > most_width or waste > PADDING_BUDGET * most_rows * most_width:
-            return None
-        self.padded_cells = waste
-        return self.static_shape
+        self.static_calls += 1
+        self.padded_cells += shape[0] * shape[1] - rows * width
+        return shape
 
     @contextlib.contextmanager
     def _compiled_blocks(self, stop: int | None, static: bool) -> Iterator[None]:
@@ -180,13 +178,13 @@ class _CompiledForward:
             for block, previous in zip(blocks, before, strict=True):
                 block._compiled_call_impl = previous
 
-    def __call__(self, hooks: Sequence[str], input_ids: Tensor, forward_dtype: str,
-                 batch: WindowBatch | None) -> dict[str, Tensor] | None:
+    def __call__(self, hooks: Sequence[str], input_ids: Tensor, forward_dtype: str, batch: WindowBatch | None,
+                 static_shape: tuple[int, int] | None = None) -> dict[str, Tensor] | None:
         """The hooks' outputs, or None when compiling failed (the caller then runs eagerly)."""
         model, device = self.model, self.model.cfg.device
         stop = stop_layer_for(list(hooks), model.cfg.n_layers)
         rows, width = input_ids.shape
-        shape = self._static_for(hooks, input_ids)
+        shape = self._static_for(hooks, input_ids, static_shape)
         padded = shape is not None and shape != (rows, width)
         if padded:  # right padding under the causal mask: the real cells' activations are unchanged
             pad = pad_id_of(model.tokenizer) if model.tokenizer is not None else 0
@@ -222,10 +220,6 @@ class _CompiledForward:
             self.slots, self.apart, self.pos_index = {}, None, None
 
 
-PADDING_BUDGET = 32
-"""Smaller batches are padded up to the static shape until the pad cells added come to this many
-static-shape batches (about what compiling the dynamic-shape graph costs on CPU); then the
-dynamic-shape graph serves them."""
 _NOT_CELL_MAJOR = ("hook_attn_scores", "hook_pattern")  # (batch, head, query, key): run on the dynamic graph
 
 
@@ -273,12 +267,14 @@ def compiled_forward(model: HookedTransformer) -> _CompiledForward:
 
 def run_to_hooks(model: HookedTransformer, hooks: Sequence[str], input_ids: Int[Tensor, "batch pos"],
                  forward_dtype: str | torch.dtype = "float32", batch: WindowBatch | None = None,
-                 compile: bool = False) -> dict[str, Float[Tensor, "batch pos d"]]:
+                 compile: bool = False, static_shape: tuple[int, int] | None = None,
+                 ) -> dict[str, Float[Tensor, "batch pos d"]]:
     """One forward pass, stopped after the last needed block; returns each hook's output.
 
     ``batch`` (the :class:`WindowBatch` of ``input_ids``) is needed only when it is packed: its
     windows are then kept from attending to each other. ``compile=True`` runs the forward
-    through ``torch.compile`` when it can (see the module docstring), else eagerly.
+    through ``torch.compile`` when it can (see the module docstring), else eagerly; batches that
+    fit in ``static_shape`` (rows, width) then run padded to it on a static-shape graph.
     """
     for name in hooks:
         validate_hook(model, name)
@@ -287,7 +283,7 @@ def run_to_hooks(model: HookedTransformer, hooks: Sequence[str], input_ids: Int[
         if blocker is None:
             chosen = auto_dtype(model.cfg.device) if forward_dtype == AUTO else forward_dtype
             dtype_name = str(resolve_dtype(chosen)).removeprefix("torch.")
-            out = compiled_forward(model)(hooks, input_ids, dtype_name, batch)
+            out = compiled_forward(model)(hooks, input_ids, dtype_name, batch, static_shape)
             if out is not None:
                 return out
         elif blocker not in _LOGGED_BLOCKERS:
@@ -354,11 +350,12 @@ def select_positions(keep: Bool[Tensor, "batch pos"], positions: str | Sequence[
 def batch_activations(model: HookedTransformer, batch: WindowBatch, hooks: Sequence[str],
                       policy: TokenPolicy = TokenPolicy(), forward_dtype: str | torch.dtype = "float32",
                       positions: str | Sequence[int] = "all", batch_number: int = 0,
-                      compile: bool = False) -> ActivationBatch:
-    """Activations of one padded (or packed) batch at ``hooks``, kept rows only, on the model's device."""
+                      compile: bool = False, static_shape: tuple[int, int] | None = None) -> ActivationBatch:
+    """Activations of one padded (or packed) batch at ``hooks``, kept rows only, on the model's device
+    (``compile`` / ``static_shape``: :func:`run_to_hooks`)."""
     keep = select_positions(policy.keep_mask(batch.input_ids, batch.attention_mask, model.tokenizer), positions,
                             batch)
-    acts = run_to_hooks(model, hooks, batch.input_ids, forward_dtype, batch, compile)
+    acts = run_to_hooks(model, hooks, batch.input_ids, forward_dtype, batch, compile, static_shape)
     keep_dev = keep.to(model.cfg.device)
     rows: dict[str, Tensor] = {}
     for name, tensor in acts.items():

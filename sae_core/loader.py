@@ -44,6 +44,14 @@ from sae_core.data import (
 logger = logging.getLogger(__name__)
 
 
+def packed_shape(batch_tokens: int | None, max_text_length: int, packed: bool) -> tuple[int, int] | None:
+    """The (rows, width) a packed (or run-together) token-budget loader fills its batches to: the compiled
+    forward's static shape for them. None (shapes vary from batch to batch) without packing or a budget."""
+    if not packed or batch_tokens is None or batch_tokens < max_text_length:
+        return None
+    return batch_tokens // max_text_length, max_text_length
+
+
 class LengthGroupedBatchSampler(torch.utils.data.Sampler):
     """Batches of documents of similar length, for little padding.
 

@@ -187,6 +187,7 @@ def test_save_with_the_compiled_forward_stores_the_same_rows(tiny_model, corpus_
             for flag in (False, True)}
     eager, compiled = runs[False], runs[True]
     assert compiled.meta["config"]["forward"]["compile"] is True
+    assert compiled_forward(tiny_model).static_calls > 0  # packed to a token budget: the static-shape graph
     for read in ("doc_index", "position", "token_ids"):
         assert torch.equal(torch.as_tensor(getattr(compiled, read)()), torch.as_tensor(getattr(eager, read)()))
     for hook in HOOKS:
@@ -216,8 +217,8 @@ def _dynamic_shape_blocks(compiled):
     return sorted(index for index, static in compiled.blocks if not static)
 
 
-def _assert_eager(model, batch, hooks=HOOKS, compiled_out=None):
-    got = compiled_out or run_to_hooks(model, hooks, batch.input_ids, batch=batch, compile=True)
+def _assert_eager(model, batch, static_shape, hooks=HOOKS):
+    got = run_to_hooks(model, hooks, batch.input_ids, batch=batch, compile=True, static_shape=static_shape)
     want = run_to_hooks(model, hooks, batch.input_ids, batch=batch)
     for hook in hooks:
         assert got[hook].shape == want[hook].shape
@@ -225,42 +226,36 @@ def _assert_eager(model, batch, hooks=HOOKS, compiled_out=None):
 
 
 @pytest.mark.parametrize("positions", ["rotary", "standard"])
-def test_smaller_batches_are_padded_onto_the_static_shape_graph(tiny_model, positions):
-    """The first batch's shape gets the static-shape graph; smaller batches, plain or packed, run on it
-    padded (no new graph) and give the eager activations of their own cells (learned positions
-    restart in the padded rows too); a wider batch gets the dynamic-shape graph."""
+def test_batches_that_fit_the_static_shape_run_padded_on_its_graph(tiny_model, positions):
+    """Batches, plain or packed, that fit in ``static_shape`` run on the static-shape graph padded up to it
+    and give the eager activations of their own cells (learned positions restart in padded rows too);
+    a wider batch, and every batch without a static shape, gets the dynamic-shape graph."""
     model = _fresh_model(tiny_model.tokenizer, positions=positions)
     compiled = compiled_forward(model)
     plain, packed = _batches(model, TEXTS, max_len=16)
-    _assert_eager(model, plain)
-    assert compiled.static_shape == tuple(plain.input_ids.shape) and compiled.padded_cells == 0
     small_plain, small_packed = _batches(model, TEXTS[2:7], max_len=12)
-    for batch in (packed, small_plain, small_packed):
-        _assert_eager(model, batch)
-    assert _dynamic_shape_blocks(compiled) == []  # the static-shape graph served them all, padded
+    static = tuple(plain.input_ids.shape)
+    for batch in (plain, packed, small_plain, small_packed):
+        _assert_eager(model, batch, static)
+    assert _dynamic_shape_blocks(compiled) == []  # the static-shape graphs served them all, padded
     cells = plain.input_ids.numel()
     assert packed.input_ids.shape[0] < plain.input_ids.shape[0]
     assert compiled.padded_cells == sum(cells - b.input_ids.numel() for b in (packed, small_plain, small_packed))
     wide_plain, wide_packed = _batches(model, TEXTS, max_len=24)
     for batch in (wide_plain, wide_packed):
-        _assert_eager(model, batch)
+        _assert_eager(model, batch, static)
     assert _dynamic_shape_blocks(compiled) == [0, 1] and compiled.disabled is None
     assert _no_hooks_left(model)
 
 
-def test_padding_stops_at_its_budget_and_attention_hooks_are_never_padded(tiny_model, monkeypatch):
-    import sae_core.activations as activations
-
+def test_no_static_shape_or_attention_pattern_hooks_take_the_dynamic_shape_graph(tiny_model):
     model = _fresh_model(tiny_model.tokenizer)
     compiled = compiled_forward(model)
     plain, _ = _batches(model, TEXTS, max_len=16)
     small, _ = _batches(model, TEXTS[:3], max_len=8)
-    _assert_eager(model, plain)
-    monkeypatch.setattr(activations, "PADDING_BUDGET", 0.1)  # a tenth of one static-shape batch's cells
-    _assert_eager(model, small)  # more pad cells than the budget: the dynamic-shape graph
-    assert compiled.padded_cells == 0 and _dynamic_shape_blocks(compiled) == [0, 1]
+    _assert_eager(model, small, None)
+    assert compiled.blocks and _dynamic_shape_blocks(compiled) == [0, 1]
     pattern = ["blocks.1.attn.hook_pattern"]  # (batch, head, query, key): padding would change its shape
-    got = run_to_hooks(model, pattern, plain.input_ids, compile=True)
-    want = run_to_hooks(model, pattern, plain.input_ids)
-    torch.testing.assert_close(got[pattern[0]], want[pattern[0]], rtol=0, atol=1e-5)
-    assert compiled.compiled_calls == 3 and compiled.disabled is None and compiled.padded_cells == 0
+    _assert_eager(model, small, tuple(plain.input_ids.shape), pattern)
+    assert all(not static for _, static in compiled.blocks) and compiled.padded_cells == 0
+    assert compiled.compiled_calls == 2 and compiled.disabled is None

@@ -263,12 +263,14 @@ def test_compiled_packed_training_source_streams_the_eager_unpacked_rows(tiny_mo
 
     texts = sorted(corpus_texts, key=len)[:40] + list(corpus_texts[:20])
     dataset = WindowedTextDataset(texts, tiny_model.tokenizer, 32, prepend_bos=True)
-    streams = {}
+    streams, compiled = {}, compiled_forward(tiny_model)
+    calls, static_calls = compiled.compiled_calls, compiled.static_calls
     for fast in (False, True):
         source = ModelActivationSource(tiny_model, dataset, HOOKS, TokenPolicy(), "float32", batch_tokens=256,
                                        loader=LoaderConfig(pack_windows=fast), compile=fast)
         streams[fast] = epoch_rows(source, monkeypatch)[0]
-    assert compiled_forward(tiny_model).compiled_calls > 0 and compiled_forward(tiny_model).disabled is None
+    assert source.static_shape == (256 // 32, 32)  # every packed batch fits: all on the static-shape graph
+    assert compiled.compiled_calls - calls == compiled.static_calls - static_calls > 0 and compiled.disabled is None
     assert_same_rows(streams[True], streams[False], atol=1e-4)
 
 

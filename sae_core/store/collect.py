@@ -52,7 +52,7 @@ from sae_core.files import (
     read_json,
 )
 from sae_core.hooks import resolve_hook
-from sae_core.loader import document_progress, make_dataloader
+from sae_core.loader import document_progress, make_dataloader, packed_shape
 from sae_core.model_loading import model_summary, resolve_dtype
 from sae_core.precision import resolve_forward
 from sae_core.store.shards import ACTIVATIONS_DIR, META_FILENAME, ShardWriter
@@ -290,7 +290,9 @@ def _collect(model: HookedTransformer, hooks: list[str], texts: Any, cfg: StoreC
     tokenizer, policy = model.tokenizer, cfg.windows.policy
     start = writer.batches_done
     windows = windowed_dataset(texts, tokenizer, cfg.windows, rank, world_size)
+    static_shape = None  # a stream's batches are not filled to a token budget: the dynamic-shape graph serves them
     if isinstance(windows, WindowedTextDataset):
+        static_shape = packed_shape(cfg.loader.batch_tokens, cfg.windows.max_text_length, cfg.loader.pack_windows)
         share = range(rank, len(texts), world_size) if world_size > 1 else None
         loader = make_dataloader(windows, cfg.loader, share, start_batch=start)
         batches: Any = enumerate(document_progress(loader, f"activations {writer.run_dir.name}", start,
@@ -312,7 +314,7 @@ def _collect(model: HookedTransformer, hooks: list[str], texts: Any, cfg: StoreC
         keep = select_positions(policy.keep_mask(batch.input_ids, batch.attention_mask, tokenizer), cfg.positions,
                                 batch)
         acts = batch_activations(model, batch, hooks, policy, cfg.forward.dtype, cfg.positions, number,
-                                 cfg.forward.compile)
+                                 cfg.forward.compile, static_shape)
         buffer.counts["tokens"] += acts.n_tokens_seen
         buffer.add(acts, batch, keep)
         if buffer.rows >= cfg.shard_size:

@@ -62,7 +62,7 @@ from sae_core.data import (
     pad_id_of,
     run_together,
 )
-from sae_core.loader import prefetched
+from sae_core.loader import packed_shape, prefetched
 
 logger = logging.getLogger(__name__)
 
@@ -242,6 +242,9 @@ class ModelActivationSource:
         self.compile, self.profile = compile, StepProfile()
         self.sampler = TokenBudgetBatchSampler(dataset, share, batch_tokens, group_documents,
                                                self.loader_config.pack_windows)
+        # packed or run-together batches fill (rows, width): the compiled forward's static-shape graph runs them
+        self.static_shape = packed_shape(batch_tokens, dataset.max_text_length,
+                                         self.loader_config.pack_windows or self.sampler.joined)
 
     def loader(self, start_batch: int = 0, epoch: int | None = None) -> DataLoader:
         """Epoch ``epoch``'s (default: the dataset's) padded or packed window batches, without the first
@@ -287,7 +290,8 @@ class ModelActivationSource:
                 continue
             with self.profile.timed("forward"):
                 acts = batch_activations(self.model, batch, self.hooks, self.policy, self.forward_dtype,
-                                         batch_number=position - 1, compile=self.compile)
+                                         batch_number=position - 1, compile=self.compile,
+                                         static_shape=self.static_shape)
             rows += len(acts.token_ids)
             yield acts.acts, position
 

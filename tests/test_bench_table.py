@@ -220,3 +220,34 @@ def _write(directory, name, record):
     path = directory / f"{name}.json"
     path.write_text(json.dumps(record))
     return path
+
+
+def test_ab_versions_alternates_the_two_commits_and_reports_their_ratio(tmp_path, monkeypatch):
+    from bench import ab_versions
+
+    order, rates = [], {"before": [100.0, 120.0], "after": [150.0, 130.0]}
+    monkeypatch.setattr(ab_versions, "_checkout", lambda commit, folder: {"A": "aaaaaaa", "B": "bbbbbbb"}[commit])
+    monkeypatch.setattr(ab_versions, "_remove", lambda folder: None)
+
+    def run(checkout, precision, tokens):
+        order.append(checkout.name)
+        return {"tokens_per_s": rates[checkout.name].pop(0)}
+
+    monkeypatch.setattr(ab_versions, "one_run", run)
+    monkeypatch.setattr(ab_versions, "write_result", lambda name, record: _write(tmp_path, name, record))
+    monkeypatch.setattr("sys.argv", ["x", "--before", "A", "--after", "B"])
+    ab_versions.main()
+    result = json.loads((tmp_path / "ab_versions_aaaaaaa_bbbbbbb.json").read_text())
+    assert order == ["before", "after", "after", "before"]  # ABBA: drift favours neither
+    assert result["after_vs_before"] == {"median": 140 / 110, "min": 130 / 120, "max": 150 / 100}
+    assert [r["commit"] for r in result["runs"]] == ["aaaaaaa", "bbbbbbb", "bbbbbbb", "aaaaaaa"]
+    monkeypatch.setattr("sys.argv", ["x", "--before", "A", "--after", "B", "--rounds", "0"])
+    with pytest.raises(SystemExit):
+        ab_versions.main()
+
+
+def test_ab_versions_names_a_commit_git_does_not_know(tmp_path):
+    from bench import ab_versions
+
+    with pytest.raises(SystemExit, match="cannot check out 'no-such-commit'.*name a commit of this repository"):
+        ab_versions._checkout("no-such-commit", tmp_path / "x")

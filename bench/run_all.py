@@ -513,7 +513,10 @@ def same_contexts_rows(result: dict[str, Any]) -> list[str]:
     return rows
 
 
-OPTIONAL_RESULTS = {"training_speed_measured_bfloat16_static_shapes"}  # --label measurements: rows only when run
+def labelled_measurements() -> list[str]:
+    """The ``bench.training_speed_measured --label`` result files: each gets rows of its own, when measured."""
+    paths = sorted(RESULTS.glob("training_speed_measured_*.json"))
+    return [path.stem for path in paths if json.loads(path.read_text()).get("label")]
 
 
 def table() -> str:
@@ -523,7 +526,7 @@ def table() -> str:
                         (("training_speed_bfloat16_float32", "training_speed_bfloat16"), training_speed_rows),
                         (("training_speed_bfloat16_run_together",), run_together_speed_rows),
                         (("training_speed_measured_bfloat16",), training_speed_measured_rows),
-                        (("training_speed_measured_bfloat16_static_shapes",), training_speed_measured_rows),
+                        *(((name,), training_speed_measured_rows) for name in labelled_measurements()),
                         (("training_speed_measured_float32",), training_speed_measured_rows),
                         (("three_hooks", "three_hooks_quick"), three_hook_rows),
                         (("lr_quality", "lr_quality_quick"), lr_quality_rows),
@@ -534,8 +537,6 @@ def table() -> str:
                         (("analysis", "analysis_quick"), analysis_rows),
                         (("browser",), browser_rows)):
         result = _load(*names)
-        if result is None and names[0] in OPTIONAL_RESULTS:
-            continue
         if result is None:
             lines.append(f"| {names[0]}: not run yet | | | | | |")
             continue

@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--add-to-existing", action="store_true",
                         help="add the repeats to the existing result file (see the module docstring)")
     parser.add_argument("--label", help="write training_speed_measured_<precisions>_<label>.json, a measurement "
-                        "apart from the make bench record's file (the README table shows it as rows of its own)")
+                        "apart from the make bench record's file (the README table shows every labelled file as rows of its own)")
     parser.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # one run, in a child process
     args = parser.parse_args()
     if args.repeats < 1 or args.tokens < 4096:

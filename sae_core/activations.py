@@ -158,8 +158,6 @@ class _CompiledForward:
             return None
         if self.model.cfg.attention_dir != "causal" or any(name.endswith(_NOT_CELL_MAJOR) for name in hooks):
             return None  # right padding changes a bidirectional forward; these hooks' outputs are not (rows, pos, ...)
-        self.static_calls += 1
-        self.padded_cells += shape[0] * shape[1] - rows * width
         return shape
 
     @contextlib.contextmanager
@@ -211,6 +209,8 @@ class _CompiledForward:
                   self._compiled_blocks(stop, shape is not None)):
                 model(input_ids.to(device), stop_at_layer=stop, return_type=None)
             self.compiled_calls += 1
+            if shape is not None:  # counted once the call has run on the static-shape graph
+                self.static_calls, self.padded_cells = self.static_calls + 1, self.padded_cells + shape[0] * shape[1] - rows * width
             return {name: self.slots[name][:rows, :width] for name in hooks}
         except Exception as error:  # noqa: BLE001 - the eager forward re-raises any error that is not the compiler's
             self.disabled = f"{type(error).__name__}: {error}".splitlines()[0][:300]

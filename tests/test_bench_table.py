@@ -212,7 +212,14 @@ def test_a_labelled_measurement_gets_rows_of_its_own_naming_label_and_commit(tmp
     monkeypatch.setattr("sys.argv", ["x", "--label", "static shapes"])
     with pytest.raises(SystemExit):
         measured.main()
-    monkeypatch.setattr(run_all, "_load", lambda *names: None)
+    monkeypatch.setattr(run_all, "RESULTS", tmp_path)  # the table finds every labelled file, and only those
+    (tmp_path / "training_speed_measured_bfloat16_other.json").write_text(json.dumps({**result, "label": "other"}))
+    (tmp_path / "training_speed_measured_bfloat16_unlabelled.json").write_text(json.dumps({**result, "label": None}))
+    assert run_all.labelled_measurements() == ["training_speed_measured_bfloat16_other",
+                                               "training_speed_measured_bfloat16_static_shapes"]
+    table = run_all.table()
+    assert table.count("`static_shapes` (commit") == 2 and table.count("`other` (commit") == 2
+    (tmp_path / "training_speed_measured_bfloat16_static_shapes.json").unlink()
     assert "static_shapes" not in run_all.table()  # not measured: no "not run yet" row for it
 
 

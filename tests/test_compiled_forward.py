@@ -167,10 +167,12 @@ def test_a_failing_compiler_falls_back_to_the_eager_forward(tiny_model, caplog):
 
     compiled_forward(model).compiler = lambda call, dynamic: broken
     with caplog.at_level(logging.WARNING, logger="sae_core.activations"):
-        first = run_to_hooks(model, HOOKS, packed.input_ids, batch=packed, compile=True)
+        first = run_to_hooks(model, HOOKS, packed.input_ids, batch=packed, compile=True,
+                             static_shape=tuple(packed.input_ids.shape))
         second = run_to_hooks(model, HOOKS, plain.input_ids, batch=plain, compile=True)
     assert "C++ compiler" in caplog.text and "eager forward" in caplog.text
     assert len(attempts) == 1 and "InvalidCxxCompiler" in compiled_forward(model).disabled
+    assert compiled_forward(model).static_calls == 0 == compiled_forward(model).padded_cells  # none ran on it
     for batch, got in ((packed, first), (plain, second)):
         want = run_to_hooks(model, HOOKS, batch.input_ids, batch=batch)
         for hook in HOOKS:

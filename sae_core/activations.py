@@ -21,7 +21,7 @@ each other and positions run on along the row, as in SAELens's contexts.
 ``compile=True`` runs the same TransformerLens forward, with the same hook points, with each
 transformer block through ``torch.compile`` (inductor; regional compilation, as PyTorch's own
 recipe for repeated layers). It fuses the elementwise work around the matmuls (norms, rotary,
-masking, softmax, autocast casts), which on CPU makes the forward ~1.2x faster in float32 and
+masking, softmax, autocast casts; :mod:`sae_core.compile_passes`), which on CPU makes the forward ~1.2x faster in float32 and
 ~1.5-1.8x in bfloat16. Blocks with the same hooks share one graph, so the one-off compile is that of
 a block or two (~25 s per process on 2 cores, inductor caches it on disk), not of the whole
 forward (~100-150 s). Dynamo guards every block's hooks, so a graph traced for one hook set, one
@@ -55,6 +55,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from sae_core.compile_passes import COMPILE_OPTIONS
 from sae_core.config import KEEP_ALL_BUT_PAD, TokenPolicy
 from sae_core.data import WindowBatch, pad_id_of
 from sae_core.hooks import stop_layer_for, validate_hook
@@ -138,7 +139,7 @@ class _CompiledForward:
         self.pos_index: Tensor | None = None
         self.disabled: str | None = None  # why the eager forward is used from now on
         self.compiled_calls = 0
-        self.compiler: Any = lambda call, dynamic: torch.compile(call, dynamic=dynamic)  # for each block's call
+        self.compiler: Any = lambda call, dynamic: torch.compile(call, dynamic=dynamic, options=COMPILE_OPTIONS)
         self.blocks: dict[tuple[int, bool], Any] = {}  # (block index, static) -> its compiled call, made on first use
         self.static_calls, self.padded_cells = 0, 0  # calls on a static-shape graph; pad cells they added
 

@@ -9,6 +9,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from sae_core.activations import compiled_forward, run_to_hooks
+from sae_core.compile_passes import COMPILE_OPTIONS, ISNAN_AS_SELF_INEQUALITY
 from sae_core.data import WindowedTextDataset, pad_collate, pad_id_of
 from sae_core.store import ActivationRun, save
 
@@ -203,6 +204,36 @@ def test_save_with_the_compiled_forward_stores_the_same_rows(tiny_model, corpus_
     with pytest.raises(ValueError, match="cannot resume"):
         save(tiny_model, HOOKS, docs, tmp_path / "True", run_id=compiled.run_id, compile=False,
              **{**common, "pack_windows": False})
+
+
+def _nan_guard(scores):  # TransformerLens's guard after the attention softmax
+    pattern = torch.softmax(scores, dim=-1)
+    return torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
+
+
+def test_the_isnan_pass_keeps_every_value_and_the_compiled_forward_runs_it(tiny_model):
+    """``isnan(x)`` as ``x != x`` (sae_core.compile_passes): NaN, +-inf and fully masked rows as eager."""
+    scores = torch.randn(4, 8, 16)
+    scores[0, 1], scores[1, 2, 3], scores[2, 0, 5] = float("-inf"), float("nan"), float("inf")  # NaN rows
+    scores[3, :, 8:] = float("-inf")  # partly masked rows keep their values
+    before = ISNAN_AS_SELF_INEQUALITY.rewritten
+    with torch._inductor.config.patch(force_disable_caches=True):  # compile, so the pass runs
+        got = torch.compile(_nan_guard, options=COMPILE_OPTIONS)(scores)
+        plain = torch.compile(_nan_guard)(scores)
+    assert ISNAN_AS_SELF_INEQUALITY.rewritten == before + 1
+    want = _nan_guard(scores)
+    assert not want.isnan().any() and (want[0, 1] == 0).all() and (want[1, 2] == 0).all() and (want[2, 0] == 0).all()
+    assert torch.equal(got, plain) and torch.allclose(got, want, rtol=0, atol=1e-7)
+    model = _fresh_model(tiny_model.tokenizer, seed=5)
+    packed = _batches(model)[1]
+    before = ISNAN_AS_SELF_INEQUALITY.rewritten
+    with torch._inductor.config.patch(force_disable_caches=True):
+        got = run_to_hooks(model, HOOKS, packed.input_ids, batch=packed, compile=True,
+                           static_shape=tuple(packed.input_ids.shape))
+    assert ISNAN_AS_SELF_INEQUALITY.rewritten > before  # the blocks' graph had its guard rewritten
+    want = run_to_hooks(model, HOOKS, packed.input_ids, batch=packed)
+    for hook in HOOKS:
+        torch.testing.assert_close(got[hook], want[hook], rtol=0, atol=1e-5)
 
 
 def test_compile_and_pack_windows_must_be_bools():

@@ -21,8 +21,8 @@ each other and positions run on along the row, as in SAELens's contexts.
 ``compile=True`` runs the same TransformerLens forward, with the same hook points, with each
 transformer block through ``torch.compile`` (inductor; regional compilation, as PyTorch's own
 recipe for repeated layers). It fuses the elementwise work around the matmuls (norms, rotary,
-masking, softmax, autocast casts; :mod:`sae_core.compile_passes`), which on CPU makes the forward ~1.2x faster in float32 and
-~1.5-1.8x in bfloat16. Blocks with the same hooks share one graph, so the one-off compile is that of
+masking, softmax, autocast casts; one graph pass: :mod:`sae_core.compile_passes`), which on CPU
+makes the forward ~1.2x faster in float32 and ~1.5-1.8x in bfloat16. Blocks with the same hooks share one graph, so the one-off compile is that of
 a block or two (~25 s per process on 2 cores, inductor caches it on disk), not of the whole
 forward (~100-150 s). Dynamo guards every block's hooks, so a graph traced for one hook set, one
 packing or one precision is never reused for another. ``static_shape``, the (rows, width) a packed
@@ -211,7 +211,8 @@ class _CompiledForward:
                 model(input_ids.to(device), stop_at_layer=stop, return_type=None)
             self.compiled_calls += 1
             if shape is not None:  # counted once the call has run on the static-shape graph
-                self.static_calls, self.padded_cells = self.static_calls + 1, self.padded_cells + shape[0] * shape[1] - rows * width
+                self.static_calls += 1
+                self.padded_cells += shape[0] * shape[1] - rows * width
             return {name: self.slots[name][:rows, :width] for name in hooks}
         except Exception as error:  # noqa: BLE001 - the eager forward re-raises any error that is not the compiler's
             self.disabled = f"{type(error).__name__}: {error}".splitlines()[0][:300]

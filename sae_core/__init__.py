@@ -2,9 +2,10 @@
 
 The modules read like the pipeline, each importing only from earlier stages:
 files -> checks -> precision -> config -> models -> default_model -> model_loading -> hooks -> corpora
--> texts -> data -> loader -> activations -> store/ -> whitening/ -> sae_folders -> evaluation -> training/
--> held_out -> saes -> latents -> similarity -> browser/ -> steering/ -> documents (the design
-documents' names) -> plots -> pages -> reuse -> pipeline (the stages as the scripts run them);
+-> texts -> data -> loader -> compile_passes -> activations -> store/ -> whitening/ -> sae_folders
+-> evaluation -> training/ -> held_out -> saes -> latents -> similarity -> browser/ -> steering/
+-> documents (the design documents' names) -> plots -> pages -> reuse -> pipeline (the stages as the
+scripts run them);
 ``tests/test_layout.py`` keeps it so.
 Nothing heavy happens at import time: import the stage you need.
 """

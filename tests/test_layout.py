@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / "sae_core"
-STAGES = ["files", "checks", "precision", "config", "models", "default_model", "model_loading", "hooks", "corpora", "texts", "data", "loader", "activations", "store",
+STAGES = ["files", "checks", "precision", "config", "models", "default_model", "model_loading", "hooks", "corpora", "texts", "data", "loader", "compile_passes", "activations", "store",
           "whitening", "sae_folders", "evaluation", "training", "held_out", "saes", "latents", "similarity", "browser", "steering", "documents",
           "plots", "pages", "reuse", "pipeline"]
 """Top-level modules and packages in pipeline order."""

@@ -21,8 +21,8 @@ each other and positions run on along the row, as in SAELens's contexts.
 ``compile=True`` runs the same TransformerLens forward, with the same hook points, with each
 transformer block through ``torch.compile`` (inductor; regional compilation, as PyTorch's own
 recipe for repeated layers). It fuses the elementwise work around the matmuls (norms, rotary,
-masking, softmax, autocast casts; one graph pass: :mod:`sae_core.compile_passes`), which on CPU
-makes the forward ~1.2x faster in float32 and ~1.5-1.8x in bfloat16. Blocks with the same hooks share one graph, so the one-off compile is that of
+masking, softmax, autocast casts; graph passes: :mod:`sae_core.compile_passes`, among them float32
+CPU matmuls on oneDNN), which on CPU makes the forward ~1.1-1.3x faster in float32 and ~1.5-1.8x in bfloat16. Blocks with the same hooks share one graph, so the one-off compile is that of
 a block or two (~25 s per process on 2 cores, inductor caches it on disk), not of the whole
 forward (~100-150 s). Dynamo guards every block's hooks, so a graph traced for one hook set, one
 packing or one precision is never reused for another. ``static_shape``, the (rows, width) a packed

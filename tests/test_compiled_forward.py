@@ -9,7 +9,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from sae_core.activations import compiled_forward, run_to_hooks
-from sae_core.compile_passes import COMPILE_OPTIONS, ISNAN_AS_SELF_INEQUALITY
+from sae_core.compile_passes import COMPILE_OPTIONS, FORWARD_GRAPH_PASS, onednn_mm
 from sae_core.data import WindowedTextDataset, pad_collate, pad_id_of
 from sae_core.store import ActivationRun, save
 
@@ -216,24 +216,50 @@ def test_the_isnan_pass_keeps_every_value_and_the_compiled_forward_runs_it(tiny_
     scores = torch.randn(4, 8, 16)
     scores[0, 1], scores[1, 2, 3], scores[2, 0, 5] = float("-inf"), float("nan"), float("inf")  # NaN rows
     scores[3, :, 8:] = float("-inf")  # partly masked rows keep their values
-    before = ISNAN_AS_SELF_INEQUALITY.rewritten
+    before = FORWARD_GRAPH_PASS.isnan_rewritten
     with torch._inductor.config.patch(force_disable_caches=True):  # compile, so the pass runs
         got = torch.compile(_nan_guard, options=COMPILE_OPTIONS)(scores)
         plain = torch.compile(_nan_guard)(scores)
-    assert ISNAN_AS_SELF_INEQUALITY.rewritten == before + 1
+    assert FORWARD_GRAPH_PASS.isnan_rewritten == before + 1
     want = _nan_guard(scores)
     assert not want.isnan().any() and (want[0, 1] == 0).all() and (want[1, 2] == 0).all() and (want[2, 0] == 0).all()
     assert torch.equal(got, plain) and torch.allclose(got, want, rtol=0, atol=1e-7)
     model = _fresh_model(tiny_model.tokenizer, seed=5)
     packed = _batches(model)[1]
-    before = ISNAN_AS_SELF_INEQUALITY.rewritten
+    before = FORWARD_GRAPH_PASS.isnan_rewritten
     with torch._inductor.config.patch(force_disable_caches=True):
         got = run_to_hooks(model, HOOKS, packed.input_ids, batch=packed, compile=True,
                            static_shape=tuple(packed.input_ids.shape))
-    assert ISNAN_AS_SELF_INEQUALITY.rewritten > before  # the blocks' graph had its guard rewritten
+    assert FORWARD_GRAPH_PASS.isnan_rewritten > before  # the blocks' graph had its guard rewritten
     want = run_to_hooks(model, HOOKS, packed.input_ids, batch=packed)
     for hook in HOOKS:
         torch.testing.assert_close(got[hook], want[hook], rtol=0, atol=1e-5)
+
+
+def _projections(x, weight, bias):  # TransformerLens's linears: x @ W.T + b, and one without a bias
+    return torch.nn.functional.linear(x, weight, bias), x @ weight.t()
+
+
+def test_the_matmul_pass_runs_float32_cpu_matmuls_on_onednn_and_leaves_the_others(monkeypatch):
+    """float32 CPU ``mm`` / ``addmm`` become oneDNN's linear (sae_core.compile_passes) with float32 results;
+    bfloat16 ones, and all of them where oneDNN is missing, stay as they were."""
+    x, weight, bias = torch.randn(64, 48), torch.randn(40, 48), torch.randn(40)
+    want = x.double() @ weight.double().t()
+    mat2 = torch.randn(40, 48).t()  # not contiguous in the layout oneDNN takes
+    torch.testing.assert_close(onednn_mm(x, mat2, None).double(), x.double() @ mat2.double(), rtol=0, atol=1e-4)
+    before = FORWARD_GRAPH_PASS.matmuls_rewritten
+    with torch._inductor.config.patch(force_disable_caches=True):  # compile, so the pass runs
+        with_bias, without = torch.compile(_projections, options=COMPILE_OPTIONS)(x, weight, bias)
+        assert FORWARD_GRAPH_PASS.matmuls_rewritten == before + 2
+        torch.testing.assert_close(with_bias.double(), want + bias.double(), rtol=0, atol=1e-4)
+        torch.testing.assert_close(without.double(), want, rtol=0, atol=1e-4)
+        halves = [t.bfloat16() for t in (x, weight, bias)]
+        got = torch.compile(_projections, options=COMPILE_OPTIONS)(*halves)
+        assert FORWARD_GRAPH_PASS.matmuls_rewritten == before + 2 and got[0].dtype == torch.bfloat16
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+        torch._dynamo.reset()
+        torch.compile(_projections, options=COMPILE_OPTIONS)(x, weight, bias)
+        assert FORWARD_GRAPH_PASS.matmuls_rewritten == before + 2
 
 
 def test_compile_and_pack_windows_must_be_bools():
